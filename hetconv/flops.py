@@ -1,0 +1,91 @@
+"""FLOPs and parameter counts, measured with fvcore on the model itself.
+
+Two FLOPs conventions, both from one fvcore trace of a single input (a 32x32 image) in eval mode:
+
+- ``paper``: the convention of the HetConv paper's VGG-16 table. A standard convolution costs its
+  multiply-adds plus one operation per output; a HetConv layer costs R(P) = 1/P + (1 - 1/P)/9 of
+  the standard 3x3 convolution it replaces (the structural zeros are ignored); the two linear
+  layers count their multiply-adds; BatchNorm, ReLU and pooling are free.
+- ``executed``: what the implementation runs, as fvcore counts it by default (one multiply-add
+  = 1): the grouped 3x3 convolution, the whole 1x1 convolution including its masked block
+  diagonal, and BatchNorm at 2 operations per element (eval mode). The masking and the sum of
+  the two branches are weight- and activation-sized elementwise ops that fvcore does not count.
+"""
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+with warnings.catch_warnings():  # fvcore uses torch.jit, deprecated in current torch but working
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
+
+from hetconv.layer import HetConv2d
+
+CONVENTIONS = ("paper", "executed")
+
+
+def _paper_convolution(model: nn.Module):
+    """fvcore handle for aten::_convolution in the paper's convention.
+
+    A HetConv layer runs as two convolutions; following the two terms of R(P), its grouped 3x3
+    convolution carries 1/P of the standard layer's cost and its 1x1 convolution (1 - 1/P)/9.
+    The layer is found through the module scope fvcore records on every traced op.
+    """
+    hetconvs = {name: m for name, m in model.named_modules() if isinstance(m, HetConv2d)}
+
+    def handle(inputs, outputs) -> float:
+        n_outputs = math.prod(get_shape(outputs[0]))
+        kernel = get_shape(inputs[1])  # (out, in/groups, kh, kw)
+        layer = hetconvs.get(outputs[0].node().scopeName().split("/")[-1])
+        if layer is None:
+            return n_outputs * (math.prod(kernel[1:]) + 1)
+        standard = n_outputs * (9 * layer.in_channels + 1)
+        if kernel[-1] == 3:
+            return standard / layer.part
+        return standard * (1 - 1 / layer.part) / 9
+
+    return handle
+
+
+def _not_counted(inputs, outputs) -> int:
+    # A zero-count handle: fvcore's set_op_handle(op, None) does not remove a built-in handle.
+    return 0
+
+
+def count_flops(model: nn.Module, convention: str = "paper", input_shape: tuple[int, ...] = (3, 32, 32)) -> float:
+    """FLOPs of one forward pass on one input, in the given convention (see the module docstring)."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    parameter = next(model.parameters())
+    image = torch.zeros(1, *input_shape, device=parameter.device, dtype=parameter.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            analysis = FlopCountAnalysis(model, image)
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            if convention == "paper":
+                analysis.set_op_handle(**{"aten::_convolution": _paper_convolution(model),
+                                          "aten::batch_norm": _not_counted})
+            return float(analysis.total())
+    finally:
+        model.train(was_training)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(effective, stored) parameters: stored counts every element, effective leaves out the
+    structural zeros of HetConv layers (the 1x1 weights on each filter's own group)."""
+    stored = sum(p.numel() for p in model.parameters())
+    zeros = sum(m.num_structural_zeros for m in model.modules() if isinstance(m, HetConv2d))
+    return stored - zeros, stored
+
+
+def truncate_millions(count: float, digits: int = 2) -> float:
+    """Millions truncated (not rounded) to `digits` decimals, as the paper prints FLOPs."""
+    scale = 10**digits
+    return math.floor(count / 1e6 * scale + 1e-9) / scale

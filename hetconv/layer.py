@@ -1,0 +1,149 @@
+"""HetConv2d: the heterogeneous-kernel convolution of Singh et al., CVPR 2019.
+
+Each of the layer's filters sees in_channels/part input channels through 3x3 kernels and the other
+in_channels - in_channels/part through 1x1 kernels. We compute it as a 3x3 convolution with
+groups=part plus a 1x1 convolution whose weights on each filter's own group are structurally zero.
+With contiguous groups, filter n has its 3x3 kernels on input block n // (out_channels/part); the
+paper's "shifted" placement is the same layer up to one channel permutation (`shift_permutation`).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _check_positive_int(name: str, value, context: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__}); {context}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}; {context}")
+
+
+def check_hetconv_args(in_channels: int, out_channels: int, part: int, stride: int = 1) -> None:
+    """Raise ValueError naming the bad argument, its value and the channel counts."""
+    context = f"HetConv2d(in_channels={in_channels!r}, out_channels={out_channels!r}, part={part!r})"
+    for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                        ("part", part), ("stride", stride)):
+        _check_positive_int(name, value, context)
+    for name, channels in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if channels % part:
+            raise ValueError(
+                f"part={part} must divide {name}={channels} (in_channels={in_channels}, "
+                f"out_channels={out_channels}); choose a part that divides both")
+
+
+def shift_permutation(channels: int, part: int) -> torch.Tensor:
+    """perm[c] = position, in our contiguous-group layout, of channel c of the paper's layout.
+
+    The paper gives filter n a 3x3 kernel on input channel i when (i - n) mod part == 0; the map
+    c -> (c mod part) * (channels/part) + c // part sends both n and i to group (c mod part).
+    """
+    c = torch.arange(channels)
+    return (c % part) * (channels // part) + c // part
+
+
+def pointwise_mask(in_channels: int, out_channels: int, part: int) -> torch.Tensor:
+    """True where a filter has a 1x1 kernel: on every input group but the filter's own."""
+    filter_group = torch.arange(out_channels) // (out_channels // part)
+    channel_group = torch.arange(in_channels) // (in_channels // part)
+    return (filter_group[:, None] != channel_group[None, :])[:, :, None, None]
+
+
+class HetConv2d(nn.Module):
+    """HetConv layer: grouped 3x3 convolution + 1x1 convolution off each filter's own group.
+
+    part=1 is a standard 3x3 convolution (there are no 1x1 kernels, so no pointwise weight).
+    The 1x1 weights the paper does not have are excluded in `forward` itself, kept at zero in the
+    stored tensor at initialisation and after every `load_state_dict`, and receive exactly zero
+    gradient: no optimizer, training loop or loaded checkpoint can bring them into play.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, part: int, stride: int = 1,
+                 bias: bool = False):
+        super().__init__()
+        check_hetconv_args(in_channels, out_channels, part, stride)
+        self.in_channels, self.out_channels, self.part, self.stride = in_channels, out_channels, part, stride
+        self.weight3x3 = nn.Parameter(torch.empty(out_channels, in_channels // part, 3, 3))
+        if part > 1:
+            self.weight1x1 = nn.Parameter(torch.empty(out_channels, in_channels, 1, 1))
+            self.register_buffer("mask1x1", pointwise_mask(in_channels, out_channels, part), persistent=False)
+        else:
+            self.register_parameter("weight1x1", None)
+            self.mask1x1 = None
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.register_load_state_dict_post_hook(lambda module, _: module._zero_masked_weights())
+        self.reset_parameters()
+
+    @property
+    def fan_in(self) -> int:
+        """Weights per filter: in/part 3x3 kernels and in - in/part 1x1 kernels."""
+        kept = self.in_channels // self.part
+        return 9 * kept + (self.in_channels - kept)
+
+    @property
+    def num_structural_zeros(self) -> int:
+        """Stored 1x1 weights that are not part of the layer (the masked block diagonal)."""
+        return 0 if self.mask1x1 is None else int((~self.mask1x1).sum())
+
+    def reset_parameters(self) -> None:
+        # nn.Conv2d's default scheme, over the layer's effective fan-in: part=1 is initialised
+        # exactly like a standard convolution.
+        bound = 1 / math.sqrt(self.fan_in)
+        for weight in (self.weight3x3, self.weight1x1, self.bias):
+            if weight is not None:
+                nn.init.uniform_(weight, -bound, bound)
+        self._zero_masked_weights()
+
+    @torch.no_grad()
+    def _zero_masked_weights(self) -> None:
+        if self.weight1x1 is not None:
+            self.weight1x1.masked_fill_(~self.mask1x1, 0)
+
+    def pointwise_weight(self) -> torch.Tensor | None:
+        """The 1x1 weights with the structural zeros in place (zero gradient flows to them)."""
+        if self.weight1x1 is None:
+            return None
+        return torch.where(self.mask1x1, self.weight1x1, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.weight3x3, self.bias, self.stride, 1, 1, self.part)
+        if self.weight1x1 is None:
+            return y
+        return y + F.conv2d(x, self.pointwise_weight(), None, self.stride)
+
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        """The layer as one (out, in, 3, 3) kernel: 3x3 blocks on the diagonal, 1x1 at the centre."""
+        out_group, in_group = self.out_channels // self.part, self.in_channels // self.part
+        weight = self.weight3x3.new_zeros(self.out_channels, self.in_channels, 3, 3)
+        if self.weight1x1 is not None:
+            weight[:, :, 1:2, 1:2] = self.pointwise_weight()
+        for g in range(self.part):
+            weight[g * out_group:(g + 1) * out_group, g * in_group:(g + 1) * in_group] = \
+                self.weight3x3[g * out_group:(g + 1) * out_group]
+        return weight
+
+    @torch.no_grad()
+    def to_dense(self, shifted: bool = False) -> nn.Conv2d:
+        """A standard 3x3 nn.Conv2d computing the same function, structural zeros in its weight.
+
+        shifted=True returns the layer in the paper's channel order: the conv acts on inputs and
+        produces outputs ordered as in the paper, where filter n's 3x3 kernels sit on the input
+        channels i with (i - n) mod part == 0.
+        """
+        weight = self.dense_weight()
+        if shifted:
+            weight = weight[shift_permutation(self.out_channels, self.part)][
+                :, shift_permutation(self.in_channels, self.part)]
+        conv = nn.Conv2d(self.in_channels, self.out_channels, 3, self.stride, 1, bias=self.bias is not None)
+        conv = conv.to(device=weight.device, dtype=weight.dtype)
+        conv.weight.copy_(weight)
+        if self.bias is not None:
+            conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, part={self.part}, stride={self.stride}, "
+                f"bias={self.bias is not None}")

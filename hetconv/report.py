@@ -1,0 +1,31 @@
+"""Published numbers and the small table writers shared by the scripts that fill results/."""
+
+import csv
+from pathlib import Path
+
+from hetconv.provenance import REPO_ROOT
+
+RESULTS_DIR = REPO_ROOT / "results"
+PUBLISHED_CSV = RESULTS_DIR / "published.csv"
+PAPER_PARTS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def load_published(path: Path = PUBLISHED_CSV) -> dict[int, dict[str, float]]:
+    """part -> published figures (see results/README.md for their sources)."""
+    with open(path, newline="") as f:
+        return {int(row["part"]): {k: float(v) for k, v in row.items() if k != "part"}
+                for row in csv.DictReader(f)}
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

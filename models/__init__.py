@@ -1,0 +1,3 @@
+from models.vgg import VGG, vgg16
+
+__all__ = ["VGG", "vgg16"]

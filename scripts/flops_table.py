@@ -1,0 +1,75 @@
+"""FLOPs and parameters of VGG-16 with HetConv for every part of the paper, beside the published column.
+
+    python scripts/flops_table.py [--out results]      (also: make flops)
+
+Writes flops.csv and flops.md. Counts are measured with fvcore on the real model (hetconv/flops.py).
+"""
+
+import argparse
+from pathlib import Path
+
+from hetconv.flops import count_flops, count_params, truncate_millions
+from hetconv.provenance import git_commit, library_versions, now
+from hetconv.report import PAPER_PARTS, RESULTS_DIR, load_published, markdown_table, write_csv
+from models import vgg16
+
+COMMAND = "python scripts/flops_table.py"
+
+
+def flops_rows() -> list[dict]:
+    published = load_published()
+    rows = []
+    for part in PAPER_PARTS:
+        model = vgg16(part)
+        effective, stored = count_params(model)
+        flops_m = truncate_millions(count_flops(model, "paper"))
+        rows.append({
+            "part": part,
+            "flops_m": flops_m,
+            "published_flops_m": published[part]["flops_m"],
+            "flops_diff_m": round(flops_m - published[part]["flops_m"], 2),
+            "executed_flops_m": truncate_millions(count_flops(model, "executed")),
+            "params_m": round(effective / 1e6, 3),
+            "published_params_m": published[part]["params_m"],
+            "stored_params_m": round(stored / 1e6, 3),
+        })
+    return rows
+
+
+def render_markdown(rows: list[dict]) -> str:
+    versions = library_versions()
+    header = ["P", "FLOPs (paper conv.)", "published", "diff", "FLOPs executed", "params (effective)",
+              "reference params", "params stored"]
+    body = [[r["part"], f'{r["flops_m"]:.2f}M', f'{r["published_flops_m"]:.2f}M', f'{r["flops_diff_m"]:+.2f}M',
+             f'{r["executed_flops_m"]:.2f}M', f'{r["params_m"]:.3f}M', f'{r["published_params_m"]:.3f}M',
+             f'{r["stored_params_m"]:.3f}M'] for r in rows]
+    matches = sum(r["flops_diff_m"] == 0 for r in rows)
+    return (
+        "# VGG-16 with HetConv on CIFAR-10: FLOPs and parameters\n\n"
+        f"Made by `{COMMAND}` (also `make flops`) on {now()}, commit {git_commit()}, "
+        f"torch {versions['torch']}, fvcore {versions['fvcore']}. Counted with fvcore on one 32x32 image.\n\n"
+        + markdown_table(header, body) +
+        f"\n{matches}/{len(rows)} FLOPs values equal the published column to the printed digit.\n\n"
+        "- *paper convention*: the published column's convention (multiply-adds + 1 per conv output; "
+        "a HetConv layer at R(P) = 1/P + (1-1/P)/9 of the 3x3 conv it replaces; FC multiply-adds; "
+        "BN/ReLU/pool free), truncated to 0.01M as the paper prints it.\n"
+        "- *executed*: what the implementation runs as fvcore counts it: the grouped 3x3 conv, the full "
+        "1x1 conv with its masked block diagonal, BatchNorm (2 ops per element, eval mode).\n"
+        "- *params effective*: structurally non-zero weights (convs without bias, BN affine, FC with bias); "
+        "*stored*: the state dict's size, which also holds the masked 1x1 block diagonal. The reference "
+        "column is from ../shared/HETCONV.md via results/published.csv.\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for flops.csv and flops.md")
+    out = parser.parse_args(argv).out
+    rows = flops_rows()
+    write_csv(out / "flops.csv", rows)
+    (out / "flops.md").write_text(render_markdown(rows))
+    print((out / "flops.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

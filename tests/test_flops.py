@@ -1,0 +1,92 @@
+"""Cost accounting: the paper's FLOPs column and parameter counts, and what fvcore sees executed."""
+
+import csv
+import math
+import warnings
+
+import pytest
+import torch
+
+from hetconv import HetConv2d
+from hetconv.flops import count_flops, count_params, truncate_millions
+from hetconv.report import PAPER_PARTS, RESULTS_DIR, load_published
+from models import vgg16
+from models.vgg import conv_channels
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+
+PUBLISHED = load_published()
+SIDES = (32, 32, 16, 16, 8, 8, 8, 4, 4, 4, 2, 2, 2)  # output side of each of the 13 convs
+
+
+@pytest.mark.parametrize("part", PAPER_PARTS)
+def test_paper_flops_equal_the_published_column(part):
+    assert truncate_millions(count_flops(vgg16(part), "paper")) == PUBLISHED[part]["flops_m"]
+
+
+@pytest.mark.parametrize("part", PAPER_PARTS)
+def test_effective_params_equal_the_reference_counts(part):
+    effective, stored = count_params(vgg16(part))
+    assert round(effective / 1e6, 3) == PUBLISHED[part]["params_m"]
+    masked = sum(out * (inp // part) for inp, out in conv_channels()[1:]) if part > 1 else 0
+    assert stored - effective == masked
+
+
+def expected_executed_flops(part: int, width: float = 1.0) -> int:
+    """Independent count of what the model runs: grouped 3x3 + whole 1x1 conv, BN at 2 ops/element."""
+    total = 0
+    for index, ((inp, out), side) in enumerate(zip(conv_channels(width), SIDES)):
+        pixels = side * side * out
+        grouped_part = 1 if index == 0 else part
+        total += pixels * 9 * inp // grouped_part
+        if index > 0 and part > 1:
+            total += pixels * inp   # the 1x1 conv, masked block diagonal included
+        total += 2 * pixels         # BatchNorm2d, eval mode
+    hidden = round(512 * width)
+    return total + conv_channels(width)[-1][1] * hidden + 2 * hidden + hidden * 10
+
+
+@pytest.mark.parametrize("part,width", [(1, 1.0), (2, 1.0), (4, 1.0), (64, 1.0), (4, 0.25)])
+def test_executed_flops_are_what_fvcore_measures_on_the_running_module(part, width):
+    model = vgg16(part, width=width).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        measured = FlopCountAnalysis(model, torch.zeros(1, 3, 32, 32))
+        measured.unsupported_ops_warnings(False)
+        fvcore_total = measured.total()
+    assert count_flops(model, "executed") == fvcore_total == expected_executed_flops(part, width)
+
+
+def test_paper_convention_prices_a_single_layer_by_the_papers_ratio():
+    layer = torch.nn.Sequential(HetConv2d(16, 32, 4))
+    side, standard = 32, 32 * 32 * 32 * (9 * 16 + 1)
+    ratio = 1 / 4 + (1 - 1 / 4) / 9
+    assert count_flops(layer, "paper", (16, side, side)) == pytest.approx(standard * ratio, rel=1e-12)
+    # The same shape as a standard conv costs the whole (9M + 1) per output.
+    conv = torch.nn.Conv2d(16, 32, 3, padding=1, bias=False)
+    assert count_flops(conv, "paper", (16, side, side)) == standard
+
+
+def test_counting_keeps_the_models_mode():
+    model = vgg16(4, width=0.25).train()
+    count_flops(model, "executed")
+    assert model.training
+    with pytest.raises(ValueError, match="convention must be one of"):
+        count_flops(model, "macs")
+
+
+def test_truncation_is_not_rounding():
+    assert truncate_millions(175_239_999.9) == 175.23
+    assert truncate_millions(313_740_288) == 313.74
+
+
+def test_committed_flops_table_is_current():
+    from scripts.flops_table import flops_rows
+
+    with open(RESULTS_DIR / "flops.csv", newline="") as f:
+        committed = list(csv.DictReader(f))
+    regenerated = flops_rows()
+    assert [{k: str(v) for k, v in row.items()} for row in regenerated] == committed
+    assert all(math.isclose(row["flops_diff_m"], 0) for row in regenerated)
