@@ -25,8 +25,8 @@ def git_commit() -> str:
 
 
 def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in LIBRARIES:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}  # with its CUDA tag
+    for name in LIBRARIES[1:]:
         try:
             versions[name] = version(name)
         except PackageNotFoundError:

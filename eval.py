@@ -1,0 +1,69 @@
+"""Evaluate a trained checkpoint on the CIFAR-10 test set.
+
+    python eval.py checkpoint=outputs/.../model.pt [data.root=data] [output=eval.json]
+
+Prints test accuracy (%, two decimals, as in metrics.json) and loss, FLOPs in both conventions,
+parameters and per-class accuracy. The model, its preprocessing and the evaluation batch size come
+from the checkpoint's config, so the run's final test_acc is reproduced exactly on the same device type.
+"""
+
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from hetconv.data import CLASSES, load_cifar10
+from hetconv.flops import count_flops, count_params
+from hetconv.provenance import device_name
+from hetconv.runfiles import load, write_json
+from hetconv.training import Preprocess, configure_backend, evaluate, select_device
+from models import vgg16
+
+
+def load_model(path: Path) -> tuple[torch.nn.Module, DictConfig]:
+    state = load(path)
+    run_cfg = OmegaConf.create(state["config"])
+    model = vgg16(run_cfg.model.part, run_cfg.model.num_classes, run_cfg.model.width)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise ValueError(f"{path}: its weights do not fit the VGG-16 its own config describes (part="
+                         f"{run_cfg.model.part}, width={run_cfg.model.width}): {error}") from error
+    return model, run_cfg
+
+
+@hydra.main(config_path="configs", config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> dict:
+    path = Path(to_absolute_path(cfg.checkpoint))
+    model, run_cfg = load_model(path)
+    device = select_device(cfg.device)
+    configure_backend(device)
+    test = load_cifar10(to_absolute_path(cfg.data.root), cfg.data.download)["test"].to(device)
+    params, stored_params = count_params(model)
+    flops, executed_flops = count_flops(model, "paper"), count_flops(model, "executed")
+    memory_format = torch.channels_last if run_cfg.trainer.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    preprocess = Preprocess(run_cfg.data, run_cfg.trainer.channels_last, device)
+    result = evaluate(model, test, preprocess, run_cfg.trainer.eval_batch_size, run_cfg.trainer.amp,
+                      run_cfg.model.num_classes)
+    report = {"checkpoint": str(path), "part": run_cfg.model.part, "width": run_cfg.model.width,
+              "test_acc": result["acc"], "test_loss": round(result["loss"], 6), "images": len(test),
+              "flops": flops, "executed_flops": executed_flops, "params": params, "stored_params": stored_params,
+              "per_class_acc": dict(zip(CLASSES, result["per_class_acc"])), "device": device_name(device)}
+
+    print(f"{path}  (VGG-16, part={report['part']}, width={report['width']}, on {report['device']})")
+    print(f"test accuracy {report['test_acc']:.2f}%   loss {report['test_loss']:.4f}   ({len(test)} images)")
+    print(f"FLOPs {flops / 1e6:.2f}M (paper convention), {executed_flops / 1e6:.2f}M executed")
+    print(f"parameters {params / 1e6:.3f}M effective, {stored_params / 1e6:.3f}M stored")
+    print("per-class accuracy: " + ", ".join(
+        f"{name} {'-' if acc is None else f'{acc:.2f}%'}" for name, acc in report["per_class_acc"].items()))
+    if cfg.output:
+        write_json(Path(to_absolute_path(cfg.output)), report)
+        print(f"wrote {cfg.output}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""CIFAR-10 in its official python format, held whole on the training device as uint8.
+
+The batch files are read here rather than through torchvision.datasets.CIFAR10, which refuses any
+file whose md5 differs from the official release: a subset or a generated set in the same format
+loads too. The official archive's checksum is verified when we download it.
+Augmentation (random crop of the zero-padded image, horizontal flip) runs on the device, per batch,
+from one generator: no DataLoader workers, and an epoch can be replayed exactly from its start state.
+"""
+
+import pickle
+import tarfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.datasets.utils import check_integrity
+
+FOLDER = "cifar-10-batches-py"
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
+IMAGE_SHAPE = (3, 32, 32)
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+DOWNLOAD_TIMEOUT_S = 20
+
+
+class DatasetError(RuntimeError):
+    """The dataset is missing, unreadable or inconsistent; the message says what to do."""
+
+
+def how_to_get(root: Path) -> str:
+    return (f"To get it: run with data.download=true, or download {URL} (md5 {ARCHIVE_MD5}) and "
+            f"extract it into {root}, or point data.root at a folder holding {FOLDER}/. To try the "
+            f"pipeline offline: python scripts/make_fake_cifar.py {root}")
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, 3, 32, 32) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def to(self, device: torch.device) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def read_batch(path: Path) -> Split:
+    """One pickled batch file: {b'data': uint8 (N, 3072), b'labels': N ints}."""
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        data, labels = batch[b"data"], batch[b"labels"]
+        images = torch.as_tensor(data).reshape(-1, *IMAGE_SHAPE)
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+    except Exception as error:  # a truncated file fails in pickle, a foreign one anywhere above
+        raise DatasetError(
+            f"{path}: not a readable CIFAR-10 batch file ({type(error).__name__}: {error}). The file is "
+            f"truncated or corrupt: delete {path.parent} and run again with data.download=true.") from error
+    if images.dtype != torch.uint8 or len(images) != len(labels):
+        raise DatasetError(f"{path}: expected uint8 images with one label each, got {images.dtype} "
+                           f"data for {len(images)} images and {len(labels)} labels")
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(CLASSES):
+        raise DatasetError(f"{path}: labels must lie in 0..{len(CLASSES) - 1}, found "
+                           f"{int(labels.min())}..{int(labels.max())}")
+    return Split(images, labels)
+
+
+def batch_files(folder: Path) -> dict[str, list[Path]]:
+    train = sorted(folder.glob("data_batch_*"), key=lambda p: int(p.name.rpartition("_")[2]))
+    return {"train": train, "test": [folder / "test_batch"]}
+
+
+def download(root: Path) -> None:
+    """Fetch the official archive (md5-checked) and extract it into root; fail fast when offline."""
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / URL.rpartition("/")[2]
+    partial = archive.with_suffix(".partial")
+    print(f"Downloading CIFAR-10 from {URL} into {root}")
+    try:
+        with urllib.request.urlopen(URL, timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise DatasetError(f"CIFAR-10 is not in {root / FOLDER} and downloading it failed ({error}). "
+                           + how_to_get(root)) from error
+    partial.rename(archive)
+    if not check_integrity(str(archive), ARCHIVE_MD5):
+        raise DatasetError(f"{archive}: md5 differs from the official release {ARCHIVE_MD5}; delete it and retry")
+    with tarfile.open(archive) as tar:
+        tar.extractall(root, filter="data")
+    archive.unlink()
+
+
+def load_cifar10(root: Path | str, download_if_missing: bool = True) -> dict[str, Split]:
+    """{'train': Split, 'test': Split} from root/cifar-10-batches-py, on the CPU."""
+    root = Path(root)
+    folder = root / FOLDER
+    if not folder.is_dir():
+        if not download_if_missing:
+            raise DatasetError(f"CIFAR-10 not found: {folder} does not exist (expected data_batch_1..5 and "
+                               f"test_batch in it) and data.download=false. " + how_to_get(root))
+        download(root)
+    files = batch_files(folder)
+    missing = [str(p) for p in files["test"] if not p.is_file()] + ([] if files["train"] else
+                                                                    [str(folder / "data_batch_1..5")])
+    if missing:
+        raise DatasetError(f"CIFAR-10 in {folder} is incomplete: missing {', '.join(missing)}. " + how_to_get(root))
+    splits = {}
+    for name, paths in files.items():
+        parts = [read_batch(p) for p in paths]
+        splits[name] = Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
+    return splits
+
+
+def to_inputs(images: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None,
+              channels_last: bool) -> torch.Tensor:
+    """uint8 images -> float network inputs in [0, 1], optionally standardised per channel."""
+    x = images.float().div_(255)
+    if mean is not None:
+        x = x.sub_(mean[:, None, None]).div_(std[:, None, None])
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def augment(images: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, padding: int) -> torch.Tensor:
+    """Crop each image of the zero-padded batch at its (row, col) shift, mirrored where flips is True."""
+    n, channels, height, width = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    rows = shifts[:, 0, None] + torch.arange(height, device=images.device)
+    cols = shifts[:, 1, None] + torch.arange(width, device=images.device)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    return padded[torch.arange(n, device=images.device)[:, None, None, None],
+                  torch.arange(channels, device=images.device)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class TrainBatches:
+    """Shuffled, augmented training batches of a device-resident split; the last partial batch is dropped.
+
+    Every random draw of an epoch (order, crops, flips) is made at its start from `generator`, so
+    an epoch resumed at step k from the generator state of its start replays the same batches.
+    """
+
+    def __init__(self, split: Split, batch_size: int, generator: torch.Generator, crop_padding: int, flip: bool):
+        if batch_size > len(split):
+            raise DatasetError(f"trainer.batch_size={batch_size} exceeds the {len(split)} training images")
+        self.split, self.batch_size, self.generator = split, batch_size, generator
+        self.crop_padding, self.flip = crop_padding, flip
+
+    def __len__(self) -> int:
+        return len(self.split) // self.batch_size
+
+    def epoch(self, start_step: int = 0):
+        n, device, g = len(self.split), self.split.images.device, self.generator
+        order = torch.randperm(n, generator=g, device=device)
+        shifts = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=g, device=device)
+        flips = torch.rand(n, generator=g, device=device) < (0.5 if self.flip else 0.0)
+        for step in range(start_step, len(self)):
+            index = order[step * self.batch_size:(step + 1) * self.batch_size]
+            images = augment(self.split.images[index], shifts[index], flips[index], self.crop_padding)
+            yield images, self.split.labels[index]

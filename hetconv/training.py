@@ -1,0 +1,123 @@
+"""The pieces of a training run that train.py, eval.py and scripts/bench.py share.
+
+One training step, one evaluation, the optimizer and schedule built from the config, and the device
+set-up. bench.py times exactly `train_step`, so its throughput is the throughput of train.py.
+"""
+
+import contextlib
+import ctypes
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetconv.data import Split, to_inputs
+
+
+def select_device(name: str) -> torch.device:
+    """'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"trainer.device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda but torch sees no CUDA device: use trainer.device=cpu or auto, "
+                         "or check the GPU driver and the CUDA build of torch (torch.version.cuda="
+                         f"{torch.version.cuda})")
+    return torch.device(name)
+
+
+def configure_backend(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithm once
+        return
+    # glibc hands large freed blocks back to the OS and page-faults them in again at the next step:
+    # every activation of every step. Keeping them in the heap makes CPU steps 10-30% faster
+    # (scripts/bench.py) and leaves results unchanged.
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        libc.mallopt(m_mmap_max, 0)
+        libc.mallopt(m_trim_threshold, 2**40)
+
+
+def uses_amp(device: torch.device, amp: bool) -> bool:
+    """bf16 autocast on CUDA when asked; the CPU path runs in float32."""
+    return amp and device.type == "cuda"
+
+
+def autocast(device: torch.device, amp: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_amp(device, amp))
+
+
+def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
+    if optim.name != "sgd":
+        raise ValueError(f"optim.name must be sgd, got {optim.name!r}")
+    return torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,
+                           weight_decay=optim.weight_decay, nesterov=optim.nesterov)
+
+
+def milestone_epochs(schedule, epochs: int) -> list[int]:
+    """The recipe's milestones, given at a reference length, scaled to this run's epochs. Milestones that
+    land on the same epoch compound (MultiStepLR counts them), so the final lr is the recipe's."""
+    return sorted(max(1, round(m * epochs / schedule.reference_epochs)) for m in schedule.milestones)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule, epochs: int):
+    """Stepped once per epoch."""
+    if schedule.name != "step":
+        raise ValueError(f"schedule.name must be step, got {schedule.name!r}")
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestone_epochs(schedule, epochs), schedule.gamma)
+
+
+class Preprocess:
+    """uint8 images on the device -> the network's float inputs (see data.to_inputs)."""
+
+    def __init__(self, data_cfg, channels_last: bool, device: torch.device):
+        stats = [torch.tensor(data_cfg[k], device=device) for k in ("mean", "std")] if data_cfg.normalize else [None] * 2
+        self.mean, self.std = stats
+        self.channels_last = channels_last
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return to_inputs(images, self.mean, self.std, self.channels_last)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, labels: torch.Tensor,
+               amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step; returns the batch's summed loss and number of correct predictions, on the device
+    (no host synchronisation)."""
+    with autocast(inputs.device, amp):
+        logits = model(inputs)
+        loss = F.cross_entropy(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach() * len(labels), (logits.argmax(1) == labels).sum()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, preprocess: Preprocess, batch_size: int, amp: bool,
+             num_classes: int = 10) -> dict:
+    """Loss, accuracy (%, 2 decimals) and per-class accuracy on a whole split, in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=split.images.device)
+    hits = torch.zeros(num_classes, device=split.images.device)
+    for start in range(0, len(split), batch_size):
+        images, labels = split.images[start:start + batch_size], split.labels[start:start + batch_size]
+        with autocast(images.device, amp):
+            logits = model(preprocess(images))
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+        hits.index_add_(0, labels, (logits.argmax(1) == labels).float())
+    model.train(was_training)
+    counts = torch.bincount(split.labels, minlength=num_classes).cpu()
+    hits = hits.cpu()
+    return {
+        "loss": loss_sum.item() / len(split),
+        "acc": percent(hits.sum().item(), len(split)),
+        "per_class_acc": [percent(h, c) if c else None for h, c in zip(hits.tolist(), counts.tolist())],
+    }
+
+
+def percent(correct: float, total: int) -> float:
+    return round(100 * correct / total, 2)

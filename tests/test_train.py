@@ -1,0 +1,177 @@
+"""train.py and eval.py on generated data: learning, artefacts, resumption, and every bad input."""
+
+import json
+import signal
+import time
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+import train as train_module
+from conftest import SMALL, comparable, compose_train, read_metrics, script, start
+from hetconv import data as data_module
+from hetconv.data import DatasetError, load_cifar10
+from hetconv.runfiles import last_checkpoint
+
+SCALARS = {"train/loss", "train/acc", "test/loss", "test/acc", "lr", "time/epoch_s", "time/images_per_s"}
+
+
+def test_a_small_run_learns_and_leaves_every_artefact(reference_run):
+    metrics = read_metrics(reference_run)
+    assert metrics["status"] == "finished" and metrics["reason"] is None
+    assert metrics["epochs_done"] == metrics["epochs"] == 3 and len(metrics["history"]) == 3
+    assert metrics["test_acc"] > 50  # ten classes: chance is 10%
+    for key in ("part", "seed", "best_test_acc", "best_epoch", "train_loss", "flops", "executed_flops", "params",
+                "wall_s", "device", "torch", "git_commit"):
+        assert metrics[key] is not None, key
+    assert metrics["part"] == 4 and metrics["seed"] == 0 and metrics["torch"] == torch.__version__
+    assert metrics["best_test_acc"] == max(h["test_acc"] for h in metrics["history"])
+    assert [h["lr"] for h in metrics["history"]] == pytest.approx([0.1, 0.004, 3.2e-5])  # 6 milestones in 3 epochs
+
+    events = EventAccumulator(str(reference_run)).Reload()
+    assert SCALARS <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("test/acc")] == [1, 2, 3]
+    assert events.Scalars("test/acc")[-1].value == pytest.approx(metrics["test_acc"])
+    hparams = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    assert {k: v.number_value for k, v in hparams.session_start_info.hparams.items()} == pytest.approx(
+        {"part": 4, "width": 0.25, "seed": 0, "epochs": 3, "flops_m": metrics["flops"] / 1e6,
+         "params_m": metrics["params"] / 1e6})
+    assert len(list(reference_run.glob("events.out.tfevents.*"))) == 1 and not any(
+        p.is_dir() for p in reference_run.iterdir() if p.name not in {".hydra", "checkpoints"})
+
+    state = torch.load(last_checkpoint(reference_run), weights_only=False)
+    assert {"model", "optimizer", "scheduler", "config", "history", "rng", "data_rng"} <= state.keys()
+    assert state["config"]["model"]["part"] == 4 and "hydra" not in state["config"]
+    assert (reference_run / "model.pt").is_file() and (reference_run / ".hydra" / "config.yaml").is_file()
+
+
+def test_eval_reproduces_the_final_test_accuracy(reference_run, fake_root, tmp_path):
+    output = tmp_path / "eval.json"
+    result = script("eval.py", f"checkpoint={reference_run / 'model.pt'}", f"data.root={fake_root}",
+                    "device=cpu", f"output={output}", cwd=tmp_path)
+    report = json.loads(output.read_text())
+    assert report["test_acc"] == read_metrics(reference_run)["test_acc"]
+    assert f"test accuracy {report['test_acc']:.2f}%" in result.stdout
+    assert report["flops"] == read_metrics(reference_run)["flops"] and len(report["per_class_acc"]) == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]  # evaluation leaves no other files
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(sig, reference_run, fake_root, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [*SMALL, f"data.root={fake_root}", f"hydra.run.dir={run_dir}"]
+    process = start("train.py", *command)
+    deadline = time.time() + 300
+    while not ((run_dir / "metrics.json").exists() and read_metrics(run_dir)["epochs_done"] >= 1):
+        assert process.poll() is None and time.time() < deadline, process.communicate()[0]
+        time.sleep(0.05)
+    process.send_signal(sig)
+    output = process.communicate(timeout=120)[0]
+    if sig == signal.SIGTERM:  # preemption: the state of the current step is saved
+        assert process.returncode == 128 + signal.SIGTERM, output
+        metrics = read_metrics(run_dir)
+        assert metrics["status"] == "interrupted" and "rerun the same command" in metrics["reason"]
+        assert torch.load(last_checkpoint(run_dir), weights_only=False)["step"] >= 1
+    else:
+        assert process.returncode == -signal.SIGKILL
+
+    resumed = script("train.py", *command)
+    assert "resuming" in resumed.stdout + resumed.stderr
+    assert comparable(read_metrics(run_dir)) == comparable(read_metrics(reference_run))
+    assert read_metrics(run_dir)["status"] == "finished"
+
+
+def test_a_finished_run_is_left_alone(reference_run, fake_root):
+    before = (reference_run / "model.pt").stat().st_mtime_ns
+    result = script("train.py", *SMALL, f"data.root={fake_root}", f"hydra.run.dir={reference_run}")
+    assert "already finished" in result.stdout + result.stderr
+    assert (reference_run / "model.pt").stat().st_mtime_ns == before
+
+
+def test_resuming_with_other_settings_is_refused_and_changes_nothing(reference_run, fake_root):
+    before = {p.name: p.read_bytes() for p in (reference_run / "metrics.json", last_checkpoint(reference_run))}
+    result = script("train.py", *SMALL, "trainer.epochs=5", f"data.root={fake_root}",
+                    f"hydra.run.dir={reference_run}", check=False)
+    assert result.returncode != 0
+    assert "trainer.epochs: 3 -> 5" in result.stderr and "hydra.run.dir" in result.stderr
+    assert {p.name: p.read_bytes() for p in (reference_run / "metrics.json", last_checkpoint(reference_run))} == before
+
+
+def test_diverging_loss_fails_the_run_and_keeps_the_last_good_checkpoint(fake_root, tmp_path, monkeypatch):
+    cfg = compose_train(*SMALL, f"data.root={fake_root}")
+    real_step, calls = train_module.train_step, []
+    steps_per_epoch = 4000 // 100
+
+    def step_that_diverges_in_epoch_2(model, *args):
+        calls.append(1)
+        if len(calls) == steps_per_epoch + 5:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return real_step(model, *args)
+
+    monkeypatch.setattr(train_module, "train_step", step_that_diverges_in_epoch_2)
+    with pytest.raises(FloatingPointError, match="in epoch 2: training diverged"):
+        train_module.train(cfg, tmp_path)
+    metrics = read_metrics(tmp_path)
+    assert metrics["status"] == "failed" and "diverged" in metrics["reason"] and metrics["epochs_done"] == 1
+    state = torch.load(last_checkpoint(tmp_path), weights_only=False)
+    assert len(state["history"]) == 1
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_missing_data_without_download_fails_fast_naming_path_and_files(tmp_path):
+    started = time.time()
+    result = script("train.py", *SMALL, f"data.root={tmp_path / 'nowhere'}", "data.download=false",
+                    f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert result.returncode != 0 and time.time() - started < 60
+    message = result.stderr
+    assert str(tmp_path / "nowhere" / "cifar-10-batches-py") in message
+    assert "data_batch_1..5" in message and "test_batch" in message and "data.download=true" in message
+    assert "make_fake_cifar.py" in message
+    assert read_metrics(tmp_path / "run")["status"] == "failed"
+    assert not last_checkpoint(tmp_path / "run").exists()
+
+
+def test_offline_download_fails_fast_with_instructions(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # nothing listens
+    started = time.time()
+    with pytest.raises(DatasetError, match="downloading it failed") as error:
+        load_cifar10(tmp_path, download_if_missing=True)
+    assert time.time() - started < 30 and "md5" in str(error.value)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_truncated_batch_file_is_named(fake_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(fake_root, root)
+    victim = root / "cifar-10-batches-py" / "data_batch_3"
+    victim.write_bytes(victim.read_bytes()[:5000])
+    with pytest.raises(DatasetError) as error:
+        load_cifar10(root, download_if_missing=False)
+    assert str(victim) in str(error.value) and "truncated or corrupt" in str(error.value)
+
+
+def test_impossible_part_for_the_width_is_rejected_before_training(fake_root, tmp_path):
+    result = script("train.py", *SMALL, "model.part=64", f"data.root={fake_root}",
+                    f"hydra.run.dir={tmp_path}", check=False)
+    assert result.returncode != 0
+    assert "conv layer 2 of 13 (HetConv2d 16 -> 16 channels) cannot be split into 64 parts" in result.stderr
+    assert read_metrics(tmp_path)["status"] == "failed" and read_metrics(tmp_path)["epochs_done"] == 0
+    assert not last_checkpoint(tmp_path).exists()
+
+
+def test_eval_rejects_missing_and_incompatible_checkpoints(reference_run, fake_root, tmp_path):
+    missing = script("eval.py", f"checkpoint={tmp_path / 'none.pt'}", f"data.root={fake_root}", check=False,
+                     cwd=tmp_path)
+    assert missing.returncode != 0 and "checkpoint not found" in missing.stderr
+
+    state = torch.load(reference_run / "model.pt", weights_only=False)
+    state["config"]["model"]["width"] = 0.5
+    torch.save(state, tmp_path / "other.pt")
+    incompatible = script("eval.py", f"checkpoint={tmp_path / 'other.pt'}", f"data.root={fake_root}", check=False,
+                          cwd=tmp_path)
+    assert incompatible.returncode != 0 and "do not fit the VGG-16 its own config describes" in incompatible.stderr
