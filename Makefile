@@ -1,9 +1,12 @@
 # Two commands take a fresh clone to results: `make test`, then `make reproduce` (see README.md).
+# make reproduce ARGS="seed=0,1,2 hydra/launcher=joblib ..." passes ARGS to the sweep.
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
+SWEEP ?= multirun/paper
+ARGS ?=
 
-.PHONY: install test flops
+.PHONY: install test flops reproduce table demo
 
 install: $(VENV)/installed.stamp
 
@@ -19,3 +22,18 @@ test: install
 
 flops: install
 	$(PY) scripts/flops_table.py
+
+# The paper's sweep, then its table (also built when some jobs failed; make still reports the failure).
+reproduce: install
+	$(PY) train.py -m experiment=paper $(ARGS); status=$$?; \
+	$(PY) scripts/make_table.py $(SWEEP) && exit $$status
+
+table: install
+	$(PY) scripts/make_table.py $(SWEEP)
+
+# The whole pipeline on generated data, on any CPU, in a few minutes: results land in demo/.
+demo: install
+	$(PY) scripts/make_fake_cifar.py demo/data
+	$(PY) train.py -m experiment=demo $(ARGS); status=$$?; \
+	$(PY) scripts/make_table.py demo/sweep --out demo && \
+	echo "Curves: $(VENV)/bin/tensorboard --logdir demo/sweep" && exit $$status

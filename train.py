@@ -13,6 +13,7 @@ left as it is. SIGINT/SIGTERM save the current step's state, to resume from exac
 import datetime
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -28,8 +29,9 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
-from hetconv.data import TrainBatches, load_cifar10
+from hetconv.data import TrainBatches, is_official, load_cifar10
 from hetconv.flops import count_flops, count_params
+from hetconv.gpus import claim_gpu
 from hetconv.provenance import device_name
 from hetconv.runfiles import (RunRecord, config_differences, last_checkpoint, load, restore_rng_states,
                               rng_states, save)
@@ -105,10 +107,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record: RunRecord) -> dict:
     # Everything that bad input can break comes first, before any training.
     check_part_fits(cfg.model.part, cfg.model.width)
+    if cfg.trainer.jobs_per_gpu:
+        claim_gpu(cfg.trainer.jobs_per_gpu)  # before anything initialises CUDA
     device = select_device(cfg.trainer.device)
     configure_backend(device)
-    data = {name: split.to(device) for name, split in
-            load_cifar10(to_absolute_path(cfg.data.root), cfg.data.download).items()}
+    data_root = Path(to_absolute_path(cfg.data.root))
+    data = {name: split.to(device) for name, split in load_cifar10(data_root, cfg.data.download).items()}
 
     torch.manual_seed(cfg.seed)
     model = vgg16(cfg.model.part, cfg.model.num_classes, cfg.model.width)
@@ -134,7 +138,9 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         log.info("resuming %s at epoch %d, step %d", run_dir, epoch + 1, step)
 
     info = dict(flops=flops, executed_flops=executed_flops, params=params, stored_params=stored_params,
-                device=device_name(device))
+                device=device_name(device), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                data={"root": str(data_root), "official_cifar10": is_official(data_root),
+                      "train_images": len(data["train"]), "test_images": len(data["test"])})
     record.update("running", **info)
     log.info("VGG-16 part=%d width=%s: %.2fM FLOPs (paper), %.2fM executed, %.3fM params, on %s",
              cfg.model.part, cfg.model.width, flops / 1e6, executed_flops / 1e6, params / 1e6, info["device"])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity
 
 FOLDER = "cifar-10-batches-py"
@@ -71,6 +72,12 @@ def read_batch(path: Path) -> Split:
 def batch_files(folder: Path) -> dict[str, list[Path]]:
     train = sorted(folder.glob("data_batch_*"), key=lambda p: int(p.name.rpartition("_")[2]))
     return {"train": train, "test": [folder / "test_batch"]}
+
+
+def is_official(root: Path | str) -> bool:
+    """Whether root holds the official CIFAR-10 batch files, byte for byte (md5 of each file)."""
+    folder = Path(root) / FOLDER
+    return all(check_integrity(str(folder / name), md5) for name, md5 in CIFAR10.train_list + CIFAR10.test_list)
 
 
 def download(root: Path) -> None:

@@ -6,6 +6,8 @@ set-up. bench.py times exactly `train_step`, so its throughput is the throughput
 
 import contextlib
 import ctypes
+import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -13,11 +15,18 @@ from torch import nn
 
 from hetconv.data import Split, to_inputs
 
+log = logging.getLogger(__name__)
+
 
 def select_device(name: str) -> torch.device:
     """'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+            log.warning("CUDA_VISIBLE_DEVICES is empty, so this job trains on the CPU. With "
+                        "hydra/launcher=submitit_local, set hydra.launcher.gpus_per_node to the host's GPUs.")
+        return torch.device("cpu")
     if name not in ("cpu", "cuda"):
         raise ValueError(f"trainer.device must be auto, cpu or cuda, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():

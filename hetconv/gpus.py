@@ -1,0 +1,70 @@
+"""One GPU per job when a launcher runs several jobs at once on one host (joblib, submitit_local).
+
+Those launchers give every job the same GPUs, so all would train on GPU 0. A job claims a slot
+instead: slot k of the host's visible GPUs is an exclusive lock file, with `jobs_per_gpu` slots per
+GPU, and the job's CUDA_VISIBLE_DEVICES becomes that slot's GPU, before CUDA is initialised. The
+lock is held for the life of the process and released by the OS when it ends, however it ends, so a
+worker process that the launcher reuses keeps its GPU, and a crashed job frees its slot.
+"""
+
+import fcntl
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+_held = []  # the open lock file of this process's slot: closing it would release the slot
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else every GPU nvidia-smi lists."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return [d.strip() for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    try:
+        listing = subprocess.run(["nvidia-smi", "--list-gpus"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU ")]
+
+
+def default_lock_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"hetconv-gpu-slots-{os.getuid()}"
+
+
+def claim_gpu(jobs_per_gpu: int, lock_dir: Path | None = None, poll_s: float = 5.0) -> str | None:
+    """Pin this process to a GPU with fewer than jobs_per_gpu jobs, waiting while all are busy.
+
+    Returns the GPU (as written in CUDA_VISIBLE_DEVICES), or None when there is no GPU.
+    """
+    if _held:
+        return os.environ["CUDA_VISIBLE_DEVICES"]
+    if jobs_per_gpu < 1:
+        raise ValueError(f"trainer.jobs_per_gpu must be >= 1 (or null to not pin jobs), got {jobs_per_gpu}")
+    gpus = visible_gpus()
+    if not gpus:
+        return None
+    lock_dir = lock_dir or default_lock_dir()
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    waiting_since = None
+    while True:
+        # Fill every GPU's first slot before any GPU's second one.
+        for slot in range(len(gpus) * jobs_per_gpu):
+            gpu = gpus[slot % len(gpus)]
+            handle = open(lock_dir / f"gpu-{gpu}-slot-{slot // len(gpus)}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            _held.append(handle)
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+            log.info("pinned to GPU %s (slot %d of %d)", gpu, slot, len(gpus) * jobs_per_gpu)
+            return gpu
+        if waiting_since is None:
+            waiting_since = time.time()
+            log.info("all %d GPU slots (%d GPUs x trainer.jobs_per_gpu=%d) are busy: waiting for one",
+                     len(gpus) * jobs_per_gpu, len(gpus), jobs_per_gpu)
+        time.sleep(poll_s)

@@ -1,0 +1,208 @@
+"""The paper's accuracy/FLOPs table, regenerated from sweep folders, beside the published numbers.
+
+    python scripts/make_table.py SWEEP_DIR [SWEEP_DIR ...] [--out results]
+
+Reads every job's metrics.json and .hydra/config.yaml under the sweep folders and writes table.md,
+table.csv and acc_vs_flops.png. Jobs that failed, are unfinished or left no metrics are listed with
+their status; parts of the paper that no job ran appear as "not run". Runs on anything but the
+official CIFAR-10 files can only be written outside the repository's results/.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from hetconv.flops import count_flops, count_params, truncate_millions  # noqa: E402
+from hetconv.provenance import git_commit, now  # noqa: E402
+from hetconv.report import PAPER_PARTS, RESULTS_DIR, load_published, markdown_table, write_csv  # noqa: E402
+from models import vgg16  # noqa: E402
+
+
+@dataclass
+class Job:
+    path: Path
+    config: dict
+    metrics: dict | None
+
+    @property
+    def status(self) -> str:
+        return self.metrics["status"] if self.metrics else "missing"
+
+    def describe(self) -> str:
+        """The job's status as the table shows it, with why when it did not finish."""
+        if self.metrics is None:
+            return f"{self.path.name}: no metrics.json (never started, or killed before its first write)"
+        m = self.metrics
+        if m["status"] == "finished":
+            return f"{self.path.name}: finished"
+        return f"{self.path.name}: {m['status']} at epoch {m['epochs_done']}/{m['epochs']}" + (
+            f" ({m['reason']})" if m.get("reason") else "")
+
+
+def find_jobs(sweep_dirs: list[Path]) -> list[Job]:
+    jobs = []
+    for sweep in sweep_dirs:
+        if not sweep.is_dir():
+            raise SystemExit(f"error: {sweep} is not a folder; give the sweep folder(s) train.py -m wrote")
+        for config_file in sorted(sweep.glob("**/.hydra/config.yaml")):
+            path = config_file.parent.parent
+            metrics_file = path / "metrics.json"
+            metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
+            jobs.append(Job(path, OmegaConf.to_container(OmegaConf.load(config_file), resolve=False), metrics))
+    if not jobs:
+        raise SystemExit(f"error: no jobs (folders with .hydra/config.yaml) under {', '.join(map(str, sweep_dirs))}")
+    return jobs
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return round(statistics.mean(values), 2), round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
+
+
+def model_costs(part: int, width: float) -> tuple[float | None, float | None]:
+    """(paper FLOPs, effective params) in millions, counted on the model; None when it cannot be built."""
+    try:
+        model = vgg16(part, width=width)
+    except ValueError:
+        return None, None
+    return truncate_millions(count_flops(model, "paper")), round(count_params(model)[0] / 1e6, 3)
+
+
+def table_rows(jobs: list[Job], published: dict) -> list[dict]:
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault((job.config["model"]["part"], job.config["model"]["width"]), []).append(job)
+    widths = sorted({width for _, width in groups}) or [1.0]
+    for part in PAPER_PARTS:  # every published part gets a row, run or not
+        if not any(p == part for p, _ in groups):
+            groups[(part, widths[0])] = []
+    rows = []
+    for (part, width), group in sorted(groups.items()):
+        finished = [j.metrics for j in group if j.status == "finished"]
+        final, final_std = mean_std([m["test_acc"] for m in finished])
+        best, best_std = mean_std([m["best_test_acc"] for m in finished])
+        flops_m, params_m = model_costs(part, width)
+        paper = published.get(part, {})
+        not_finished = [j.describe() for j in group if j.status != "finished"]
+        rows.append({
+            "part": part, "width": width, "flops_m": flops_m, "published_flops_m": paper.get("flops_m"),
+            "params_m": params_m, "n": len(finished), "test_acc": final, "test_acc_std": final_std,
+            "best_test_acc": best, "best_test_acc_std": best_std, "published_test_acc": paper.get("test_acc"),
+            "reimpl_best_test_acc": paper.get("reimpl_best_test_acc"),
+            "diff": None if final is None or "test_acc" not in paper else round(final - paper["test_acc"], 2),
+            "status": "; ".join(not_finished) if not_finished else (f"{len(finished)} finished" if group else "not run"),
+        })
+    return rows
+
+
+def fmt(value, std=None, n=None, digits=2) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.{digits}f}"
+    if std is not None and n and n > 1:
+        text += f" ± {std:.{digits}f} (n={n})"
+    return text
+
+
+def provenance(jobs: list[Job]) -> dict:
+    configs = [j.config for j in jobs]
+    metrics = [j.metrics for j in jobs if j.metrics]
+    data = {json.dumps(m.get("data", {}).get("official_cifar10")) for m in metrics}
+    first = configs[0]
+    optim, schedule, trainer, data_cfg = first["optim"], first["schedule"], first["trainer"], first["data"]
+    return {
+        "recipe": (f"SGD lr {optim['lr']}, momentum {optim['momentum']}, weight decay {optim['weight_decay']}, "
+                   f"batch {trainer['batch_size']}; lr x{schedule['gamma']} at epochs {schedule['milestones']} of "
+                   f"{schedule['reference_epochs']}, scaled to the run's epochs; random crop (pad "
+                   f"{data_cfg['crop_padding']}) + flip; {'mean/std' if data_cfg['normalize'] else 'no'} normalisation"),
+        "epochs": sorted({c["trainer"]["epochs"] for c in configs}),
+        "seeds": sorted({c["seed"] for c in configs}),
+        "devices": sorted({m["device"] for m in metrics if m.get("device")}),
+        "commits": sorted({m["git_commit"] for m in metrics}),
+        "official_cifar10": data == {"true"},
+        "run_dates": sorted({m["started"][:10] for m in metrics}),
+    }
+
+
+def render_markdown(rows: list[dict], info: dict, sweep_dirs: list[Path]) -> str:
+    header = ["P", "width", "FLOPs (ours)", "FLOPs (paper)", "params", "final-epoch acc %", "best-epoch acc %*",
+              "paper acc %", "diff (final - paper)", "jobs"]
+    body = [[r["part"], r["width"], fmt(r["flops_m"]) + "M" if r["flops_m"] else "-",
+             fmt(r["published_flops_m"]) + "M" if r["published_flops_m"] else "-", fmt(r["params_m"], digits=3) + "M"
+             if r["params_m"] else "-", fmt(r["test_acc"], r["test_acc_std"], r["n"]),
+             fmt(r["best_test_acc"], r["best_test_acc_std"], r["n"]), fmt(r["published_test_acc"]),
+             "-" if r["diff"] is None else f"{r['diff']:+.2f}", r["status"]] for r in rows]
+    warning = "" if info["official_cifar10"] else (
+        "\n**Not CIFAR-10**: some or all jobs ran on other data (e.g. the generated demo set); these accuracies "
+        "are not comparable to the paper's.\n")
+    return (
+        "# HetConv VGG-16 on CIFAR-10: accuracy and FLOPs, ours beside the paper's\n"
+        + warning +
+        f"\nMade by `python scripts/make_table.py {' '.join(map(str, sweep_dirs))}` on {now()} (commit "
+        f"{git_commit()}) from {sum(r['n'] for r in rows)} finished jobs.\n\n"
+        f"- Recipe: {info['recipe']}.\n"
+        f"- Epochs: {', '.join(map(str, info['epochs']))}; seeds: {', '.join(map(str, info['seeds']))}; "
+        f"runs started {', '.join(info['run_dates']) or '-'}.\n"
+        f"- Devices: {'; '.join(info['devices']) or '-'}. Code: {', '.join(info['commits']) or '-'}.\n\n"
+        + markdown_table(header, body) +
+        "\nFinal-epoch accuracy is the test accuracy after the last epoch, mean ± sample std over seeds. "
+        "*Best-epoch accuracy is the highest test accuracy over all epochs: it is selected on the test set, "
+        "as the public re-implementation did (its figures are in results/published.csv), and so is optimistic. "
+        "FLOPs are in the paper's convention (results/flops.md); params are effective parameters. "
+        "Paper accuracy: Singh et al., CVPR 2019, Table for VGG-16 on CIFAR-10.\n"
+    )
+
+
+def plot(rows: list[dict], path: Path, official: bool) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ours = [r for r in rows if r["test_acc"] is not None and r["flops_m"]]
+    paper = [r for r in rows if r["published_test_acc"] is not None and r["published_flops_m"]]
+    ax.errorbar([r["flops_m"] for r in ours], [r["test_acc"] for r in ours],
+                yerr=[r["test_acc_std"] for r in ours], fmt="o-", capsize=4, label="ours (final epoch, mean ± std)")
+    ax.plot([r["published_flops_m"] for r in paper], [r["published_test_acc"] for r in paper], "s--",
+            label="HetConv paper")
+    for r in ours:
+        ax.annotate(f"P{r['part']}", (r["flops_m"], r["test_acc"]), textcoords="offset points", xytext=(4, 4))
+    ax.set_xscale("log")
+    ax.set_xlabel("FLOPs (millions, paper convention)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("VGG-16 + HetConv on CIFAR-10" if official else "VGG-16 + HetConv on generated data (NOT CIFAR-10)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweeps", nargs="+", type=Path, help="sweep folders written by train.py -m")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for table.md, table.csv, acc_vs_flops.png")
+    args = parser.parse_args(argv)
+    jobs = find_jobs(args.sweeps)
+    info = provenance(jobs)
+    if not info["official_cifar10"] and args.out.resolve() == RESULTS_DIR.resolve():
+        raise SystemExit(f"error: these jobs did not all train on the official CIFAR-10 files; {RESULTS_DIR} holds "
+                         "real results only. Write the table elsewhere: --out <folder>")
+    rows = table_rows(jobs, load_published())
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / "table.csv", rows)
+    (args.out / "table.md").write_text(render_markdown(rows, info, args.sweeps))
+    plot(rows, args.out / "acc_vs_flops.png", info["official_cifar10"])
+    print((args.out / "table.md").read_text())
+    print(f"wrote {args.out / 'table.md'}, table.csv and acc_vs_flops.png", file=sys.stderr)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The P sweep through every launcher, on generated data, and the table it regenerates."""
+
+import csv
+import os
+import stat
+
+import pytest
+from hydra import compose, initialize_config_dir
+from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+
+from conftest import REPO, read_metrics, script
+from hetconv import gpus
+from hetconv.report import PAPER_PARTS
+
+# experiment=demo, shrunk further: two epochs, CPU.
+TINY = ["experiment=demo", "trainer.epochs=2", "trainer.device=cpu"]
+
+
+@pytest.fixture
+def two_fake_gpus(tmp_path, monkeypatch):
+    """An nvidia-smi that lists two GPUs, and a private folder for the GPU slot locks."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: Fake GPU (UUID: GPU-a)'\necho 'GPU 1: Fake GPU (UUID: GPU-b)'\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "TMPDIR": str(tmp_path / "locks")}
+
+
+def sweep(sweep_dir, fake_root, *args, env=None):
+    return script("train.py", "-m", *TINY, f"data.root={fake_root}", f"hydra.sweep.dir={sweep_dir}", *args,
+                  check=False, env=env)
+
+
+def test_sweep_keeps_going_past_a_failed_job_and_the_table_shows_it(fake_root, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = sweep(sweep_dir, fake_root, "model.part=4,64")  # 64 cannot split the 16-channel layers at width 0.25
+    assert result.returncode != 0  # Hydra reports the failure after running every job
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["part=4,seed=0", "part=64,seed=0"]
+    assert read_metrics(sweep_dir / "part=4,seed=0")["status"] == "finished"
+    assert read_metrics(sweep_dir / "part=64,seed=0")["status"] == "failed"
+    assert (sweep_dir / "part=4,seed=0" / ".hydra" / "config.yaml").is_file()
+
+    out = tmp_path / "table"
+    script("scripts/make_table.py", str(sweep_dir), "--out", str(out))
+    assert {p.name for p in out.iterdir()} == {"table.md", "table.csv", "acc_vs_flops.png"}
+    rows = {int(r["part"]): r for r in csv.DictReader(open(out / "table.csv"))}
+    assert sorted(rows) == list(PAPER_PARTS)
+    assert rows[4]["n"] == "1" and float(rows[4]["test_acc"]) == read_metrics(sweep_dir / "part=4,seed=0")["test_acc"]
+    assert rows[4]["published_test_acc"] == "93.93" and rows[4]["status"] == "1 finished"
+    assert "failed" in rows[64]["status"] and "cannot be split into 64 parts" in rows[64]["status"]
+    assert rows[2]["status"] == "not run" and rows[64]["test_acc"] == ""
+    markdown = (out / "table.md").read_text()
+    assert "Not CIFAR-10" in markdown and "selected on the test set" in markdown and "Epochs: 2" in markdown
+
+    runs = EventMultiplexer().AddRunsFromDirectory(str(sweep_dir)).Reload().Runs()
+    assert set(runs) == {"part=4,seed=0"}  # one TensorBoard run per trained job, named by part and seed
+
+    # The same command again: the finished job is left alone, the failed one is tried again.
+    weights = sweep_dir / "part=4,seed=0" / "model.pt"
+    before = weights.stat().st_mtime_ns
+    again = sweep(sweep_dir, fake_root, "model.part=4,64")
+    assert "already finished" in again.stdout + again.stderr and weights.stat().st_mtime_ns == before
+
+
+def test_table_refuses_to_put_generated_data_into_results(fake_root, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    sweep(sweep_dir, fake_root, "model.part=4", "trainer.epochs=1")
+    refused = script("scripts/make_table.py", str(sweep_dir), check=False)
+    assert refused.returncode != 0 and "real results only" in refused.stderr + refused.stdout
+
+
+@pytest.mark.parametrize("launcher", [
+    ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+    ["hydra/launcher=submitit_local", "hydra.launcher.gpus_per_node=2", "hydra.launcher.timeout_min=10"],
+], ids=["joblib", "submitit_local"])
+def test_parallel_launchers_run_the_sweep_with_one_gpu_per_job(launcher, fake_root, tmp_path, two_fake_gpus):
+    sweep_dir = tmp_path / "sweep"
+    result = sweep(sweep_dir, fake_root, "model.part=1,4", "trainer.jobs_per_gpu=1", *launcher, env=two_fake_gpus)
+    assert result.returncode == 0, result.stderr
+    metrics = [read_metrics(sweep_dir / f"part={p},seed=0") for p in (1, 4)]
+    assert [m["status"] for m in metrics] == ["finished", "finished"]
+    assert sorted(m["cuda_visible_devices"] for m in metrics) == ["0", "1"]  # not both on GPU 0
+
+
+def test_gpu_slots_fill_every_gpu_before_doubling_up(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    claimed, handles = [], []
+    for _ in range(3):  # three jobs, as three processes would: a fresh slot table each time
+        monkeypatch.setattr(gpus, "_held", [])
+        claimed.append(gpus.claim_gpu(jobs_per_gpu=2, lock_dir=tmp_path))
+        handles += gpus._held
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert claimed == ["3", "5", "3"]
+    with pytest.raises(ValueError, match="jobs_per_gpu must be >= 1"):
+        monkeypatch.setattr(gpus, "_held", [])
+        gpus.claim_gpu(jobs_per_gpu=0, lock_dir=tmp_path)
+
+
+def test_slurm_launcher_asks_for_one_gpu_per_job():
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=paper", "hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.partition) == (1, 1, "gpu")
+    assert launcher.max_num_timeout > 0  # a job that hits the time limit is requeued and resumes
+    assert cfg.hydra.sweeper.params["model.part"] == "1,2,4,8,16,32,64"
+    assert cfg.hydra.sweep.subdir == "part=1,seed=0"  # job folders named by what varies
