@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SWEEP ?= multirun/paper
 ARGS ?=
 
-.PHONY: install test flops reproduce table demo
+.PHONY: install test flops bench reproduce table demo
 
 install: $(VENV)/installed.stamp
 
@@ -22,6 +22,10 @@ test: install
 
 flops: install
 	$(PY) scripts/flops_table.py
+
+# Speed on this machine's device (a few minutes on 2 CPU cores): results/bench-<device>.md
+bench: install
+	$(PY) scripts/bench.py --compile-parts 1,4,64
 
 # The paper's sweep, then its table (also built when some jobs failed; make still reports the failure).
 reproduce: install

@@ -111,7 +111,7 @@ class HetConv2d(nn.Module):
         y = F.conv2d(x, self.weight3x3, self.bias, self.stride, 1, 1, self.part)
         if self.weight1x1 is None:
             return y
-        return y + F.conv2d(x, self.pointwise_weight(), None, self.stride)
+        return y.add_(F.conv2d(x, self.pointwise_weight(), None, self.stride))
 
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:

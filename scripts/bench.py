@@ -1,0 +1,272 @@
+"""How fast HetConv trains, layer by layer and as the whole model, beside the dense convolution.
+
+    python scripts/bench.py [--device auto] [--parts 1,2,4,8,16,32,64] [--compile-parts 1,4,64] [--out results]
+    (also: make bench)
+
+Layer level: for every distinct HetConv shape of VGG-16 (batch 128), forward + backward time of
+HetConv2d, of the dense 3x3 conv it replaces (the P=1 reference) and of the naive implementation
+(the dense conv with the HetConv mask multiplied into its weight), beside the FLOP ratio
+R(P) = 1/P + (1 - 1/P)/9. Model level: training throughput with train.py's own step (same
+precision, memory format, optimizer and input pipeline, composed from configs/), inference
+throughput and peak memory, each part in a fresh process. Median of repeats; the spread
+(max - min) / median says how noisy each figure is. Writes results/bench-<device>.md.
+"""
+
+import argparse
+import concurrent.futures
+import multiprocessing
+import re
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from torch import nn
+
+from hetconv import HetConv2d
+from hetconv.flops import count_flops
+from hetconv.provenance import REPO_ROOT, device_name, git_commit, library_versions, now
+from hetconv.report import PAPER_PARTS, RESULTS_DIR, markdown_table
+from hetconv.training import (Preprocess, autocast, build_optimizer, configure_backend, select_device, train_step,
+                              uses_amp)
+from models import vgg16
+from models.vgg import conv_channels
+
+BATCH = 128
+SIDES = (32, 32, 16, 16, 8, 8, 8, 4, 4, 4, 2, 2, 2)  # output side of each of VGG-16's 13 convs
+LAYER_TARGET = 1.5    # a HetConv layer should take at most 1.5x its FLOP-proportional share of the dense conv
+MODEL_TARGETS = {4: 2.3, 64: 4.0}  # training-throughput speed-up over P=1 asked for (issue "Speed")
+
+
+def flop_ratio(part: int) -> float:
+    return 1 / part + (1 - 1 / part) / 9
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """(median seconds per call, spread = (max - min) / median) over `repeats` calls after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+    median = statistics.median(times)
+    return median, (max(times) - min(times)) / median
+
+
+class MaskedDense(nn.Module):
+    """The naive HetConv: a dense 3x3 conv with the layer's pattern of zeros multiplied into its weight."""
+
+    def __init__(self, layer: HetConv2d):
+        super().__init__()
+        weight = layer.dense_weight()
+        self.weight = nn.Parameter(weight)
+        self.register_buffer("mask", weight != 0)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.mask, padding=1)
+
+
+def layer_shapes() -> list[tuple[int, int, int]]:
+    """Distinct (in, out, side) of VGG-16's HetConv layers (all but the first conv)."""
+    return list(dict.fromkeys((i, o, s) for (i, o), s in list(zip(conv_channels(), SIDES))[1:]))
+
+
+def fwd_bwd(module: nn.Module, x: torch.Tensor, amp: bool):
+    grad = None
+
+    def step():
+        nonlocal grad
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        with autocast(x.device, amp):
+            y = module(x)
+        grad = torch.randn_like(y) if grad is None else grad
+        y.backward(grad)
+
+    return step
+
+
+def bench_layers(device, cfg, parts, repeats) -> list[dict]:
+    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    rows = []
+    for in_ch, out_ch, side in layer_shapes():
+        x = torch.randn(BATCH, in_ch, side, side, device=device).contiguous(memory_format=memory_format)
+        x.requires_grad_()
+        prepare = lambda m: m.to(device, memory_format=memory_format)  # noqa: E731
+        dense, dense_spread = timed(fwd_bwd(prepare(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)), x,
+                                            cfg.trainer.amp), device, repeats)
+        for part in parts:
+            layer = HetConv2d(in_ch, out_ch, part)
+            ours, spread = timed(fwd_bwd(prepare(layer), x, cfg.trainer.amp), device, repeats)
+            naive, _ = timed(fwd_bwd(prepare(MaskedDense(layer)), x, cfg.trainer.amp), device, repeats)
+            rows.append({"shape": f"{in_ch}->{out_ch} @{side}x{side}", "part": part, "dense_ms": dense * 1e3,
+                         "ours_ms": ours * 1e3, "naive_ms": naive * 1e3, "flop_ratio": flop_ratio(part),
+                         "spread": max(spread, dense_spread)})
+            print(f"layer {rows[-1]['shape']} P={part}: {ours * 1e3:.2f} ms (dense {dense * 1e3:.2f}, "
+                  f"naive {naive * 1e3:.2f})", file=sys.stderr)
+    return rows
+
+
+def bench_model(part: int, device_arg: str, repeats: int, compiled: bool) -> dict:
+    """One part's model-level figures; runs in a fresh process so that peak memory is its own."""
+    cfg = train_config(device=device_arg, compiled=compiled)
+    device = select_device(cfg.trainer.device)
+    configure_backend(device)
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    model = vgg16(part).to(device, memory_format=memory_format)
+    optimizer = build_optimizer(model, cfg.optim)
+    preprocess = Preprocess(cfg.data, cfg.trainer.channels_last, device)
+    forward_model = torch.compile(model) if compiled else model
+    images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (BATCH,), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_s, train_spread = timed(lambda: train_step(forward_model, optimizer, preprocess(images), labels,
+                                                     cfg.trainer.amp), device, repeats, warmup=3)
+    peak_mb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    model.eval()
+
+    @torch.no_grad()
+    def infer():
+        with autocast(device, cfg.trainer.amp):
+            forward_model(preprocess(images))
+
+    infer_s, infer_spread = timed(infer, device, repeats, warmup=3)
+    return {"part": part, "compiled": compiled, "train_ips": BATCH / train_s, "infer_ips": BATCH / infer_s,
+            "peak_mb": peak_mb, "spread": max(train_spread, infer_spread), "device_name": device_name(device),
+            "paper_flops": count_flops(vgg16(part), "paper"), "epochs": cfg.trainer.epochs}
+
+
+def train_config(device: str = "auto", compiled: bool = False):
+    """train.py's own config, so the benchmark times exactly what training runs."""
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+        return compose("train", overrides=[f"trainer.device={device}", f"trainer.compile={compiled}"])
+
+
+def bench_models(parts, device_arg, repeats, compiled) -> list[dict]:
+    rows = []
+    spawn = multiprocessing.get_context("spawn")
+    for part in parts:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            rows.append(pool.submit(bench_model, part, device_arg, repeats, compiled).result())
+        print(f"model P={part}{' compiled' if compiled else ''}: {rows[-1]['train_ips']:.0f} img/s training, "
+              f"{rows[-1]['infer_ips']:.0f} img/s inference", file=sys.stderr)
+    return rows
+
+
+def model_section(rows: list[dict]) -> str:
+    base = next((r for r in rows if r["part"] == 1), None)
+    speedup = lambda r, key: f"{r[key] / base[key]:.2f}x" if base else "-"  # noqa: E731
+    text = "\n## Whole model: training step of train.py\n\n" + markdown_table(
+        ["P", "FLOPs ratio vs P=1", "train img/s", "speed-up", "inference img/s", "speed-up", "peak memory MB",
+         "spread"],
+        [[r["part"], f"{base['paper_flops'] / r['paper_flops']:.2f}x" if base else "-", f"{r['train_ips']:.0f}",
+          speedup(r, "train_ips"), f"{r['infer_ips']:.0f}", speedup(r, "infer_ips"), f"{r['peak_mb']:.0f}",
+          f"{r['spread']:.0%}"] for r in rows])
+    for part, goal in MODEL_TARGETS.items():
+        row = next((r for r in rows if r["part"] == part), None)
+        if base and row:
+            got = row["train_ips"] / base["train_ips"]
+            text += f"\n- Training speed-up at P={part}: {got:.2f}x; goal {goal}x: {'met' if got >= goal else 'NOT met'}."
+    epochs = rows[0]["epochs"]
+    hours = sum(epochs * (49920 / r["train_ips"] + 10000 / r["infer_ips"]) for r in rows) / 3600
+    return text + (f"\n- Projected time of the sweep over P = {', '.join(str(r['part']) for r in rows)} under the "
+                   f"default recipe ({epochs} epochs of 49,920 training and 10,000 test images, one job at a time "
+                   f"on this device): {hours:.1f} hours.\n")
+
+
+def compile_section(compiled: list[dict], eager: list[dict]) -> str:
+    eager_by_part = {r["part"]: r for r in eager}
+    gain = lambda r, key: f"{r[key] / eager_by_part[r['part']][key]:.2f}x"  # noqa: E731
+    return "\n## torch.compile (trainer.compile=true) against eager\n\n" + markdown_table(
+        ["P", "eager train img/s", "compiled train img/s", "gain", "eager inference img/s",
+         "compiled inference img/s", "gain"],
+        [[r["part"], f"{eager_by_part[r['part']]['train_ips']:.0f}", f"{r['train_ips']:.0f}", gain(r, "train_ips"),
+          f"{eager_by_part[r['part']]['infer_ips']:.0f}", f"{r['infer_ips']:.0f}", gain(r, "infer_ips")]
+         for r in compiled if r["part"] in eager_by_part])
+
+
+def layer_section(rows: list[dict]) -> str:
+    parts = sorted({r["part"] for r in rows})
+    cells = {(r["shape"], r["part"]): r for r in rows}
+    body = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        line = [cells[(shape, p)] for p in parts]
+        dense_ms = line[0]["dense_ms"]
+        body.append([shape, f"{dense_ms:.1f}"]
+                    + [f"{r['ours_ms'] / dense_ms:.2f} ({r['ours_ms'] / dense_ms / r['flop_ratio']:.2f}x)" for r in line]
+                    + [f"{max(r['naive_ms'] for r in line) / dense_ms:.2f}", f"{max(r['spread'] for r in line):.0%}"])
+    hetero = [r for r in rows if r["part"] > 1]
+    within = [r for r in hetero if r["ours_ms"] / r["dense_ms"] <= LAYER_TARGET * r["flop_ratio"]]
+    return ("\n## Layer by layer: forward + backward, HetConv2d against the dense 3x3 conv\n\n"
+            "Each cell: time of HetConv2d / time of the dense conv, then that ratio / R(P), the layer's time "
+            f"against its FLOP-proportional share (goal: at most {LAYER_TARGET}x). The naive column is the dense "
+            "conv with the mask multiplied into its weight (its worst P).\n\n"
+            + markdown_table(["shape (in->out @ side)", "dense ms"] + [f"P={p} (R={flop_ratio(p):.3f})" for p in parts]
+                             + ["naive / dense", "spread"], body)
+            + f"\n{len(within)} of {len(hetero)} cells with P > 1 are within {LAYER_TARGET}x of their "
+              "FLOP-proportional share.\n")
+
+
+def render(device_label: str, setup: str, layer_rows, model_rows, compile_rows, command: str) -> str:
+    versions = library_versions()
+    return (f"# Speed of HetConv on {device_label}\n\n"
+            f"Made by `{command}` on {now()}, commit {git_commit()}, torch {versions['torch']}. Batch {BATCH}, "
+            f"{setup}, optimizer as in configs/. Median of repeats; *spread* = (max - min) / median over the "
+            "repeats of a figure: how far to trust it.\n"
+            + model_section(model_rows)
+            + (compile_section(compile_rows, model_rows) if compile_rows else "")
+            + (layer_section(layer_rows) if layer_rows else ""))
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--parts", default=",".join(map(str, PAPER_PARTS)))
+    parser.add_argument("--compile-parts", default="", help="also time torch.compile for these parts (slow to compile)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--skip-layers", action="store_true", help="model level only")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    parts = [int(p) for p in args.parts.split(",")]
+    device = select_device(args.device)
+    configure_backend(device)
+    cfg = train_config(args.device)
+    model_rows = bench_models(parts, args.device, args.repeats, compiled=False)
+    compile_parts = [int(p) for p in args.compile_parts.split(",") if p]
+    compile_rows = bench_models(compile_parts, args.device, args.repeats, compiled=True) if compile_parts else []
+    layer_rows = [] if args.skip_layers else bench_layers(device, cfg, parts, args.repeats)
+    label = device_name(device)
+    setup = (f"{'bf16 autocast' if uses_amp(device, cfg.trainer.amp) else 'float32'}, "
+             f"{'channels_last' if cfg.trainer.channels_last else 'NCHW'}, {torch.get_num_threads()} CPU threads")
+    command = "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = render(label, setup, layer_rows, model_rows, compile_rows, command.strip())
+    path = args.out / f"bench-{'cpu' if device.type == 'cpu' else slug(label)}.md"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path.write_text(report)
+    print(report)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
