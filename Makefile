@@ -1,5 +1,5 @@
 # Two commands take a fresh clone to results: `make test`, then `make reproduce` (see README.md).
-# make reproduce ARGS="seed=0,1,2 hydra/launcher=joblib ..." passes ARGS to the sweep.
+# make reproduce ARGS="seed=0,1,2" passes ARGS to the sweep; SWEEP=<folder> puts it elsewhere.
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -29,7 +29,7 @@ bench: install
 
 # The paper's sweep, then its table (also built when some jobs failed; make still reports the failure).
 reproduce: install
-	$(PY) train.py -m experiment=paper $(ARGS); status=$$?; \
+	$(PY) train.py -m experiment=paper hydra.sweep.dir=$(SWEEP) $(ARGS); status=$$?; \
 	$(PY) scripts/make_table.py $(SWEEP) && exit $$status
 
 table: install

@@ -14,7 +14,7 @@ import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from hetconv.data import CLASSES, load_cifar10
+from hetconv.data import CLASSES, load_cifar10, memory_format
 from hetconv.flops import count_flops, count_params
 from hetconv.provenance import device_name
 from hetconv.runfiles import load, write_json
@@ -40,11 +40,10 @@ def main(cfg: DictConfig) -> dict:
     model, run_cfg = load_model(path)
     device = select_device(cfg.device)
     configure_backend(device)
-    test = load_cifar10(to_absolute_path(cfg.data.root), cfg.data.download)["test"].to(device)
+    test = load_cifar10(to_absolute_path(cfg.data.root), cfg.data.download, splits=("test",))["test"].to(device)
     params, stored_params = count_params(model)
     flops, executed_flops = count_flops(model, "paper"), count_flops(model, "executed")
-    memory_format = torch.channels_last if run_cfg.trainer.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
+    model = model.to(device, memory_format=memory_format(run_cfg.trainer.channels_last))
     preprocess = Preprocess(run_cfg.data, run_cfg.trainer.channels_last, device)
     result = evaluate(model, test, preprocess, run_cfg.trainer.eval_batch_size, run_cfg.trainer.amp,
                       run_cfg.model.num_classes)

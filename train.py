@@ -2,12 +2,12 @@
 
     python train.py model.part=4                      # the recipe on record: 330 epochs, step decay
     python train.py model.part=4 trainer.epochs=30    # shorter: the schedule keeps its shape
-    python train.py -m experiment=paper               # the sweep over P (README, "Reproduce")
+    python train.py -m experiment=paper               # the sweep over P (README, "Reproduce the table")
 
 Everything goes to Hydra's output dir: train.log, metrics.json (rewritten after every epoch),
 TensorBoard events, checkpoints/last.pt (every epoch) and model.pt (the final weights).
 Running a command again on the same folder resumes it from checkpoints/last.pt; a finished run is
-left as it is. SIGINT/SIGTERM save the current step's state, to resume from exactly there.
+left as it is. SIGINT, SIGTERM and SIGUSR2 save the current step's state, to resume from exactly there.
 """
 
 import datetime
@@ -29,18 +29,22 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
-from hetconv.data import TrainBatches, is_official, load_cifar10
+from hetconv.data import TrainBatches, is_official, load_cifar10, memory_format
 from hetconv.flops import count_flops, count_params
 from hetconv.gpus import claim_gpu
 from hetconv.provenance import device_name
-from hetconv.runfiles import (RunRecord, config_differences, last_checkpoint, load, restore_rng_states,
-                              rng_states, save)
-from hetconv.training import (Preprocess, build_optimizer, build_scheduler, configure_backend, evaluate,
-                              select_device, train_step)
+from hetconv.runfiles import (RunRecord, config_differences, exclusive, last_checkpoint, load, read_metrics,
+                              save)
+from hetconv.training import (Preprocess, build_optimizer, build_scheduler, check_settings, configure_backend,
+                              evaluate, select_device, train_step)
 from models import vgg16
 from models.vgg import check_part_fits
 
 log = logging.getLogger("train")
+# Sweep jobs are named by part and seed, then by whatever else the command line sweeps.
+OmegaConf.register_new_resolver(
+    "job_name", lambda part, seed, others: f"part={part},seed={seed}" + (f",{others}" if others else ""),
+    replace=True)
 
 
 class Interrupted(SystemExit):
@@ -48,7 +52,11 @@ class Interrupted(SystemExit):
 
 
 class StopSignals:
-    """Turns SIGINT/SIGTERM into a flag the training loop checks after each step."""
+    """SIGINT, SIGTERM and SIGUSR2 become a flag that the training loop checks between steps, where
+    the state it saves is consistent. A handler that was installed before ours (submitit's, which
+    requeues a SLURM job) is then called; without one, the run stops."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
     def __init__(self):
         self.received: signal.Signals | None = None
@@ -56,12 +64,21 @@ class StopSignals:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in self.SIGNALS:
                 self.previous[sig] = signal.signal(sig, self.handle)
         return self
 
     def handle(self, signum, frame):
         self.received = signal.Signals(signum)
+
+    def pass_on(self) -> None:
+        """Once the state is saved: hand the signal to the earlier handler, or stop the run."""
+        sig, self.received = self.received, None
+        previous = self.previous.get(sig)
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(sig, None)  # it may exit (submitit requeues first) or return to let training go on
+            return
+        raise Interrupted(128 + sig)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -77,9 +94,9 @@ def resume_point(run_dir: Path, config: dict) -> dict | None:
     differences = config_differences(state["config"], config)
     if differences:
         raise ValueError(
-            f"{run_dir} holds a run with other settings ({'; '.join(differences)}). Nothing was changed. "
-            f"Rerun with the settings it was started with to resume it, or train in another folder "
-            f"(hydra.run.dir=... for a run, hydra.sweep.dir=... for a sweep).")
+            f"{run_dir} holds a run with other settings ({'; '.join(differences)}). Its checkpoint and "
+            f"metrics were left as they are. Rerun with the settings it was started with to resume it, or "
+            f"train in another folder (hydra.run.dir=... for a run, hydra.sweep.dir=... for a sweep).")
     return state
 
 
@@ -90,26 +107,33 @@ def main(cfg: DictConfig) -> dict:
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
-    state = resume_point(run_dir, config)
-    record = RunRecord(run_dir, config, state and state["history"], state["wall_s"] if state else 0.0)
-    if state and len(state["history"]) == cfg.trainer.epochs:
-        log.info("%s already finished %d epochs: nothing to do", run_dir, cfg.trainer.epochs)
-        if not (run_dir / "model.pt").exists():  # killed between the last checkpoint and the final save
-            save_final_weights(run_dir, state["model"], config, cfg.trainer.epochs)
-        return record.update("finished")
-    try:
-        return run(cfg, config, run_dir, state, record)
-    except Exception as error:
-        record.update("failed", f"{type(error).__name__}: {error}")
-        raise
+    with exclusive(run_dir):
+        state = resume_point(run_dir, config)
+        record = RunRecord(run_dir, config, state and state["record"])
+        if state and state["epoch"] == cfg.trainer.epochs:
+            log.info("%s already finished %d epochs: nothing to do", run_dir, cfg.trainer.epochs)
+            if not (run_dir / "model.pt").exists():  # killed between the last checkpoint and the final save
+                save_final_weights(run_dir, state["model"], config, state["epoch"])
+            metrics = read_metrics(run_dir)
+            return metrics if metrics and metrics["status"] == "finished" else record.update("finished")
+        try:
+            return run(cfg, config, run_dir, state, record)
+        except Exception as error:
+            record.update("failed", f"{type(error).__name__}: {error}")
+            raise
 
 
 def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record: RunRecord) -> dict:
     # Everything that bad input can break comes first, before any training.
+    check_settings(cfg)
     check_part_fits(cfg.model.part, cfg.model.width)
-    if cfg.trainer.jobs_per_gpu:
+    if cfg.trainer.jobs_per_gpu is not None:
         claim_gpu(cfg.trainer.jobs_per_gpu)  # before anything initialises CUDA
     device = select_device(cfg.trainer.device)
+    if state and state["device_type"] != device.type:
+        raise ValueError(f"{run_dir} was trained on {state['device_type']} and cannot resume on {device.type}: "
+                         f"its data order comes from a {state['device_type']} generator. Use "
+                         f"trainer.device={state['device_type']}.")
     configure_backend(device)
     data_root = Path(to_absolute_path(cfg.data.root))
     data = {name: split.to(device) for name, split in load_cifar10(data_root, cfg.data.download).items()}
@@ -118,8 +142,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     model = vgg16(cfg.model.part, cfg.model.num_classes, cfg.model.width)
     flops, executed_flops = count_flops(model, "paper"), count_flops(model, "executed")
     params, stored_params = count_params(model)
-    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
+    model = model.to(device, memory_format=memory_format(cfg.trainer.channels_last))
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.trainer.epochs)
     generator = torch.Generator(device).manual_seed(cfg.seed)
@@ -133,8 +156,8 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["data_rng"])
-        restore_rng_states(state["rng"])
-        epoch, step, partial = len(state["history"]), state["step"], state["partial"]
+        torch.set_rng_state(state["torch_rng"])
+        epoch, step, partial = state["epoch"], state["step"], state["partial"]
         log.info("resuming %s at epoch %d, step %d", run_dir, epoch + 1, step)
 
     info = dict(flops=flops, executed_flops=executed_flops, params=params, stored_params=stored_params,
@@ -152,35 +175,45 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
 
     def checkpoint(step_in_epoch: int, epoch_rng: torch.Tensor, partial_sums: dict | None) -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "config": config, "history": record.history,
-                "step": step_in_epoch, "data_rng": epoch_rng, "partial": partial_sums, "rng": rng_states(),
-                "wall_s": record.wall_s}
+                "scheduler": scheduler.state_dict(), "config": config, "epoch": epoch, "step": step_in_epoch,
+                "data_rng": epoch_rng, "partial": partial_sums, "torch_rng": torch.get_rng_state(),
+                "device_type": device.type, "record": record.state()}
+
+    wall_before, clock_started = record.wall_s, time.perf_counter()
+
+    def tick() -> None:
+        record.wall_s = wall_before + time.perf_counter() - clock_started
+
+    def interrupted(stop: StopSignals, reason: str) -> None:
+        record.update("interrupted", f"{reason}: rerun the same command to resume")
+        log.warning("%s: %s, state saved", run_dir, reason)
+        stop.pass_on()
 
     with StopSignals() as stop:
         while epoch < cfg.trainer.epochs:
             model.train()
             epoch_rng = generator.get_state()  # the whole epoch's random draws follow from it
-            sums = partial or {"loss": torch.zeros((), device=device), "correct": torch.zeros((), device=device,
-                               dtype=torch.long), "seen": 0, "train_s": 0.0}
-            started = time.perf_counter()
+            partial = partial or {"loss": 0.0, "correct": 0, "seen": 0, "train_s": 0.0}
+            loss_sum = torch.tensor(partial["loss"], device=device)
+            correct = torch.tensor(partial["correct"], device=device)
+            seen, started = partial["seen"], time.perf_counter()
             progress = tqdm(batches.epoch(step), total=len(batches), initial=step, leave=False,
                             desc=f"epoch {epoch + 1}", disable=not sys.stderr.isatty())
             for images, labels in progress:
-                loss_sum, correct = train_step(forward_model, optimizer, preprocess(images), labels, cfg.trainer.amp)
-                sums["loss"] += loss_sum
-                sums["correct"] += correct
-                sums["seen"] += len(labels)
+                batch_loss, batch_correct = train_step(forward_model, optimizer, preprocess(images), labels,
+                                                       cfg.trainer.amp)
+                loss_sum += batch_loss
+                correct += batch_correct
+                seen += len(labels)
                 step += 1
                 if stop.received:
-                    record.wall_s += time.perf_counter() - started
-                    sums["train_s"] += time.perf_counter() - started
-                    save(last_checkpoint(run_dir), checkpoint(step, epoch_rng, sums))
-                    reason = f"{stop.received.name} at epoch {epoch + 1}, step {step}: rerun the same command to resume"
-                    record.update("interrupted", reason)
-                    log.warning("interrupted by %s", reason)
-                    raise Interrupted(128 + stop.received)
-            train_loss = sums["loss"].item() / sums["seen"]  # the epoch's one host synchronisation
-            train_s = sums["train_s"] + time.perf_counter() - started
+                    tick()
+                    so_far = {"loss": loss_sum.item(), "correct": correct.item(), "seen": seen,
+                              "train_s": partial["train_s"] + time.perf_counter() - started}
+                    save(last_checkpoint(run_dir), checkpoint(step, epoch_rng, so_far))
+                    interrupted(stop, f"{stop.received.name} at epoch {epoch + 1}, step {step}")
+            train_loss = loss_sum.item() / seen  # the epoch's one host synchronisation
+            train_s = partial["train_s"] + time.perf_counter() - started
             test = evaluate(forward_model, data["test"], preprocess, cfg.trainer.eval_batch_size, cfg.trainer.amp,
                             cfg.model.num_classes)
             if not (math.isfinite(train_loss) and math.isfinite(test["loss"])):
@@ -188,24 +221,25 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
                     f"the loss became {train_loss} (train) / {test['loss']} (test) in epoch {epoch + 1}: training "
                     f"diverged. The last good state, after epoch {epoch}, is kept in {last_checkpoint(run_dir)}. "
                     f"Lower optim.lr, or check the data.")
-            epoch_s = time.perf_counter() - started
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             epoch += 1
-            record.wall_s += epoch_s
+            tick()
             record.history.append({
-                "epoch": epoch, "train_loss": round(train_loss, 6),
-                "train_acc": round(100 * sums["correct"].item() / sums["seen"], 2),
+                "epoch": epoch, "train_loss": round(train_loss, 6), "train_acc": round(100 * correct.item() / seen, 2),
                 "test_loss": round(test["loss"], 6), "test_acc": test["acc"], "lr": lr,
-                "epoch_s": round(epoch_s, 2), "images_per_s": round(sums["seen"] / train_s, 1)})
+                "epoch_s": round(partial["train_s"] + time.perf_counter() - started, 2),
+                "images_per_s": round(seen / train_s, 1)})
             step, partial = 0, None
             save(last_checkpoint(run_dir), checkpoint(0, generator.get_state(), None))
             metrics = record.update("running")
             log_epoch(writer, record.history[-1], metrics, cfg.trainer.epochs, record.wall_s)
+            if stop.received:  # arrived during evaluation: the state is saved already
+                interrupted(stop, f"{stop.received.name} after epoch {epoch}")
 
-    save_final_weights(run_dir, model.state_dict(), config, epoch)
     writer.close()
     metrics = record.update("finished")
+    save_final_weights(run_dir, model.state_dict(), config, epoch)
     log.info("finished: test accuracy %.2f%% (best %.2f%% at epoch %d), %.0fs", metrics["test_acc"],
              metrics["best_test_acc"], metrics["best_epoch"], metrics["wall_s"])
     return metrics

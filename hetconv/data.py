@@ -7,8 +7,13 @@ Augmentation (random crop of the zero-padded image, horizontal flip) runs on the
 from one generator: no DataLoader workers, and an epoch can be replayed exactly from its start state.
 """
 
+import fcntl
+import http.client
+import os
 import pickle
+import re
 import tarfile
+import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +75,8 @@ def read_batch(path: Path) -> Split:
 
 
 def batch_files(folder: Path) -> dict[str, list[Path]]:
-    train = sorted(folder.glob("data_batch_*"), key=lambda p: int(p.name.rpartition("_")[2]))
-    return {"train": train, "test": [folder / "test_batch"]}
+    numbered = {int(m.group(1)): p for p in folder.iterdir() if (m := re.fullmatch(r"data_batch_(\d+)", p.name))}
+    return {"train": [numbered[k] for k in sorted(numbered)], "test": [folder / "test_batch"]}
 
 
 def is_official(root: Path | str) -> bool:
@@ -81,28 +86,39 @@ def is_official(root: Path | str) -> bool:
 
 
 def download(root: Path) -> None:
-    """Fetch the official archive (md5-checked) and extract it into root; fail fast when offline."""
+    """Fetch the official archive (md5-checked) and extract it into root; fail fast when offline.
+
+    Jobs started side by side on a fresh clone take turns: the first downloads, the others find it done.
+    """
     root.mkdir(parents=True, exist_ok=True)
-    archive = root / URL.rpartition("/")[2]
-    partial = archive.with_suffix(".partial")
-    print(f"Downloading CIFAR-10 from {URL} into {root}")
-    try:
-        with urllib.request.urlopen(URL, timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise DatasetError(f"CIFAR-10 is not in {root / FOLDER} and downloading it failed ({error}). "
-                           + how_to_get(root)) from error
-    partial.rename(archive)
-    if not check_integrity(str(archive), ARCHIVE_MD5):
-        raise DatasetError(f"{archive}: md5 differs from the official release {ARCHIVE_MD5}; delete it and retry")
-    with tarfile.open(archive) as tar:
-        tar.extractall(root, filter="data")
-    archive.unlink()
+    with open(root / ".download.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (root / FOLDER).is_dir():
+            return
+        print(f"Downloading CIFAR-10 from {URL} into {root}")
+        archive = root / URL.rpartition("/")[2]
+        partial = archive.with_suffix(".partial")
+        try:
+            with urllib.request.urlopen(URL, timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as f:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+        except BaseException as error:  # offline, cut off, or interrupted: leave no partial file behind
+            partial.unlink(missing_ok=True)
+            if isinstance(error, (OSError, http.client.HTTPException)):
+                raise DatasetError(f"CIFAR-10 is not in {root / FOLDER} and downloading it failed ({error}). "
+                                   + how_to_get(root)) from error
+            raise
+        if not check_integrity(str(partial), ARCHIVE_MD5):
+            partial.unlink()
+            raise DatasetError(f"the download from {URL} does not have the official md5 {ARCHIVE_MD5}; retry")
+        with tempfile.TemporaryDirectory(dir=root) as staging, tarfile.open(partial) as tar:
+            tar.extractall(staging, filter="data")
+            os.replace(Path(staging) / FOLDER, root / FOLDER)  # appears whole, or not at all
+        partial.unlink()
 
 
-def load_cifar10(root: Path | str, download_if_missing: bool = True) -> dict[str, Split]:
+def load_cifar10(root: Path | str, download_if_missing: bool = True,
+                 splits: tuple[str, ...] = ("train", "test")) -> dict[str, Split]:
     """{'train': Split, 'test': Split} from root/cifar-10-batches-py, on the CPU."""
     root = Path(root)
     folder = root / FOLDER
@@ -116,11 +132,15 @@ def load_cifar10(root: Path | str, download_if_missing: bool = True) -> dict[str
                                                                     [str(folder / "data_batch_1..5")])
     if missing:
         raise DatasetError(f"CIFAR-10 in {folder} is incomplete: missing {', '.join(missing)}. " + how_to_get(root))
-    splits = {}
-    for name, paths in files.items():
-        parts = [read_batch(p) for p in paths]
-        splits[name] = Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
-    return splits
+    loaded = {}
+    for name in splits:
+        parts = [read_batch(p) for p in files[name]]
+        loaded[name] = Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
+    return loaded
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def to_inputs(images: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None,
@@ -129,7 +149,7 @@ def to_inputs(images: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor
     x = images.float().div_(255)
     if mean is not None:
         x = x.sub_(mean[:, None, None]).div_(std[:, None, None])
-    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return x.contiguous(memory_format=memory_format(channels_last))
 
 
 def augment(images: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, padding: int) -> torch.Tensor:

@@ -28,6 +28,11 @@ from hetconv.layer import HetConv2d
 CONVENTIONS = ("paper", "executed")
 
 
+def paper_ratio(part: int) -> float:
+    """R(P): the fraction of a standard 3x3 convolution's FLOPs that a HetConv layer costs in the paper."""
+    return 1 / part + (1 - 1 / part) / 9
+
+
 def _paper_convolution(model: nn.Module):
     """fvcore handle for aten::_convolution in the paper's convention.
 
@@ -60,7 +65,7 @@ def count_flops(model: nn.Module, convention: str = "paper", input_shape: tuple[
     """FLOPs of one forward pass on one input, in the given convention (see the module docstring)."""
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-    parameter = next(model.parameters())
+    parameter = next(model.parameters(), torch.zeros(()))
     image = torch.zeros(1, *input_shape, device=parameter.device, dtype=parameter.dtype)
     was_training = model.training
     model.eval()

@@ -51,6 +51,10 @@ def pointwise_mask(in_channels: int, out_channels: int, part: int) -> torch.Tens
     return (filter_group[:, None] != channel_group[None, :])[:, :, None, None]
 
 
+def _zero_masked_weights_after_load(module: "HetConv2d", incompatible_keys) -> None:
+    module._zero_masked_weights()
+
+
 class HetConv2d(nn.Module):
     """HetConv layer: grouped 3x3 convolution + 1x1 convolution off each filter's own group.
 
@@ -73,7 +77,7 @@ class HetConv2d(nn.Module):
             self.register_parameter("weight1x1", None)
             self.mask1x1 = None
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        self.register_load_state_dict_post_hook(lambda module, _: module._zero_masked_weights())
+        self.register_load_state_dict_post_hook(_zero_masked_weights_after_load)
         self.reset_parameters()
 
     @property

@@ -25,7 +25,7 @@ def git_commit() -> str:
 
 
 def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "torch": torch.__version__}  # with its CUDA tag
+    versions = {"python": platform.python_version(), "torch": str(torch.__version__)}  # with its CUDA tag
     for name in LIBRARIES[1:]:
         try:
             versions[name] = version(name)

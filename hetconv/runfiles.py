@@ -5,6 +5,8 @@
     <run dir>/model.pt              the final weights with the config that made them
 """
 
+import contextlib
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -41,14 +43,15 @@ def save(path: Path, state: dict) -> None:
 
 
 def load(path: Path, map_location="cpu") -> dict:
-    """A checkpoint written by train.py; a clear error for a missing or foreign file."""
+    """A checkpoint written by train.py; a clear error for a missing, damaged or foreign file."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (expected a run's checkpoints/last.pt or "
                                 "model.pt, written by train.py)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=True)  # tensors and plain data only
     except Exception as error:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from error
+        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error}). If it is a "
+                         "damaged last.pt, move it away to start the run over.") from error
     if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
         raise ValueError(f"{path}: not a train.py checkpoint (it needs 'model' and 'config' entries)")
     return state
@@ -72,17 +75,6 @@ def config_differences(saved: dict, current: dict) -> list[str]:
             if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key)]
 
 
-def rng_states() -> dict:
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def restore_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
 def last_checkpoint(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / "last.pt"
 
@@ -94,18 +86,26 @@ def metrics_path(run_dir: Path) -> Path:
 class RunRecord:
     """metrics.json: what the run is, how far it got, and how it ended.
 
-    Derived from the per-epoch history, which the checkpoint carries too: a run resumed after a kill
-    rebuilds the same record.
+    Derived from the per-epoch history; the checkpoint carries the whole record (`state`), so a run
+    resumed after a kill continues the same record.
     """
 
-    def __init__(self, run_dir: Path, config: dict, history: list[dict] | None = None, wall_s: float = 0.0):
+    def __init__(self, run_dir: Path, config: dict, saved: dict | None = None):
         self.path = metrics_path(run_dir)
-        self.history = list(history or [])
-        self.wall_s = wall_s
+        if saved:
+            self.info, self.history, self.wall_s = dict(saved["info"]), list(saved["history"]), saved["wall_s"]
+            commit = git_commit()
+            if commit != self.info["git_commit"] and commit not in self.info["resumed_at_commits"]:
+                self.info["resumed_at_commits"].append(commit)
+            return
         versions = library_versions()
         self.info = {"part": config["model"]["part"], "width": config["model"]["width"], "seed": config["seed"],
                      "epochs": config["trainer"]["epochs"], "torch": versions["torch"], "git_commit": git_commit(),
-                     "versions": versions, "started": now()}
+                     "resumed_at_commits": [], "versions": versions, "started": now(), "config": config}
+        self.history, self.wall_s = [], 0.0
+
+    def state(self) -> dict:
+        return {"info": self.info, "history": self.history, "wall_s": self.wall_s}
 
     def update(self, status: str, reason: str | None = None, **info) -> dict:
         self.info.update(info)
@@ -119,3 +119,21 @@ class RunRecord:
                    "wall_s": round(self.wall_s, 1), "updated": now(), "history": self.history}
         write_json(self.path, metrics)
         return metrics
+
+
+def read_metrics(run_dir: Path) -> dict | None:
+    path = metrics_path(run_dir)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+@contextlib.contextmanager
+def exclusive(run_dir: Path):
+    """Hold the run folder for this process: a second process on the same folder is refused."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another process is training in {run_dir}; wait for it, or use another folder "
+                               "(hydra.run.dir=... / hydra.sweep.dir=...)") from None
+        yield

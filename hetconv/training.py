@@ -11,6 +11,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from hetconv.data import Split, to_inputs
@@ -34,6 +35,15 @@ def select_device(name: str) -> torch.device:
                          "or check the GPU driver and the CUDA build of torch (torch.version.cuda="
                          f"{torch.version.cuda})")
     return torch.device(name)
+
+
+def check_settings(cfg) -> None:
+    """Reject numbers that cannot train, naming the key, before anything starts."""
+    for key, least in (("trainer.epochs", 1), ("trainer.batch_size", 1), ("trainer.eval_batch_size", 1),
+                       ("schedule.reference_epochs", 1), ("data.crop_padding", 0)):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{key} must be an int >= {least}, got {value!r}")
 
 
 def configure_backend(device: torch.device) -> None:

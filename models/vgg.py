@@ -1,8 +1,11 @@
 """The CIFAR-10 VGG-16 of Li et al. 2017 ("Pruning Filters for Efficient ConvNets"), as HetConv uses it."""
 
+import math
+
 from torch import nn
 
 from hetconv import HetConv2d
+from hetconv.layer import check_hetconv_args
 
 # Conv widths in order, "M" = 2x2 max pool. 13 convs, five pools: 32x32 input -> 1x1 x 512.
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -10,8 +13,8 @@ VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "
 
 def conv_channels(width: float = 1.0) -> list[tuple[int, int]]:
     """(in, out) channels of the 13 convs at this width, in order."""
-    if not width > 0:
-        raise ValueError(f"width must be > 0, got {width!r}")
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
+        raise ValueError(f"width must be a number > 0, got {width!r}")
     pairs, in_channels = [], 3
     for v in VGG16_LAYOUT:
         if v != "M":
@@ -21,20 +24,31 @@ def conv_channels(width: float = 1.0) -> list[tuple[int, int]]:
     return pairs
 
 
+def conv_sides(image_size: int = 32) -> list[int]:
+    """Output side of each of the 13 convs (each pool halves it)."""
+    sides, side = [], image_size
+    for v in VGG16_LAYOUT:
+        if v == "M":
+            side //= 2
+        else:
+            sides.append(side)
+    return sides
+
+
 def check_part_fits(part: int, width: float = 1.0) -> None:
-    """Reject a part that does not divide the channel counts of every HetConv layer, before building."""
-    if isinstance(part, bool) or not isinstance(part, int) or part < 1:
-        raise ValueError(f"part must be an int >= 1, got {part!r}")
-    pairs = conv_channels(width)
-    for index, (in_channels, out_channels) in enumerate(pairs[1:], start=2):
-        if in_channels % part or out_channels % part:
-            narrowest = min(min(p) for p in pairs[1:])
+    """Reject a part that does not split every HetConv layer (convs 2-13) at this width, before building."""
+    hetconv_layers = conv_channels(width)[1:]
+    for index, (in_channels, out_channels) in enumerate(hetconv_layers, start=2):
+        try:
+            check_hetconv_args(in_channels, out_channels, part)
+        except ValueError as error:
+            common = math.gcd(*(c for pair in hetconv_layers for c in pair))
+            fitting = [p for p in (1, 2, 4, 8, 16, 32, 64) if common % p == 0]
             raise ValueError(
-                f"vgg16(part={part}, width={width}): conv layer {index} of 13 (HetConv2d "
-                f"{in_channels} -> {out_channels} channels) cannot be split into {part} parts; "
-                f"part must divide both channel counts of every HetConv layer. At width={width} the "
-                f"narrowest layer has {narrowest} channels: use a part that divides {narrowest}, "
-                f"or a larger width.")
+                f"vgg16(part={part!r}, width={width}): conv layer {index} of 13 (HetConv2d {in_channels} -> "
+                f"{out_channels} channels): {error}. At width={width} the parts that split every HetConv "
+                f"layer are the divisors of {common} (of the paper's: {', '.join(map(str, fitting))}); "
+                f"or choose another width.") from None
 
 
 class VGG(nn.Module):
@@ -42,15 +56,15 @@ class VGG(nn.Module):
         super().__init__()
         check_part_fits(part, width)
         self.part, self.width = part, width
-        pairs = iter(conv_channels(width))
+        pairs = iter(enumerate(conv_channels(width)))
         layers = []
         for v in VGG16_LAYOUT:
             if v == "M":
                 layers.append(nn.MaxPool2d(2))
                 continue
-            in_channels, out_channels = next(pairs)
+            index, (in_channels, out_channels) = next(pairs)
             # The first conv sees only the 3 colour channels and stays a standard convolution.
-            conv = (nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False) if in_channels == 3
+            conv = (nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False) if index == 0
                     else HetConv2d(in_channels, out_channels, part))
             layers += [conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)

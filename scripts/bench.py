@@ -28,22 +28,18 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from hetconv import HetConv2d
-from hetconv.flops import count_flops
+from hetconv.data import memory_format
+from hetconv.flops import count_flops, paper_ratio
 from hetconv.provenance import REPO_ROOT, device_name, git_commit, library_versions, now
 from hetconv.report import PAPER_PARTS, RESULTS_DIR, markdown_table
 from hetconv.training import (Preprocess, autocast, build_optimizer, configure_backend, select_device, train_step,
                               uses_amp)
 from models import vgg16
-from models.vgg import conv_channels
+from models.vgg import conv_channels, conv_sides
 
 BATCH = 128
-SIDES = (32, 32, 16, 16, 8, 8, 8, 4, 4, 4, 2, 2, 2)  # output side of each of VGG-16's 13 convs
 LAYER_TARGET = 1.5    # a HetConv layer should take at most 1.5x its FLOP-proportional share of the dense conv
 MODEL_TARGETS = {4: 2.3, 64: 4.0}  # training-throughput speed-up over P=1 asked for (issue "Speed")
-
-
-def flop_ratio(part: int) -> float:
-    return 1 / part + (1 - 1 / part) / 9
 
 
 def timed(fn, device: torch.device, repeats: int, warmup: int = 2) -> tuple[float, float]:
@@ -82,7 +78,7 @@ class MaskedDense(nn.Module):
 
 def layer_shapes() -> list[tuple[int, int, int]]:
     """Distinct (in, out, side) of VGG-16's HetConv layers (all but the first conv)."""
-    return list(dict.fromkeys((i, o, s) for (i, o), s in list(zip(conv_channels(), SIDES))[1:]))
+    return list(dict.fromkeys((i, o, s) for (i, o), s in list(zip(conv_channels(), conv_sides()))[1:]))
 
 
 def fwd_bwd(module: nn.Module, x: torch.Tensor, amp: bool):
@@ -101,12 +97,12 @@ def fwd_bwd(module: nn.Module, x: torch.Tensor, amp: bool):
 
 
 def bench_layers(device, cfg, parts, repeats) -> list[dict]:
-    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    layout = memory_format(cfg.trainer.channels_last)
     rows = []
     for in_ch, out_ch, side in layer_shapes():
-        x = torch.randn(BATCH, in_ch, side, side, device=device).contiguous(memory_format=memory_format)
+        x = torch.randn(BATCH, in_ch, side, side, device=device).contiguous(memory_format=layout)
         x.requires_grad_()
-        prepare = lambda m: m.to(device, memory_format=memory_format)  # noqa: E731
+        prepare = lambda m: m.to(device, memory_format=layout)  # noqa: E731
         dense, dense_spread = timed(fwd_bwd(prepare(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)), x,
                                             cfg.trainer.amp), device, repeats)
         for part in parts:
@@ -114,7 +110,7 @@ def bench_layers(device, cfg, parts, repeats) -> list[dict]:
             ours, spread = timed(fwd_bwd(prepare(layer), x, cfg.trainer.amp), device, repeats)
             naive, _ = timed(fwd_bwd(prepare(MaskedDense(layer)), x, cfg.trainer.amp), device, repeats)
             rows.append({"shape": f"{in_ch}->{out_ch} @{side}x{side}", "part": part, "dense_ms": dense * 1e3,
-                         "ours_ms": ours * 1e3, "naive_ms": naive * 1e3, "flop_ratio": flop_ratio(part),
+                         "ours_ms": ours * 1e3, "naive_ms": naive * 1e3, "flop_ratio": paper_ratio(part),
                          "spread": max(spread, dense_spread)})
             print(f"layer {rows[-1]['shape']} P={part}: {ours * 1e3:.2f} ms (dense {dense * 1e3:.2f}, "
                   f"naive {naive * 1e3:.2f})", file=sys.stderr)
@@ -127,8 +123,7 @@ def bench_model(part: int, device_arg: str, repeats: int, compiled: bool) -> dic
     device = select_device(cfg.trainer.device)
     configure_backend(device)
     torch.manual_seed(0)
-    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
-    model = vgg16(part).to(device, memory_format=memory_format)
+    model = vgg16(part).to(device, memory_format=memory_format(cfg.trainer.channels_last))
     optimizer = build_optimizer(model, cfg.optim)
     preprocess = Preprocess(cfg.data, cfg.trainer.channels_last, device)
     forward_model = torch.compile(model) if compiled else model
@@ -138,8 +133,9 @@ def bench_model(part: int, device_arg: str, repeats: int, compiled: bool) -> dic
         torch.cuda.reset_peak_memory_stats(device)
     train_s, train_spread = timed(lambda: train_step(forward_model, optimizer, preprocess(images), labels,
                                                      cfg.trainer.amp), device, repeats, warmup=3)
+    rss_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
     peak_mb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_unit) / 2**20
     model.eval()
 
     @torch.no_grad()
@@ -174,7 +170,7 @@ def model_section(rows: list[dict]) -> str:
     base = next((r for r in rows if r["part"] == 1), None)
     speedup = lambda r, key: f"{r[key] / base[key]:.2f}x" if base else "-"  # noqa: E731
     text = "\n## Whole model: training step of train.py\n\n" + markdown_table(
-        ["P", "FLOPs ratio vs P=1", "train img/s", "speed-up", "inference img/s", "speed-up", "peak memory MB",
+        ["P", "FLOPs reduction (P=1 / P)", "train img/s", "speed-up", "inference img/s", "speed-up", "peak memory MB",
          "spread"],
         [[r["part"], f"{base['paper_flops'] / r['paper_flops']:.2f}x" if base else "-", f"{r['train_ips']:.0f}",
           speedup(r, "train_ips"), f"{r['infer_ips']:.0f}", speedup(r, "infer_ips"), f"{r['peak_mb']:.0f}",
@@ -218,7 +214,7 @@ def layer_section(rows: list[dict]) -> str:
             "Each cell: time of HetConv2d / time of the dense conv, then that ratio / R(P), the layer's time "
             f"against its FLOP-proportional share (goal: at most {LAYER_TARGET}x). The naive column is the dense "
             "conv with the mask multiplied into its weight (its worst P).\n\n"
-            + markdown_table(["shape (in->out @ side)", "dense ms"] + [f"P={p} (R={flop_ratio(p):.3f})" for p in parts]
+            + markdown_table(["shape (in->out @ side)", "dense ms"] + [f"P={p} (R={paper_ratio(p):.3f})" for p in parts]
                              + ["naive / dense", "spread"], body)
             + f"\n{len(within)} of {len(hetero)} cells with P > 1 are within {LAYER_TARGET}x of their "
               "FLOP-proportional share.\n")
@@ -239,6 +235,19 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def parse_parts(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        parser.error(f"parts must be comma-separated integers such as 1,4,64, got {text!r}")
+    for part in parts:
+        try:
+            vgg16(part)
+        except ValueError as error:
+            parser.error(str(error))
+    return parts
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -248,12 +257,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-layers", action="store_true", help="model level only")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    parts = [int(p) for p in args.parts.split(",")]
+    parts = parse_parts(parser, args.parts)
     device = select_device(args.device)
     configure_backend(device)
     cfg = train_config(args.device)
     model_rows = bench_models(parts, args.device, args.repeats, compiled=False)
-    compile_parts = [int(p) for p in args.compile_parts.split(",") if p]
+    compile_parts = parse_parts(parser, args.compile_parts) if args.compile_parts else []
     compile_rows = bench_models(compile_parts, args.device, args.repeats, compiled=True) if compile_parts else []
     layer_rows = [] if args.skip_layers else bench_layers(device, cfg, parts, args.repeats)
     label = device_name(device)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-FOLDER = "cifar-10-batches-py"
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+from hetconv.data import CLASSES, FOLDER
+
 PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
                     (145, 30, 180), (70, 240, 240), (240, 50, 230), (128, 128, 0), (0, 0, 128)], dtype=np.float32)
 

@@ -9,7 +9,6 @@ official CIFAR-10 files can only be written outside the repository's results/.
 """
 
 import argparse
-import json
 import statistics
 import sys
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from hetconv.flops import count_flops, count_params, truncate_millions  # noqa: E402
 from hetconv.provenance import git_commit, now  # noqa: E402
 from hetconv.report import PAPER_PARTS, RESULTS_DIR, load_published, markdown_table, write_csv  # noqa: E402
+from hetconv.runfiles import config_differences, read_metrics  # noqa: E402
 from models import vgg16  # noqa: E402
 
 
@@ -49,18 +49,31 @@ class Job:
 
 
 def find_jobs(sweep_dirs: list[Path]) -> list[Job]:
-    jobs = []
+    """Every job folder under the sweep folders, once; its config as metrics.json recorded it, since
+    Hydra rewrites .hydra/config.yaml whenever a command is launched on the folder."""
+    paths = []
     for sweep in sweep_dirs:
         if not sweep.is_dir():
             raise SystemExit(f"error: {sweep} is not a folder; give the sweep folder(s) train.py -m wrote")
-        for config_file in sorted(sweep.glob("**/.hydra/config.yaml")):
-            path = config_file.parent.parent
-            metrics_file = path / "metrics.json"
-            metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
-            jobs.append(Job(path, OmegaConf.to_container(OmegaConf.load(config_file), resolve=False), metrics))
+        paths += [c.parent.parent.resolve() for c in sorted(sweep.glob("**/.hydra/config.yaml"))]
+    jobs = []
+    for path in dict.fromkeys(paths):
+        metrics = read_metrics(path)
+        config = metrics["config"] if metrics else OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "config.yaml"))
+        jobs.append(Job(path, config, metrics))
     if not jobs:
         raise SystemExit(f"error: no jobs (folders with .hydra/config.yaml) under {', '.join(map(str, sweep_dirs))}")
     return jobs
+
+
+def check_one_recipe(jobs: list[Job]) -> None:
+    """A row pools seeds, so every job must share the recipe; only part, width and seed may vary."""
+    varying = {"seed", "model.part", "model.width"}
+    for job in jobs[1:]:
+        differences = [d for d in config_differences(jobs[0].config, job.config) if d.split(":")[0] not in varying]
+        if differences:
+            raise SystemExit(f"error: {jobs[0].path} and {job.path} ran different recipes ({'; '.join(differences)}); "
+                             "make a table of each recipe's sweep folders separately")
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -117,7 +130,6 @@ def fmt(value, std=None, n=None, digits=2) -> str:
 def provenance(jobs: list[Job]) -> dict:
     configs = [j.config for j in jobs]
     metrics = [j.metrics for j in jobs if j.metrics]
-    data = {json.dumps(m.get("data", {}).get("official_cifar10")) for m in metrics}
     first = configs[0]
     optim, schedule, trainer, data_cfg = first["optim"], first["schedule"], first["trainer"], first["data"]
     return {
@@ -128,8 +140,9 @@ def provenance(jobs: list[Job]) -> dict:
         "epochs": sorted({c["trainer"]["epochs"] for c in configs}),
         "seeds": sorted({c["seed"] for c in configs}),
         "devices": sorted({m["device"] for m in metrics if m.get("device")}),
-        "commits": sorted({m["git_commit"] for m in metrics}),
-        "official_cifar10": data == {"true"},
+        "commits": sorted({c for m in metrics for c in [m["git_commit"], *m["resumed_at_commits"]]}),
+        "not_cifar10": [str(j.path) for j in jobs
+                        if j.status == "finished" and not j.metrics["data"]["official_cifar10"]],
         "run_dates": sorted({m["started"][:10] for m in metrics}),
     }
 
@@ -142,7 +155,7 @@ def render_markdown(rows: list[dict], info: dict, sweep_dirs: list[Path]) -> str
              if r["params_m"] else "-", fmt(r["test_acc"], r["test_acc_std"], r["n"]),
              fmt(r["best_test_acc"], r["best_test_acc_std"], r["n"]), fmt(r["published_test_acc"]),
              "-" if r["diff"] is None else f"{r['diff']:+.2f}", r["status"]] for r in rows]
-    warning = "" if info["official_cifar10"] else (
+    warning = "" if not info["not_cifar10"] else (
         "\n**Not CIFAR-10**: some or all jobs ran on other data (e.g. the generated demo set); these accuracies "
         "are not comparable to the paper's.\n")
     return (
@@ -190,15 +203,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for table.md, table.csv, acc_vs_flops.png")
     args = parser.parse_args(argv)
     jobs = find_jobs(args.sweeps)
+    check_one_recipe(jobs)
     info = provenance(jobs)
-    if not info["official_cifar10"] and args.out.resolve() == RESULTS_DIR.resolve():
-        raise SystemExit(f"error: these jobs did not all train on the official CIFAR-10 files; {RESULTS_DIR} holds "
-                         "real results only. Write the table elsewhere: --out <folder>")
+    if info["not_cifar10"] and args.out.resolve() == RESULTS_DIR.resolve():
+        raise SystemExit(f"error: {', '.join(info['not_cifar10'])} did not train on the official CIFAR-10 files; "
+                         f"{RESULTS_DIR} holds real results only. Write the table elsewhere: --out <folder>")
     rows = table_rows(jobs, load_published())
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "table.csv", rows)
     (args.out / "table.md").write_text(render_markdown(rows, info, args.sweeps))
-    plot(rows, args.out / "acc_vs_flops.png", info["official_cifar10"])
+    plot(rows, args.out / "acc_vs_flops.png", official=not info["not_cifar10"])
     print((args.out / "table.md").read_text())
     print(f"wrote {args.out / 'table.md'}, table.csv and acc_vs_flops.png", file=sys.stderr)
     return rows

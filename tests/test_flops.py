@@ -8,17 +8,16 @@ import pytest
 import torch
 
 from hetconv import HetConv2d
-from hetconv.flops import count_flops, count_params, truncate_millions
+from hetconv.flops import count_flops, count_params, paper_ratio, truncate_millions
 from hetconv.report import PAPER_PARTS, RESULTS_DIR, load_published
 from models import vgg16
-from models.vgg import conv_channels
+from models.vgg import conv_channels, conv_sides
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     from fvcore.nn import FlopCountAnalysis
 
 PUBLISHED = load_published()
-SIDES = (32, 32, 16, 16, 8, 8, 8, 4, 4, 4, 2, 2, 2)  # output side of each of the 13 convs
 
 
 @pytest.mark.parametrize("part", PAPER_PARTS)
@@ -37,7 +36,7 @@ def test_effective_params_equal_the_reference_counts(part):
 def expected_executed_flops(part: int, width: float = 1.0) -> int:
     """Independent count of what the model runs: grouped 3x3 + whole 1x1 conv, BN at 2 ops/element."""
     total = 0
-    for index, ((inp, out), side) in enumerate(zip(conv_channels(width), SIDES)):
+    for index, ((inp, out), side) in enumerate(zip(conv_channels(width), conv_sides())):
         pixels = side * side * out
         grouped_part = 1 if index == 0 else part
         total += pixels * 9 * inp // grouped_part
@@ -62,7 +61,8 @@ def test_executed_flops_are_what_fvcore_measures_on_the_running_module(part, wid
 def test_paper_convention_prices_a_single_layer_by_the_papers_ratio():
     layer = torch.nn.Sequential(HetConv2d(16, 32, 4))
     side, standard = 32, 32 * 32 * 32 * (9 * 16 + 1)
-    ratio = 1 / 4 + (1 - 1 / 4) / 9
+    ratio = 1 / 4 + (1 - 1 / 4) / 9  # R(P) as the paper writes it
+    assert paper_ratio(4) == pytest.approx(ratio)
     assert count_flops(layer, "paper", (16, side, side)) == pytest.approx(standard * ratio, rel=1e-12)
     # The same shape as a standard conv costs the whole (9M + 1) per output.
     conv = torch.nn.Conv2d(16, 32, 3, padding=1, bias=False)

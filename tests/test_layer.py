@@ -173,3 +173,11 @@ def test_shift_permutation_is_the_documented_map():
     assert shift_permutation(8, 4).tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
     assert sorted(shift_permutation(12, 3).tolist()) == list(range(12))
     assert shift_permutation(5, 1).tolist() == list(range(5))
+
+
+def test_a_model_with_hetconv_layers_can_be_saved_whole(tmp_path):
+    model = torch.nn.Sequential(HetConv2d(8, 8, 2), torch.nn.ReLU())
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    x = torch.randn(1, 8, 5, 5)
+    torch.testing.assert_close(loaded(x), model(x))

@@ -24,6 +24,12 @@ def test_structure_matches_the_paper_variant():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_a_tiny_width_keeps_every_layer_after_the_first_a_hetconv():
+    model = vgg16(part=1, width=0.05)  # conv 2 is 3 -> 3 channels, like the first, yet must stay HetConv
+    convs = [m for m in model.features if isinstance(m, (nn.Conv2d, HetConv2d))]
+    assert type(convs[0]) is nn.Conv2d and all(isinstance(c, HetConv2d) for c in convs[1:])
+
+
 def test_width_scales_every_channel_count():
     model = vgg16(part=4, width=0.25, num_classes=7)
     convs = [m for m in model.features if isinstance(m, (nn.Conv2d, HetConv2d))]
@@ -33,11 +39,13 @@ def test_width_scales_every_channel_count():
 
 
 @pytest.mark.parametrize("part,width,message", [
-    (64, 0.25, "conv layer 2 of 13 (HetConv2d 16 -> 16 channels) cannot be split into 64 parts"),
-    (3, 1.0, "conv layer 2 of 13 (HetConv2d 64 -> 64 channels) cannot be split into 3 parts"),
-    (0, 1.0, "part must be an int >= 1, got 0"),
-    (2.0, 1.0, "part must be an int >= 1, got 2.0"),
-    (4, 0.0, "width must be > 0"),
+    (64, 0.25, "conv layer 2 of 13 (HetConv2d 16 -> 16 channels): part=64 must divide in_channels=16"),
+    (64, 0.25, "the parts that split every HetConv layer are the divisors of 16 (of the paper's: 1, 2, 4, 8, 16)"),
+    (3, 1.0, "conv layer 2 of 13 (HetConv2d 64 -> 64 channels): part=3 must divide in_channels=64"),
+    (0, 1.0, "part must be >= 1, got 0"),
+    (2.0, 1.0, "part must be an int, got 2.0 (float)"),
+    (4, 0.0, "width must be a number > 0"),
+    (4, 0.3, "HetConv2d 19 -> 19 channels"),  # 64 x 0.3 rounds to 19: no part > 1 fits
 ])
 def test_impossible_part_and_width_fail_clearly(part, width, message):
     with pytest.raises(ValueError) as error:

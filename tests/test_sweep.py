@@ -6,6 +6,7 @@ import stat
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 
 from conftest import REPO, read_metrics, script
@@ -14,6 +15,7 @@ from hetconv.report import PAPER_PARTS
 
 # experiment=demo, shrunk further: two epochs, CPU.
 TINY = ["experiment=demo", "trainer.epochs=2", "trainer.device=cpu"]
+JOB = "part={},seed=0,trainer.epochs=2"  # a job's folder: part and seed first, then the other overrides
 
 
 @pytest.fixture
@@ -37,31 +39,37 @@ def test_sweep_keeps_going_past_a_failed_job_and_the_table_shows_it(fake_root, t
     sweep_dir = tmp_path / "sweep"
     result = sweep(sweep_dir, fake_root, "model.part=4,64")  # 64 cannot split the 16-channel layers at width 0.25
     assert result.returncode != 0  # Hydra reports the failure after running every job
-    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["part=4,seed=0", "part=64,seed=0"]
-    assert read_metrics(sweep_dir / "part=4,seed=0")["status"] == "finished"
-    assert read_metrics(sweep_dir / "part=64,seed=0")["status"] == "failed"
-    assert (sweep_dir / "part=4,seed=0" / ".hydra" / "config.yaml").is_file()
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [JOB.format(4), JOB.format(64)]
+    assert read_metrics(sweep_dir / JOB.format(4))["status"] == "finished"
+    assert read_metrics(sweep_dir / JOB.format(64))["status"] == "failed"
+    assert (sweep_dir / JOB.format(4) / ".hydra" / "config.yaml").is_file()
 
     out = tmp_path / "table"
-    script("scripts/make_table.py", str(sweep_dir), "--out", str(out))
+    script("scripts/make_table.py", str(sweep_dir), str(sweep_dir), "--out", str(out))  # listed twice: counted once
     assert {p.name for p in out.iterdir()} == {"table.md", "table.csv", "acc_vs_flops.png"}
     rows = {int(r["part"]): r for r in csv.DictReader(open(out / "table.csv"))}
     assert sorted(rows) == list(PAPER_PARTS)
-    assert rows[4]["n"] == "1" and float(rows[4]["test_acc"]) == read_metrics(sweep_dir / "part=4,seed=0")["test_acc"]
+    assert rows[4]["n"] == "1" and float(rows[4]["test_acc"]) == read_metrics(sweep_dir / JOB.format(4))["test_acc"]
     assert rows[4]["published_test_acc"] == "93.93" and rows[4]["status"] == "1 finished"
-    assert "failed" in rows[64]["status"] and "cannot be split into 64 parts" in rows[64]["status"]
+    assert "failed" in rows[64]["status"] and "part=64 must divide in_channels=16" in rows[64]["status"]
     assert rows[2]["status"] == "not run" and rows[64]["test_acc"] == ""
     markdown = (out / "table.md").read_text()
     assert "Not CIFAR-10" in markdown and "selected on the test set" in markdown and "Epochs: 2" in markdown
 
     runs = EventMultiplexer().AddRunsFromDirectory(str(sweep_dir)).Reload().Runs()
-    assert set(runs) == {"part=4,seed=0"}  # one TensorBoard run per trained job, named by part and seed
+    assert set(runs) == {JOB.format(4)}  # one TensorBoard run per trained job, named by part and seed
 
     # The same command again: the finished job is left alone, the failed one is tried again.
-    weights = sweep_dir / "part=4,seed=0" / "model.pt"
-    before = weights.stat().st_mtime_ns
+    finished = {name: (sweep_dir / JOB.format(4) / name).read_bytes() for name in ("model.pt", "metrics.json")}
     again = sweep(sweep_dir, fake_root, "model.part=4,64")
-    assert "already finished" in again.stdout + again.stderr and weights.stat().st_mtime_ns == before
+    assert "already finished" in again.stdout + again.stderr
+    assert {name: (sweep_dir / JOB.format(4) / name).read_bytes() for name in finished} == finished
+
+    # A job of another recipe in the same table is refused rather than averaged in.
+    other = tmp_path / "other"
+    sweep(other, fake_root, "model.part=4", "optim.lr=0.05")
+    mixed = script("scripts/make_table.py", str(sweep_dir), str(other), "--out", str(out), check=False)
+    assert mixed.returncode != 0 and "ran different recipes (optim.lr: 0.1 -> 0.05)" in mixed.stderr
 
 
 def test_table_refuses_to_put_generated_data_into_results(fake_root, tmp_path):
@@ -79,7 +87,7 @@ def test_parallel_launchers_run_the_sweep_with_one_gpu_per_job(launcher, fake_ro
     sweep_dir = tmp_path / "sweep"
     result = sweep(sweep_dir, fake_root, "model.part=1,4", "trainer.jobs_per_gpu=1", *launcher, env=two_fake_gpus)
     assert result.returncode == 0, result.stderr
-    metrics = [read_metrics(sweep_dir / f"part={p},seed=0") for p in (1, 4)]
+    metrics = [read_metrics(sweep_dir / JOB.format(p)) for p in (1, 4)]
     assert [m["status"] for m in metrics] == ["finished", "finished"]
     assert sorted(m["cuda_visible_devices"] for m in metrics) == ["0", "1"]  # not both on GPU 0
 
@@ -107,4 +115,5 @@ def test_slurm_launcher_asks_for_one_gpu_per_job():
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.partition) == (1, 1, "gpu")
     assert launcher.max_num_timeout > 0  # a job that hits the time limit is requeued and resumes
     assert cfg.hydra.sweeper.params["model.part"] == "1,2,4,8,16,32,64"
-    assert cfg.hydra.sweep.subdir == "part=1,seed=0"  # job folders named by what varies
+    subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]
+    assert subdir == "${job_name:${model.part},${seed},${hydra:job.override_dirname}}"  # part=P,seed=S,...

@@ -1,6 +1,8 @@
 """train.py and eval.py on generated data: learning, artefacts, resumption, and every bad input."""
 
 import json
+import os
+import re
 import signal
 import time
 
@@ -13,7 +15,7 @@ import train as train_module
 from conftest import SMALL, comparable, compose_train, read_metrics, script, start
 from hetconv import data as data_module
 from hetconv.data import DatasetError, load_cifar10
-from hetconv.runfiles import last_checkpoint
+from hetconv.runfiles import exclusive, last_checkpoint
 
 SCALARS = {"train/loss", "train/acc", "test/loss", "test/acc", "lr", "time/epoch_s", "time/images_per_s"}
 
@@ -42,7 +44,8 @@ def test_a_small_run_learns_and_leaves_every_artefact(reference_run):
         p.is_dir() for p in reference_run.iterdir() if p.name not in {".hydra", "checkpoints"})
 
     state = torch.load(last_checkpoint(reference_run), weights_only=False)
-    assert {"model", "optimizer", "scheduler", "config", "history", "rng", "data_rng"} <= state.keys()
+    assert {"model", "optimizer", "scheduler", "config", "epoch", "step", "record", "torch_rng", "data_rng",
+            "device_type"} <= state.keys() and state["epoch"] == 3
     assert state["config"]["model"]["part"] == 4 and "hydra" not in state["config"]
     assert (reference_run / "model.pt").is_file() and (reference_run / ".hydra" / "config.yaml").is_file()
 
@@ -84,10 +87,10 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(sig, refe
 
 
 def test_a_finished_run_is_left_alone(reference_run, fake_root):
-    before = (reference_run / "model.pt").stat().st_mtime_ns
+    before = {name: (reference_run / name).read_bytes() for name in ("model.pt", "metrics.json")}
     result = script("train.py", *SMALL, f"data.root={fake_root}", f"hydra.run.dir={reference_run}")
     assert "already finished" in result.stdout + result.stderr
-    assert (reference_run / "model.pt").stat().st_mtime_ns == before
+    assert {name: (reference_run / name).read_bytes() for name in before} == before
 
 
 def test_resuming_with_other_settings_is_refused_and_changes_nothing(reference_run, fake_root):
@@ -117,7 +120,7 @@ def test_diverging_loss_fails_the_run_and_keeps_the_last_good_checkpoint(fake_ro
     metrics = read_metrics(tmp_path)
     assert metrics["status"] == "failed" and "diverged" in metrics["reason"] and metrics["epochs_done"] == 1
     state = torch.load(last_checkpoint(tmp_path), weights_only=False)
-    assert len(state["history"]) == 1
+    assert state["epoch"] == 1 and len(state["record"]["history"]) == 1
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
@@ -159,7 +162,7 @@ def test_impossible_part_for_the_width_is_rejected_before_training(fake_root, tm
     result = script("train.py", *SMALL, "model.part=64", f"data.root={fake_root}",
                     f"hydra.run.dir={tmp_path}", check=False)
     assert result.returncode != 0
-    assert "conv layer 2 of 13 (HetConv2d 16 -> 16 channels) cannot be split into 64 parts" in result.stderr
+    assert "conv layer 2 of 13 (HetConv2d 16 -> 16 channels): part=64 must divide in_channels=16" in result.stderr
     assert read_metrics(tmp_path)["status"] == "failed" and read_metrics(tmp_path)["epochs_done"] == 0
     assert not last_checkpoint(tmp_path).exists()
 
@@ -175,3 +178,57 @@ def test_eval_rejects_missing_and_incompatible_checkpoints(reference_run, fake_r
     incompatible = script("eval.py", f"checkpoint={tmp_path / 'other.pt'}", f"data.root={fake_root}", check=False,
                           cwd=tmp_path)
     assert incompatible.returncode != 0 and "do not fit the VGG-16 its own config describes" in incompatible.stderr
+
+
+def test_a_launchers_own_signal_handler_runs_after_the_state_is_saved(reference_run, fake_root, tmp_path, monkeypatch):
+    """Like submitit on SLURM: its SIGUSR2 handler (requeue) is called once the step's state is saved;
+    when it lets the job go on, training continues and ends exactly as if nothing had happened."""
+    launcher_calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: launcher_calls.append(
+        torch.load(last_checkpoint(tmp_path), weights_only=True)["step"]))
+    real_step, steps = train_module.train_step, []
+
+    def step_then_signal(*args):
+        steps.append(1)
+        if len(steps) == 50:  # in epoch 2
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return real_step(*args)
+
+    monkeypatch.setattr(train_module, "train_step", step_then_signal)
+    try:
+        metrics = train_module.train(compose_train(*SMALL, f"data.root={fake_root}"), tmp_path)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert launcher_calls == [10]  # saved at epoch 2, step 10, before the launcher's handler ran
+    assert metrics["status"] == "finished"
+    assert comparable(metrics) == comparable(read_metrics(reference_run))
+
+
+def test_resuming_on_another_device_type_is_refused(reference_run, fake_root, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    state = torch.load(last_checkpoint(run_dir), weights_only=True)
+    state.update(epoch=2, device_type="cuda")
+    torch.save(state, last_checkpoint(run_dir))
+    result = script("train.py", *SMALL, f"data.root={fake_root}", f"hydra.run.dir={run_dir}", check=False)
+    assert result.returncode != 0 and "was trained on cuda and cannot resume on cpu" in result.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.batch_size=0", "trainer.batch_size must be an int >= 1, got 0"),
+    ("trainer.epochs=-1", "trainer.epochs must be an int >= 1, got -1"),
+    ("data.crop_padding=-4", "data.crop_padding must be an int >= 0, got -4"),
+    ("trainer.jobs_per_gpu=0", "trainer.jobs_per_gpu must be >= 1"),
+])
+def test_settings_that_cannot_train_are_rejected_before_training(override, message, fake_root, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_module.train(compose_train(*SMALL, override, f"data.root={fake_root}"), tmp_path)
+    assert read_metrics(tmp_path)["status"] == "failed" and not last_checkpoint(tmp_path).exists()
+
+
+def test_a_second_process_on_the_same_folder_is_refused(fake_root, tmp_path):
+    with exclusive(tmp_path), pytest.raises(RuntimeError, match="another process is training in"):
+        train_module.train(compose_train(*SMALL, f"data.root={fake_root}"), tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
