@@ -51,8 +51,7 @@ def configure_backend(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithm once
         return
     # glibc hands large freed blocks back to the OS and page-faults them in again at the next step:
-    # every activation of every step. Keeping them in the heap makes CPU steps 10-30% faster
-    # (scripts/bench.py) and leaves results unchanged.
+    # every activation of every step. Keeping them in the heap saves that work and changes no result.
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_max = -1, -4
