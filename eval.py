@@ -15,7 +15,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from hetconv.data import CLASSES, load_cifar10, memory_format
-from hetconv.flops import count_flops, count_params
+from hetconv.flops import model_costs
 from hetconv.provenance import device_name
 from hetconv.runfiles import load, write_json
 from hetconv.training import Preprocess, configure_backend, evaluate, select_device
@@ -41,21 +41,19 @@ def main(cfg: DictConfig) -> dict:
     device = select_device(cfg.device)
     configure_backend(device)
     test = load_cifar10(to_absolute_path(cfg.data.root), cfg.data.download, splits=("test",))["test"].to(device)
-    params, stored_params = count_params(model)
-    flops, executed_flops = count_flops(model, "paper"), count_flops(model, "executed")
+    costs = model_costs(model)
     model = model.to(device, memory_format=memory_format(run_cfg.trainer.channels_last))
     preprocess = Preprocess(run_cfg.data, run_cfg.trainer.channels_last, device)
     result = evaluate(model, test, preprocess, run_cfg.trainer.eval_batch_size, run_cfg.trainer.amp,
                       run_cfg.model.num_classes)
     report = {"checkpoint": str(path), "part": run_cfg.model.part, "width": run_cfg.model.width,
-              "test_acc": result["acc"], "test_loss": round(result["loss"], 6), "images": len(test),
-              "flops": flops, "executed_flops": executed_flops, "params": params, "stored_params": stored_params,
+              "test_acc": result["acc"], "test_loss": round(result["loss"], 6), "images": len(test), **costs,
               "per_class_acc": dict(zip(CLASSES, result["per_class_acc"])), "device": device_name(device)}
 
     print(f"{path}  (VGG-16, part={report['part']}, width={report['width']}, on {report['device']})")
     print(f"test accuracy {report['test_acc']:.2f}%   loss {report['test_loss']:.4f}   ({len(test)} images)")
-    print(f"FLOPs {flops / 1e6:.2f}M (paper convention), {executed_flops / 1e6:.2f}M executed")
-    print(f"parameters {params / 1e6:.3f}M effective, {stored_params / 1e6:.3f}M stored")
+    print(f"FLOPs {costs['flops'] / 1e6:.2f}M (paper convention), {costs['executed_flops'] / 1e6:.2f}M executed")
+    print(f"parameters {costs['params'] / 1e6:.3f}M effective, {costs['stored_params'] / 1e6:.3f}M stored")
     print("per-class accuracy: " + ", ".join(
         f"{name} {'-' if acc is None else f'{acc:.2f}%'}" for name, acc in report["per_class_acc"].items()))
     if cfg.output:

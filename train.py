@@ -30,7 +30,7 @@ from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
 from hetconv.data import TrainBatches, is_official, load_cifar10, memory_format
-from hetconv.flops import count_flops, count_params
+from hetconv.flops import model_costs
 from hetconv.gpus import claim_gpu
 from hetconv.provenance import device_name
 from hetconv.runfiles import (RunRecord, config_differences, exclusive, last_checkpoint, load, read_metrics,
@@ -140,8 +140,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
 
     torch.manual_seed(cfg.seed)
     model = vgg16(cfg.model.part, cfg.model.num_classes, cfg.model.width)
-    flops, executed_flops = count_flops(model, "paper"), count_flops(model, "executed")
-    params, stored_params = count_params(model)
+    costs = model_costs(model)
     model = model.to(device, memory_format=memory_format(cfg.trainer.channels_last))
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.trainer.epochs)
@@ -160,16 +159,16 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         epoch, step, partial = state["epoch"], state["step"], state["partial"]
         log.info("resuming %s at epoch %d, step %d", run_dir, epoch + 1, step)
 
-    info = dict(flops=flops, executed_flops=executed_flops, params=params, stored_params=stored_params,
-                device=device_name(device), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+    info = dict(**costs, device=device_name(device), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
                 data={"root": str(data_root), "official_cifar10": is_official(data_root),
                       "train_images": len(data["train"]), "test_images": len(data["test"])})
     record.update("running", **info)
     log.info("VGG-16 part=%d width=%s: %.2fM FLOPs (paper), %.2fM executed, %.3fM params, on %s",
-             cfg.model.part, cfg.model.width, flops / 1e6, executed_flops / 1e6, params / 1e6, info["device"])
+             cfg.model.part, cfg.model.width, costs["flops"] / 1e6, costs["executed_flops"] / 1e6, costs["params"] / 1e6,
+             info["device"])
     writer = SummaryWriter(run_dir, purge_step=epoch + 1 if state else None)
     hparam_values = {"part": cfg.model.part, "width": cfg.model.width, "seed": cfg.seed, "epochs": cfg.trainer.epochs,
-                     "flops_m": flops / 1e6, "params_m": params / 1e6}
+                     "flops_m": costs["flops"] / 1e6, "params_m": costs["params"] / 1e6}
     for summary in hparams(hparam_values, {f"hparam/{k}": 0 for k in ("test_acc", "best_test_acc", "train_loss")}):
         writer.file_writer.add_summary(summary)
 

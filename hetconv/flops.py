@@ -90,6 +90,13 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return stored - zeros, stored
 
 
+def model_costs(model: nn.Module) -> dict[str, float]:
+    """What a run records of a model's cost: FLOPs in both conventions, effective and stored parameters."""
+    params, stored_params = count_params(model)
+    return {"flops": count_flops(model, "paper"), "executed_flops": count_flops(model, "executed"),
+            "params": params, "stored_params": stored_params}
+
+
 def truncate_millions(count: float, digits: int = 2) -> float:
     """Millions truncated (not rounded) to `digits` decimals, as the paper prints FLOPs."""
     scale = 10**digits

@@ -48,7 +48,7 @@ def claim_gpu(jobs_per_gpu: int, lock_dir: Path | None = None, poll_s: float = 5
         return None
     lock_dir = lock_dir or default_lock_dir()
     lock_dir.mkdir(parents=True, exist_ok=True)
-    waiting_since = None
+    announced = False
     while True:
         # Fill every GPU's first slot before any GPU's second one.
         for slot in range(len(gpus) * jobs_per_gpu):
@@ -63,8 +63,8 @@ def claim_gpu(jobs_per_gpu: int, lock_dir: Path | None = None, poll_s: float = 5
             os.environ["CUDA_VISIBLE_DEVICES"] = gpu
             log.info("pinned to GPU %s (slot %d of %d)", gpu, slot, len(gpus) * jobs_per_gpu)
             return gpu
-        if waiting_since is None:
-            waiting_since = time.time()
+        if not announced:
+            announced = True
             log.info("all %d GPU slots (%d GPUs x trainer.jobs_per_gpu=%d) are busy: waiting for one",
                      len(gpus) * jobs_per_gpu, len(gpus), jobs_per_gpu)
         time.sleep(poll_s)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-LIBRARIES = ("torch", "torchvision", "hydra-core", "fvcore", "tensorboard")
+LIBRARIES = ("torchvision", "hydra-core", "fvcore", "tensorboard")  # beside torch, which has its own entry
 
 
 def git_commit() -> str:
@@ -26,7 +26,7 @@ def git_commit() -> str:
 
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "torch": str(torch.__version__)}  # with its CUDA tag
-    for name in LIBRARIES[1:]:
+    for name in LIBRARIES:
         try:
             versions[name] = version(name)
         except PackageNotFoundError:

@@ -11,10 +11,12 @@ import os
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from hetconv.data import Split, to_inputs
+from hetconv.provenance import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,12 @@ def uses_amp(device: torch.device, amp: bool) -> bool:
 
 def autocast(device: torch.device, amp: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_amp(device, amp))
+
+
+def train_config(*overrides: str) -> DictConfig:
+    """configs/train.yaml composed with these overrides, as train.py would see it (without hydra's node)."""
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
 
 
 def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:

@@ -6,6 +6,7 @@ from torch import nn
 
 from hetconv import HetConv2d
 from hetconv.layer import check_hetconv_args
+from hetconv.report import PAPER_PARTS
 
 # Conv widths in order, "M" = 2x2 max pool. 13 convs, five pools: 32x32 input -> 1x1 x 512.
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -43,7 +44,7 @@ def check_part_fits(part: int, width: float = 1.0) -> None:
             check_hetconv_args(in_channels, out_channels, part)
         except ValueError as error:
             common = math.gcd(*(c for pair in hetconv_layers for c in pair))
-            fitting = [p for p in (1, 2, 4, 8, 16, 32, 64) if common % p == 0]
+            fitting = [p for p in PAPER_PARTS if common % p == 0]
             raise ValueError(
                 f"vgg16(part={part!r}, width={width}): conv layer {index} of 13 (HetConv2d {in_channels} -> "
                 f"{out_channels} channels): {error}. At width={width} the parts that split every HetConv "

@@ -24,20 +24,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from torch import nn
 
 from hetconv import HetConv2d
 from hetconv.data import memory_format
 from hetconv.flops import count_flops, paper_ratio
-from hetconv.provenance import REPO_ROOT, device_name, git_commit, library_versions, now
+from hetconv.provenance import device_name, git_commit, library_versions, now
 from hetconv.report import PAPER_PARTS, RESULTS_DIR, markdown_table
-from hetconv.training import (Preprocess, autocast, build_optimizer, configure_backend, select_device, train_step,
-                              uses_amp)
+from hetconv.training import (Preprocess, autocast, build_optimizer, configure_backend, select_device, train_config,
+                              train_step, uses_amp)
 from models import vgg16
 from models.vgg import conv_channels, conv_sides
 
 BATCH = 128
+CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000
 LAYER_TARGET = 1.5    # a HetConv layer should take at most 1.5x its FLOP-proportional share of the dense conv
 MODEL_TARGETS = {4: 2.3, 64: 4.0}  # training-throughput speed-up over P=1 asked for (issue "Speed")
 
@@ -119,7 +119,7 @@ def bench_layers(device, cfg, parts, repeats) -> list[dict]:
 
 def bench_model(part: int, device_arg: str, repeats: int, compiled: bool) -> dict:
     """One part's model-level figures; runs in a fresh process so that peak memory is its own."""
-    cfg = train_config(device=device_arg, compiled=compiled)
+    cfg = train_config(f"trainer.device={device_arg}", f"trainer.compile={compiled}")  # what training runs
     device = select_device(cfg.trainer.device)
     configure_backend(device)
     torch.manual_seed(0)
@@ -149,12 +149,6 @@ def bench_model(part: int, device_arg: str, repeats: int, compiled: bool) -> dic
             "paper_flops": count_flops(vgg16(part), "paper"), "epochs": cfg.trainer.epochs}
 
 
-def train_config(device: str = "auto", compiled: bool = False):
-    """train.py's own config, so the benchmark times exactly what training runs."""
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
-        return compose("train", overrides=[f"trainer.device={device}", f"trainer.compile={compiled}"])
-
-
 def bench_models(parts, device_arg, repeats, compiled) -> list[dict]:
     rows = []
     spawn = multiprocessing.get_context("spawn")
@@ -181,10 +175,11 @@ def model_section(rows: list[dict]) -> str:
             got = row["train_ips"] / base["train_ips"]
             text += f"\n- Training speed-up at P={part}: {got:.2f}x; goal {goal}x: {'met' if got >= goal else 'NOT met'}."
     epochs = rows[0]["epochs"]
-    hours = sum(epochs * (49920 / r["train_ips"] + 10000 / r["infer_ips"]) for r in rows) / 3600
+    trained = CIFAR10_TRAIN // BATCH * BATCH  # the last partial batch is dropped
+    hours = sum(epochs * (trained / r["train_ips"] + CIFAR10_TEST / r["infer_ips"]) for r in rows) / 3600
     return text + (f"\n- Projected time of the sweep over P = {', '.join(str(r['part']) for r in rows)} under the "
-                   f"default recipe ({epochs} epochs of 49,920 training and 10,000 test images, one job at a time "
-                   f"on this device): {hours:.1f} hours.\n")
+                   f"default recipe ({epochs} epochs of {trained:,} training and {CIFAR10_TEST:,} test images, "
+                   f"one job at a time on this device): {hours:.1f} hours.\n")
 
 
 def compile_section(compiled: list[dict], eager: list[dict]) -> str:
@@ -260,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     parts = parse_parts(parser, args.parts)
     device = select_device(args.device)
     configure_backend(device)
-    cfg = train_config(args.device)
+    cfg = train_config(f"trainer.device={args.device}")
     model_rows = bench_models(parts, args.device, args.repeats, compiled=False)
     compile_parts = parse_parts(parser, args.compile_parts) if args.compile_parts else []
     compile_rows = bench_models(compile_parts, args.device, args.repeats, compiled=True) if compile_parts else []

@@ -8,7 +8,7 @@ Writes flops.csv and flops.md. Counts are measured with fvcore on the real model
 import argparse
 from pathlib import Path
 
-from hetconv.flops import count_flops, count_params, truncate_millions
+from hetconv.flops import model_costs, truncate_millions
 from hetconv.provenance import git_commit, library_versions, now
 from hetconv.report import PAPER_PARTS, RESULTS_DIR, load_published, markdown_table, write_csv
 from models import vgg16
@@ -20,18 +20,17 @@ def flops_rows() -> list[dict]:
     published = load_published()
     rows = []
     for part in PAPER_PARTS:
-        model = vgg16(part)
-        effective, stored = count_params(model)
-        flops_m = truncate_millions(count_flops(model, "paper"))
+        costs = model_costs(vgg16(part))
+        flops_m = truncate_millions(costs["flops"])
         rows.append({
             "part": part,
             "flops_m": flops_m,
             "published_flops_m": published[part]["flops_m"],
             "flops_diff_m": round(flops_m - published[part]["flops_m"], 2),
-            "executed_flops_m": truncate_millions(count_flops(model, "executed")),
-            "params_m": round(effective / 1e6, 3),
+            "executed_flops_m": truncate_millions(costs["executed_flops"]),
+            "params_m": round(costs["params"] / 1e6, 3),
             "published_params_m": published[part]["params_m"],
-            "stored_params_m": round(stored / 1e6, 3),
+            "stored_params_m": round(costs["stored_params"] / 1e6, 3),
         })
     return rows
 

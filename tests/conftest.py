@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from scripts.make_fake_cifar import make_fake_cifar
 
@@ -49,11 +48,6 @@ def comparable(metrics: dict) -> dict:
     """metrics.json without what depends on the wall clock."""
     return {k: ([{kk: vv for kk, vv in h.items() if kk not in TIMING} for h in v] if k == "history" else v)
             for k, v in metrics.items() if k not in TIMING}
-
-
-def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 @pytest.fixture(scope="session")

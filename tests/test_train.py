@@ -12,10 +12,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 import train as train_module
-from conftest import SMALL, comparable, compose_train, read_metrics, script, start
+from conftest import SMALL, comparable, read_metrics, script, start
 from hetconv import data as data_module
 from hetconv.data import DatasetError, load_cifar10
 from hetconv.runfiles import exclusive, last_checkpoint
+from hetconv.training import train_config
 
 SCALARS = {"train/loss", "train/acc", "test/loss", "test/acc", "lr", "time/epoch_s", "time/images_per_s"}
 
@@ -103,7 +104,7 @@ def test_resuming_with_other_settings_is_refused_and_changes_nothing(reference_r
 
 
 def test_diverging_loss_fails_the_run_and_keeps_the_last_good_checkpoint(fake_root, tmp_path, monkeypatch):
-    cfg = compose_train(*SMALL, f"data.root={fake_root}")
+    cfg = train_config(*SMALL, f"data.root={fake_root}")
     real_step, calls = train_module.train_step, []
     steps_per_epoch = 4000 // 100
 
@@ -196,7 +197,7 @@ def test_a_launchers_own_signal_handler_runs_after_the_state_is_saved(reference_
 
     monkeypatch.setattr(train_module, "train_step", step_then_signal)
     try:
-        metrics = train_module.train(compose_train(*SMALL, f"data.root={fake_root}"), tmp_path)
+        metrics = train_module.train(train_config(*SMALL, f"data.root={fake_root}"), tmp_path)
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert launcher_calls == [10]  # saved at epoch 2, step 10, before the launcher's handler ran
@@ -224,11 +225,11 @@ def test_resuming_on_another_device_type_is_refused(reference_run, fake_root, tm
 ])
 def test_settings_that_cannot_train_are_rejected_before_training(override, message, fake_root, tmp_path):
     with pytest.raises(ValueError, match=re.escape(message)):
-        train_module.train(compose_train(*SMALL, override, f"data.root={fake_root}"), tmp_path)
+        train_module.train(train_config(*SMALL, override, f"data.root={fake_root}"), tmp_path)
     assert read_metrics(tmp_path)["status"] == "failed" and not last_checkpoint(tmp_path).exists()
 
 
 def test_a_second_process_on_the_same_folder_is_refused(fake_root, tmp_path):
     with exclusive(tmp_path), pytest.raises(RuntimeError, match="another process is training in"):
-        train_module.train(compose_train(*SMALL, f"data.root={fake_root}"), tmp_path)
+        train_module.train(train_config(*SMALL, f"data.root={fake_root}"), tmp_path)
     assert not (tmp_path / "metrics.json").exists()
