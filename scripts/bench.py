@@ -8,7 +8,9 @@ HetConv2d, of the dense 3x3 conv it replaces (the P=1 reference) and of the naiv
 (the dense conv with the HetConv mask multiplied into its weight), beside the FLOP ratio
 R(P) = 1/P + (1 - 1/P)/9. Model level: training throughput with train.py's own step (same
 precision, memory format, optimizer and input pipeline, composed from configs/), inference
-throughput and peak memory, each part in a fresh process. Median of repeats; the spread
+throughput and peak memory, each part in a fresh process; on the CPU, also where the training
+step's time goes, op by op, and how fast the step could be at most if HetConv's layers ran at their
+FLOP-proportional share of the dense layers' time. Median of repeats; the spread
 (max - min) / median says how noisy each figure is. Writes results/bench-<device>.md.
 """
 
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import profile
 
 from hetconv import HetConv2d
 from hetconv.data import memory_format
@@ -40,6 +43,9 @@ BATCH = 128
 CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000
 LAYER_TARGET = 1.5    # a HetConv layer should take at most 1.5x its FLOP-proportional share of the dense conv
 MODEL_TARGETS = {4: 2.3, 64: 4.0}  # training-throughput speed-up over P=1 asked for (issue "Speed")
+# Where a training step's time goes, by profiled op; "other" is the loss, the classifier, the optimizer,
+# the sum of HetConv's two branches, the mask and memory management.
+CATEGORIES = ("3x3 convs", "1x1 convs", "first conv", "BatchNorm", "ReLU", "max pool", "other")
 
 
 def timed(fn, device: torch.device, repeats: int, warmup: int = 2) -> tuple[float, float]:
@@ -117,6 +123,39 @@ def bench_layers(device, cfg, parts, repeats) -> list[dict]:
     return rows
 
 
+def conv_weight(name: str, input_shapes: list) -> list[int] | None:
+    """The weight's shape if this profiled op is a convolution, forward or backward; else None."""
+    if name.startswith("aten::") and ("convolution" in name or "conv2d" in name):
+        return input_shapes[2 if "backward" in name else 1]  # convolution_backward(grad, input, weight, ...)
+    return None
+
+
+def op_category(name: str, input_shapes: list, first_conv_weight: list[int]) -> str:
+    """The CATEGORIES entry of one profiled op; a convolution is told apart by its weight's shape."""
+    weight = conv_weight(name, input_shapes)
+    if weight is not None:
+        if weight == first_conv_weight:
+            return "first conv"
+        return "1x1 convs" if weight[-1] == 1 else "3x3 convs"
+    for category, words in (("BatchNorm", ("batch_norm",)), ("ReLU", ("relu", "threshold", "clamp_min")),
+                            ("max pool", ("max_pool",))):
+        if any(word in name for word in words):
+            return category
+    return "other"
+
+
+def cpu_step_breakdown(step, first_conv_weight: list[int], steps: int = 3) -> dict[str, float]:
+    """Milliseconds per step in each of CATEGORIES: the self time of every op the profiler sees, which
+    adds up to the profiled step (a little slower than the unprofiled one)."""
+    with profile(record_shapes=True) as profiler:
+        for _ in range(steps):
+            step()
+    ms = dict.fromkeys(CATEGORIES, 0.0)
+    for event in profiler.key_averages(group_by_input_shape=True):
+        ms[op_category(event.key, event.input_shapes, first_conv_weight)] += event.self_cpu_time_total / 1e3 / steps
+    return ms
+
+
 def bench_model(part: int, device_arg: str, repeats: int, compiled: bool) -> dict:
     """One part's model-level figures; runs in a fresh process so that peak memory is its own."""
     cfg = train_config(f"trainer.device={device_arg}", f"trainer.compile={compiled}")  # what training runs
@@ -131,11 +170,14 @@ def bench_model(part: int, device_arg: str, repeats: int, compiled: bool) -> dic
     labels = torch.randint(0, 10, (BATCH,), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    train_s, train_spread = timed(lambda: train_step(forward_model, optimizer, preprocess(images), labels,
-                                                     cfg.trainer.amp), device, repeats, warmup=3)
+    step = lambda: train_step(forward_model, optimizer, preprocess(images), labels, cfg.trainer.amp)  # noqa: E731
+    train_s, train_spread = timed(step, device, repeats, warmup=3)
     rss_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
     peak_mb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_unit) / 2**20
+    # The profiler names eager ops only; on CUDA it would need kernel-level attribution, which this script lacks.
+    breakdown = (cpu_step_breakdown(step, list(model.features[0].weight.shape))
+                 if device.type == "cpu" and not compiled else None)
     model.eval()
 
     @torch.no_grad()
@@ -145,7 +187,8 @@ def bench_model(part: int, device_arg: str, repeats: int, compiled: bool) -> dic
 
     infer_s, infer_spread = timed(infer, device, repeats, warmup=3)
     return {"part": part, "compiled": compiled, "train_ips": BATCH / train_s, "infer_ips": BATCH / infer_s,
-            "peak_mb": peak_mb, "spread": max(train_spread, infer_spread), "device_name": device_name(device),
+            "peak_mb": peak_mb, "spread": max(train_spread, infer_spread), "breakdown": breakdown,
+            "device_name": device_name(device),
             "paper_flops": count_flops(vgg16(part), "paper"), "epochs": cfg.trainer.epochs}
 
 
@@ -180,6 +223,30 @@ def model_section(rows: list[dict]) -> str:
     return text + (f"\n- Projected time of the sweep over P = {', '.join(str(r['part']) for r in rows)} under the "
                    f"default recipe ({epochs} epochs of {trained:,} training and {CIFAR10_TEST:,} test images, "
                    f"one job at a time on this device): {hours:.1f} hours.\n")
+
+
+def breakdown_section(rows: list[dict]) -> str:
+    """Milliseconds per profiled step by category, and the FLOP-proportional ceiling of the speed-up: the
+    step with every HetConv layer's convolutions at R(P) of P=1's and everything else as at P=1."""
+    base = next((r for r in rows if r["part"] == 1), None)
+    if base is None or base["breakdown"] is None:
+        return ""
+    base_total, base_convs = sum(base["breakdown"].values()), base["breakdown"]["3x3 convs"]
+    body = []
+    for r in rows:
+        ms = r["breakdown"]
+        convs = ms["3x3 convs"] + ms["1x1 convs"]
+        ceiling = base_total / (base_total - base_convs * (1 - paper_ratio(r["part"])))
+        body.append([r["part"], f"{sum(ms.values()):.0f}"] + [f"{ms[c]:.0f}" for c in CATEGORIES]
+                    + [f"{convs / base_convs:.2f} ({paper_ratio(r['part']):.3f})", f"{ceiling:.2f}x",
+                       f"{r['train_ips'] / base['train_ips']:.2f}x"])
+    return ("\n## Where the training step's time goes\n\n"
+            "Milliseconds per step under the profiler, by op (self time). *3x3 convs* and *1x1 convs* are the "
+            "convolutions of the 12 HetConv layers; *HetConv convs / P=1* is their time against P=1's, beside "
+            "the FLOP ratio R(P). *Ceiling* is the speed-up over P=1 if those convolutions took exactly R(P) of "
+            "P=1's time and everything else stayed as at P=1; *measured* is the unprofiled speed-up above.\n\n"
+            + markdown_table(["P", "step ms"] + list(CATEGORIES) + ["HetConv convs / P=1 (R)", "ceiling",
+                                                                   "measured"], body))
 
 
 def compile_section(compiled: list[dict], eager: list[dict]) -> str:
@@ -222,6 +289,7 @@ def render(device_label: str, setup: str, layer_rows, model_rows, compile_rows, 
             f"{setup}, optimizer as in configs/. Median of repeats; *spread* = (max - min) / median over the "
             "repeats of a figure: how far to trust it.\n"
             + model_section(model_rows)
+            + breakdown_section(model_rows)
             + (compile_section(compile_rows, model_rows) if compile_rows else "")
             + (layer_section(layer_rows) if layer_rows else ""))
 

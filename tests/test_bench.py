@@ -1,6 +1,13 @@
 """scripts/bench.py runs end to end and writes its report (figures are not checked: no timing in tests)."""
 
+import pytest
+import torch
 from conftest import script
+from torch.profiler import profile
+
+from hetconv.training import build_optimizer, train_config, train_step
+from models import vgg16
+from scripts.bench import CATEGORIES, conv_weight, cpu_step_breakdown
 
 
 def test_bench_writes_a_report_with_every_section(tmp_path):
@@ -9,5 +16,33 @@ def test_bench_writes_a_report_with_every_section(tmp_path):
     assert report in result.stdout
     assert "Made by `python scripts/bench.py --parts 1,8 --repeats 1 --device cpu --out" in report
     assert "## Whole model: training step of train.py" in report and "Projected time of the sweep" in report
+    assert "## Where the training step's time goes" in report and "| 1 | " in report and "| 8 | " in report
     assert "| 64->64 @32x32 |" in report and "| 512->512 @2x2 |" in report  # all 8 distinct HetConv shapes
     assert "of 8 cells with P > 1 are within 1.5x" in report
+
+
+def small_training_step(part: int):
+    torch.manual_seed(0)
+    model = vgg16(part, width=0.25)
+    optimizer = build_optimizer(model, train_config().optim)
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    return model, lambda: train_step(model, optimizer, images, labels, amp=False)
+
+
+@pytest.mark.parametrize("part", [1, 4])
+def test_step_breakdown_sorts_each_convolution_into_its_category(part):
+    model, step = small_training_step(part)
+    ms = cpu_step_breakdown(step, list(model.features[0].weight.shape), steps=1)
+    assert list(ms) == list(CATEGORIES)
+    assert all(ms[c] > 0 for c in ("3x3 convs", "first conv", "BatchNorm", "ReLU", "max pool", "other"))
+    assert (ms["1x1 convs"] > 0) == (part > 1)  # P=1 has no 1x1 kernels
+
+
+def test_every_profiled_convolution_is_traced_to_one_of_the_models_weights():
+    model, step = small_training_step(4)
+    weights = [list(p.shape) for name, p in model.named_parameters() if p.dim() == 4]
+    with profile(record_shapes=True) as profiler:
+        step()
+    found = [conv_weight(e.key, e.input_shapes) for e in profiler.key_averages(group_by_input_shape=True)]
+    found = [w for w in found if w is not None]
+    assert any(w[-1] == 1 for w in found) and all(w in weights for w in found)
