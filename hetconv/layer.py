@@ -137,15 +137,16 @@ class HetConv2d(nn.Module):
         produces outputs ordered as in the paper, where filter n's 3x3 kernels sit on the input
         channels i with (i - n) mod part == 0.
         """
-        weight = self.dense_weight()
+        weight, bias = self.dense_weight(), self.bias
         if shifted:
-            weight = weight[shift_permutation(self.out_channels, self.part)][
-                :, shift_permutation(self.in_channels, self.part)]
-        conv = nn.Conv2d(self.in_channels, self.out_channels, 3, self.stride, 1, bias=self.bias is not None)
+            out_perm = shift_permutation(self.out_channels, self.part)
+            weight = weight[out_perm][:, shift_permutation(self.in_channels, self.part)]
+            bias = None if bias is None else bias[out_perm]
+        conv = nn.Conv2d(self.in_channels, self.out_channels, 3, self.stride, 1, bias=bias is not None)
         conv = conv.to(device=weight.device, dtype=weight.dtype)
         conv.weight.copy_(weight)
-        if self.bias is not None:
-            conv.bias.copy_(self.bias)
+        if bias is not None:
+            conv.bias.copy_(bias)
         return conv
 
     def extra_repr(self) -> str:

@@ -40,12 +40,13 @@ def reference_hetconv(x, kernels3x3, kernels1x1, part, stride):
     return y
 
 
-def load_paper_weights(layer, kernels3x3, kernels1x1):
+def load_paper_weights(layer, kernels3x3, kernels1x1, bias):
     """Write weights given in the paper's shifted layout into our layer, channel by channel."""
     out_perm = shift_permutation(layer.out_channels, layer.part)
     in_perm = shift_permutation(layer.in_channels, layer.part)
     in_per_group = layer.in_channels // layer.part
     with torch.no_grad():
+        layer.bias[out_perm] = bias
         for n in range(layer.out_channels):
             for i in range(layer.in_channels):
                 ours_n, ours_i = out_perm[n], in_perm[i]
@@ -58,12 +59,13 @@ def load_paper_weights(layer, kernels3x3, kernels1x1):
 @pytest.mark.parametrize("in_channels,out_channels,part,stride,size", SHAPES)
 def test_layer_equals_paper_definition_through_the_permutation(in_channels, out_channels, part, stride, size):
     torch.manual_seed(0)
-    layer = HetConv2d(in_channels, out_channels, part, stride=stride).double()
+    layer = HetConv2d(in_channels, out_channels, part, stride=stride, bias=True).double()
     kernels3x3 = torch.randn(out_channels, in_channels, 3, 3, dtype=torch.float64)
     kernels1x1 = torch.randn(out_channels, in_channels, dtype=torch.float64)
-    load_paper_weights(layer, kernels3x3, kernels1x1)
+    bias = torch.randn(out_channels, dtype=torch.float64)
+    load_paper_weights(layer, kernels3x3, kernels1x1, bias)
     x_paper = torch.randn(2, in_channels, size, size, dtype=torch.float64)
-    expected = reference_hetconv(x_paper, kernels3x3, kernels1x1, part, stride)
+    expected = reference_hetconv(x_paper, kernels3x3, kernels1x1, part, stride) + bias[:, None, None]
 
     # Our layout holds paper channel c at position perm[c], for inputs and outputs alike.
     in_perm = shift_permutation(in_channels, part)
