@@ -29,7 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
-from hetconv.data import TrainBatches, is_official, load_cifar10, memory_format
+from hetconv.data import TrainBatches, fingerprint, is_official, load_cifar10, memory_format
 from hetconv.flops import model_costs
 from hetconv.gpus import claim_gpu
 from hetconv.provenance import device_name
@@ -85,19 +85,33 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
+def refuse_other_settings(run_dir: Path, saved: dict, config: dict) -> None:
+    differences = config_differences(saved, config)
+    if differences:
+        raise ValueError(
+            f"{run_dir} holds a run with other settings ({'; '.join(differences)}). Its checkpoint and "
+            f"metrics were left as they are. Rerun with the settings it was started with to resume it, or "
+            f"train in another folder (hydra.run.dir=... for a run, hydra.sweep.dir=... for a sweep).")
+
+
 def resume_point(run_dir: Path, config: dict) -> dict | None:
     """The run's last checkpoint, or None; refuses one saved under settings that change the result."""
     path = last_checkpoint(run_dir)
     if not path.exists():
         return None
     state = load(path)
-    differences = config_differences(state["config"], config)
-    if differences:
-        raise ValueError(
-            f"{run_dir} holds a run with other settings ({'; '.join(differences)}). Its checkpoint and "
-            f"metrics were left as they are. Rerun with the settings it was started with to resume it, or "
-            f"train in another folder (hydra.run.dir=... for a run, hydra.sweep.dir=... for a sweep).")
+    refuse_other_settings(run_dir, state["config"], config)
     return state
+
+
+def refuse_other_data(run_dir: Path, started_on: dict | None, data: dict) -> None:
+    """data.root may move between a run's starts; the images and labels under it may not change."""
+    if started_on and started_on.get("fingerprint", data["fingerprint"]) != data["fingerprint"]:
+        raise ValueError(
+            f"{run_dir} started training on the data in {started_on['root']} (fingerprint "
+            f"{started_on['fingerprint']}), and data.root={data['root']} holds other data (fingerprint "
+            f"{data['fingerprint']}). Resume it with data.root={started_on['root']}, or train in another folder "
+            f"(hydra.run.dir=... for a run, hydra.sweep.dir=... for a sweep).")
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
@@ -109,6 +123,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     with exclusive(run_dir):
         state = resume_point(run_dir, config)
+        metrics = read_metrics(run_dir)
+        if state is None and metrics and metrics["status"] == "finished":  # its checkpoint was deleted
+            refuse_other_settings(run_dir, metrics["config"], config)
+            log.info("%s already finished %d epochs: nothing to do", run_dir, metrics["epochs_done"])
+            return metrics
         record = RunRecord(run_dir, config, state and state["record"])
         if state and state["epoch"] == cfg.trainer.epochs:
             log.info("%s already finished %d epochs: nothing to do", run_dir, cfg.trainer.epochs)
@@ -136,7 +155,15 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
                          f"trainer.device={state['device_type']}.")
     configure_backend(device)
     data_root = Path(to_absolute_path(cfg.data.root))
-    data = {name: split.to(device) for name, split in load_cifar10(data_root, cfg.data.download).items()}
+    splits = load_cifar10(data_root, cfg.data.download)
+    data_info = {"root": str(data_root), "official_cifar10": is_official(data_root), "fingerprint": fingerprint(splits),
+                 "train_images": len(splits["train"]), "test_images": len(splits["test"])}
+    if state:
+        refuse_other_data(run_dir, record.info.get("data"), data_info)
+    if int(splits["train"].labels.max()) >= cfg.model.num_classes:
+        raise ValueError(f"model.num_classes={cfg.model.num_classes}, but the training labels go up to "
+                         f"{int(splits['train'].labels.max())}: set model.num_classes to the data's class count")
+    data = {name: split.to(device) for name, split in splits.items()}
 
     torch.manual_seed(cfg.seed)
     model = vgg16(cfg.model.part, cfg.model.num_classes, cfg.model.width)
@@ -160,8 +187,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         log.info("resuming %s at epoch %d, step %d", run_dir, epoch + 1, step)
 
     info = dict(**costs, device=device_name(device), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-                data={"root": str(data_root), "official_cifar10": is_official(data_root),
-                      "train_images": len(data["train"]), "test_images": len(data["test"])})
+                data=data_info)
     record.update("running", **info)
     log.info("VGG-16 part=%d width=%s: %.2fM FLOPs (paper), %.2fM executed, %.3fM params, on %s",
              cfg.model.part, cfg.model.width, costs["flops"] / 1e6, costs["executed_flops"] / 1e6, costs["params"] / 1e6,
@@ -216,10 +242,11 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
             test = evaluate(forward_model, data["test"], preprocess, cfg.trainer.eval_batch_size, cfg.trainer.amp,
                             cfg.model.num_classes)
             if not (math.isfinite(train_loss) and math.isfinite(test["loss"])):
+                kept = (f"The last good state, after epoch {epoch}, is kept in {last_checkpoint(run_dir)}. " if epoch
+                        else "")
                 raise FloatingPointError(
                     f"the loss became {train_loss} (train) / {test['loss']} (test) in epoch {epoch + 1}: training "
-                    f"diverged. The last good state, after epoch {epoch}, is kept in {last_checkpoint(run_dir)}. "
-                    f"Lower optim.lr, or check the data.")
+                    f"diverged. {kept}Lower optim.lr, or check the data.")
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             epoch += 1
@@ -230,9 +257,11 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
                 "epoch_s": round(partial["train_s"] + time.perf_counter() - started, 2),
                 "images_per_s": round(seen / train_s, 1)})
             step, partial = 0, None
-            save(last_checkpoint(run_dir), checkpoint(0, generator.get_state(), None))
+            # Logged before the checkpoint: a kill in between resumes from the epoch before, which
+            # rewrites this epoch's scalars (purge_step) rather than leaving it out.
             metrics = record.update("running")
             log_epoch(writer, record.history[-1], metrics, cfg.trainer.epochs, record.wall_s)
+            save(last_checkpoint(run_dir), checkpoint(0, generator.get_state(), None))
             if stop.received:  # arrived during evaluation: the state is saved already
                 interrupted(stop, f"{stop.received.name} after epoch {epoch}")
 

@@ -8,6 +8,7 @@ from one generator: no DataLoader workers, and an epoch can be replayed exactly 
 """
 
 import fcntl
+import hashlib
 import http.client
 import os
 import pickle
@@ -75,8 +76,23 @@ def read_batch(path: Path) -> Split:
 
 
 def batch_files(folder: Path) -> dict[str, list[Path]]:
+    """data_batch_1..n (fewer than five is a subset, which loads) and test_batch; a gap in the numbering
+    is a lost file, not a subset."""
     numbered = {int(m.group(1)): p for p in folder.iterdir() if (m := re.fullmatch(r"data_batch_(\d+)", p.name))}
+    gaps = sorted(set(range(1, max(numbered, default=0) + 1)) - numbered.keys())
+    if gaps:
+        raise DatasetError(f"CIFAR-10 in {folder} is missing {', '.join(f'data_batch_{k}' for k in gaps)} while "
+                           f"data_batch_{max(numbered)} is there. " + how_to_get(folder.parent))
     return {"train": [numbered[k] for k in sorted(numbered)], "test": [folder / "test_batch"]}
+
+
+def fingerprint(splits: dict[str, Split]) -> str:
+    """A digest of the images and labels themselves: what a resumed run checks it still trains on."""
+    digest = hashlib.sha256()
+    for name in sorted(splits):
+        for tensor in (splits[name].images, splits[name].labels):
+            digest.update(tensor.contiguous().numpy())
+    return digest.hexdigest()[:16]
 
 
 def is_official(root: Path | str) -> bool:

@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -29,8 +30,13 @@ def atomic_write(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if isinstance(error, Exception):  # a full disk surfaces as anything from OSError to torch's RuntimeError
+            free_mb = shutil.disk_usage(path.parent).free / 2**20
+            raise OSError(f"could not write {path} ({type(error).__name__}: {error}); {free_mb:.0f} MB are free "
+                          f"there. Free space or fix the folder, then rerun the same command: the run resumes "
+                          f"from its last checkpoint.") from error
         raise
 
 
@@ -136,4 +142,6 @@ def exclusive(run_dir: Path):
         except BlockingIOError:
             raise RuntimeError(f"another process is training in {run_dir}; wait for it, or use another folder "
                                "(hydra.run.dir=... / hydra.sweep.dir=...)") from None
+        for stale in run_dir.rglob(".*.tmp"):  # left by a writer killed mid-write; no writer can be running now
+            stale.unlink()
         yield

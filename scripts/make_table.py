@@ -76,6 +76,17 @@ def check_one_recipe(jobs: list[Job]) -> None:
                              "make a table of each recipe's sweep folders separately")
 
 
+def check_each_job_once(jobs: list[Job]) -> None:
+    """A row's n counts seeds: two folders of the same (part, width, seed), a copied sweep say, would count twice."""
+    seen: dict[tuple, Path] = {}
+    for job in jobs:
+        key = (job.config["model"]["part"], job.config["model"]["width"], job.config["seed"])
+        if key in seen:
+            raise SystemExit(f"error: {seen[key]} and {job.path} are the same job (part={key[0]}, width={key[1]}, "
+                             f"seed={key[2]}); give each job's folder once (is one a copy of the other?)")
+        seen[key] = job.path
+
+
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
@@ -142,7 +153,7 @@ def provenance(jobs: list[Job]) -> dict:
         "devices": sorted({m["device"] for m in metrics if m.get("device")}),
         "commits": sorted({c for m in metrics for c in [m["git_commit"], *m["resumed_at_commits"]]}),
         "not_cifar10": [str(j.path) for j in jobs
-                        if j.status == "finished" and not j.metrics["data"]["official_cifar10"]],
+                        if j.metrics and "data" in j.metrics and not j.metrics["data"]["official_cifar10"]],
         "run_dates": sorted({m["started"][:10] for m in metrics}),
     }
 
@@ -204,10 +215,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     jobs = find_jobs(args.sweeps)
     check_one_recipe(jobs)
+    check_each_job_once(jobs)
     info = provenance(jobs)
-    if info["not_cifar10"] and args.out.resolve() == RESULTS_DIR.resolve():
-        raise SystemExit(f"error: {', '.join(info['not_cifar10'])} did not train on the official CIFAR-10 files; "
-                         f"{RESULTS_DIR} holds real results only. Write the table elsewhere: --out <folder>")
+    if args.out.resolve() == RESULTS_DIR.resolve():
+        if info["not_cifar10"]:
+            raise SystemExit(f"error: {', '.join(info['not_cifar10'])} did not train on the official CIFAR-10 "
+                             f"files; {RESULTS_DIR} holds real results only. Write the table elsewhere: --out <folder>")
+        if not any(j.status == "finished" for j in jobs):
+            raise SystemExit(f"error: no job under {', '.join(map(str, args.sweeps))} has finished, so there is no "
+                             f"result for {RESULTS_DIR}; see the jobs' train.log, or write the table elsewhere "
+                             "to list them: --out <folder>")
     rows = table_rows(jobs, load_published())
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "table.csv", rows)

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 import stat
 
 import pytest
@@ -71,12 +72,23 @@ def test_sweep_keeps_going_past_a_failed_job_and_the_table_shows_it(fake_root, t
     mixed = script("scripts/make_table.py", str(sweep_dir), str(other), "--out", str(out), check=False)
     assert mixed.returncode != 0 and "ran different recipes (optim.lr: 0.1 -> 0.05)" in mixed.stderr
 
+    # A copy of the sweep beside the sweep would count every job twice as two seeds.
+    copy = shutil.copytree(sweep_dir, tmp_path / "copy")
+    twice = script("scripts/make_table.py", str(sweep_dir), str(copy), "--out", str(out), check=False)
+    assert twice.returncode != 0 and "are the same job (part=4, width=0.25, seed=0)" in twice.stderr
 
-def test_table_refuses_to_put_generated_data_into_results(fake_root, tmp_path):
+
+def test_table_refuses_to_put_generated_data_or_no_result_into_results(fake_root, tmp_path):
+    results = {p.name: p.read_bytes() for p in (REPO / "results").iterdir()}
     sweep_dir = tmp_path / "sweep"
     sweep(sweep_dir, fake_root, "model.part=4", "trainer.epochs=1")
     refused = script("scripts/make_table.py", str(sweep_dir), check=False)
     assert refused.returncode != 0 and "real results only" in refused.stderr + refused.stdout
+    failed = tmp_path / "failed"
+    sweep(failed, fake_root, "model.part=64")  # fails before it reads any data
+    refused = script("scripts/make_table.py", str(failed), check=False)
+    assert refused.returncode != 0 and "no job under" in refused.stderr and "has finished" in refused.stderr
+    assert {p.name: p.read_bytes() for p in (REPO / "results").iterdir()} == results
 
 
 @pytest.mark.parametrize("launcher", [

@@ -15,8 +15,9 @@ import train as train_module
 from conftest import SMALL, comparable, read_metrics, script, start
 from hetconv import data as data_module
 from hetconv.data import DatasetError, load_cifar10
-from hetconv.runfiles import exclusive, last_checkpoint
+from hetconv.runfiles import atomic_write, exclusive, last_checkpoint
 from hetconv.training import train_config
+from scripts.make_fake_cifar import make_fake_cifar
 
 SCALARS = {"train/loss", "train/acc", "test/loss", "test/acc", "lr", "time/epoch_s", "time/images_per_s"}
 
@@ -233,3 +234,85 @@ def test_a_second_process_on_the_same_folder_is_refused(fake_root, tmp_path):
     with exclusive(tmp_path), pytest.raises(RuntimeError, match="another process is training in"):
         train_module.train(train_config(*SMALL, f"data.root={fake_root}"), tmp_path)
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_resuming_on_other_data_is_refused_and_on_the_same_data_moved_accepted(reference_run, fake_root, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    state = torch.load(last_checkpoint(run_dir), weights_only=True)
+    state.update(epoch=2)  # as if stopped after epoch 2 of 3
+    torch.save(state, last_checkpoint(run_dir))
+    other = tmp_path / "other"
+    make_fake_cifar(other, train=4000, test=500, seed=1)
+    refused = script("train.py", *SMALL, f"data.root={other}", f"hydra.run.dir={run_dir}", check=False)
+    assert refused.returncode != 0 and f"data.root={other} holds other data" in refused.stderr
+    assert f"Resume it with data.root={fake_root}" in refused.stderr
+
+    moved = shutil.copytree(fake_root, tmp_path / "moved")
+    script("train.py", *SMALL, f"data.root={moved}", f"hydra.run.dir={run_dir}")
+    assert read_metrics(run_dir)["status"] == "finished" and read_metrics(run_dir)["data"]["root"] == str(moved)
+
+
+def test_a_finished_run_without_its_checkpoint_is_left_alone(reference_run, fake_root, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    shutil.rmtree(run_dir / "checkpoints")  # to free disk once model.pt is there
+    before = {name: (run_dir / name).read_bytes() for name in ("model.pt", "metrics.json")}
+    same = script("train.py", *SMALL, f"data.root={fake_root}", f"hydra.run.dir={run_dir}")
+    assert "already finished" in same.stdout + same.stderr
+    other = script("train.py", *SMALL, "optim.lr=0.05", f"data.root={fake_root}", f"hydra.run.dir={run_dir}",
+                   check=False)
+    assert other.returncode != 0 and "optim.lr: 0.1 -> 0.05" in other.stderr
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+
+
+def test_an_epoch_is_logged_before_its_checkpoint_so_a_kill_between_loses_nothing(fake_root, tmp_path, monkeypatch):
+    cfg = train_config(*SMALL, f"data.root={fake_root}")
+    real_save, saves = train_module.save, []
+
+    def save_killed_at_epoch_2(path, state):
+        saves.append(state["epoch"])
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt  # stands in for SIGKILL between the epoch's log and its checkpoint
+        real_save(path, state)
+
+    monkeypatch.setattr(train_module, "save", save_killed_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(cfg, tmp_path)
+    assert [e.step for e in EventAccumulator(str(tmp_path)).Reload().Scalars("test/acc")] == [1, 2]
+    monkeypatch.setattr(train_module, "save", real_save)
+    train_module.train(cfg, tmp_path)  # resumes after epoch 1 and rewrites epoch 2's scalars
+    assert [e.step for e in EventAccumulator(str(tmp_path)).Reload().Scalars("test/acc")] == [1, 2, 3]
+
+
+def test_a_stale_temporary_file_is_removed_when_the_folder_is_taken(tmp_path):
+    stale = tmp_path / "checkpoints" / ".last.pt.12345.tmp"
+    stale.parent.mkdir()
+    stale.write_bytes(b"half a checkpoint")
+    with exclusive(tmp_path):
+        assert not stale.exists()
+
+
+def test_a_failed_write_names_the_file_and_the_free_space(tmp_path):
+    def fail(f):
+        raise RuntimeError("unexpected pos 1162176 vs 1162072")  # what torch.save says on a full disk
+
+    with pytest.raises(OSError, match=r"could not write .*last\.pt \(RuntimeError: unexpected pos.*MB are free"):
+        atomic_write(tmp_path / "last.pt", fail)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gap_in_the_training_batches_is_named(tmp_path):
+    make_fake_cifar(tmp_path, train=500, test=100, seed=0)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").unlink()
+    with pytest.raises(DatasetError, match="missing data_batch_2 while data_batch_5 is there"):
+        load_cifar10(tmp_path, download_if_missing=False)
+
+
+def test_too_few_classes_for_the_labels_is_rejected_naming_the_key(fake_root, tmp_path):
+    with pytest.raises(ValueError, match="model.num_classes=5, but the training labels go up to 9"):
+        train_module.train(train_config(*SMALL, "model.num_classes=5", f"data.root={fake_root}"), tmp_path)
