@@ -160,16 +160,18 @@ def enclosing_category(event, first_conv_weight: list[int]) -> str:
     return "other"
 
 
-def cpu_step_breakdown(step, first_conv_weight: list[int], steps: int = 3) -> dict[str, float]:
-    """Milliseconds per step in each of CATEGORIES: the self time of every op the profiler sees, charged to
-    its enclosing category; they add up to the profiled step (a little slower than the unprofiled one)."""
-    with profile(record_shapes=True) as profiler:
-        for _ in range(steps):
+def cpu_step_breakdown(step, first_conv_weight: list[int], steps: int = 5) -> dict[str, float]:
+    """Milliseconds in each of CATEGORIES, the median over `steps` profiled steps (a step under the profiler
+    is a little slower than without): the self time of every op, charged to its enclosing category."""
+    per_step = []
+    for _ in range(steps):
+        with profile(record_shapes=True) as profiler:
             step()
-    ms = dict.fromkeys(CATEGORIES, 0.0)
-    for event in profiler.events():
-        ms[enclosing_category(event, first_conv_weight)] += event.self_cpu_time_total / 1e3 / steps
-    return ms
+        ms = dict.fromkeys(CATEGORIES, 0.0)
+        for event in profiler.events():
+            ms[enclosing_category(event, first_conv_weight)] += event.self_cpu_time_total / 1e3
+        per_step.append(ms)
+    return {category: statistics.median(ms[category] for ms in per_step) for category in CATEGORIES}
 
 
 def bench_model(part: int, device_arg: str, repeats: int, compiled: bool) -> dict:
@@ -257,7 +259,7 @@ def breakdown_section(rows: list[dict]) -> str:
                     + [f"{convs / base_convs:.2f} ({paper_ratio(r['part']):.3f})", f"{ceiling:.2f}x",
                        f"{r['train_ips'] / base['train_ips']:.2f}x"])
     return ("\n## Where the training step's time goes\n\n"
-            "Milliseconds per step under the profiler, by op (self time). *3x3 convs* and *1x1 convs* are the "
+            "Milliseconds per step under the profiler, by op (self time, median over 5 steps). *3x3 convs* and *1x1 convs* are the "
             "convolutions of the 12 HetConv layers; *HetConv convs / P=1* is their time against P=1's, beside "
             "the FLOP ratio R(P). *Ceiling* is the speed-up over P=1 if those convolutions took exactly R(P) of "
             "P=1's time and everything else stayed as at P=1; *measured* is the unprofiled speed-up above.\n\n"
