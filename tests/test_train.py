@@ -69,7 +69,7 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(sig, refe
     command = [*SMALL, f"data.root={fake_root}", f"hydra.run.dir={run_dir}"]
     process = start("train.py", *command)
     deadline = time.time() + 300
-    while not ((run_dir / "metrics.json").exists() and read_metrics(run_dir)["epochs_done"] >= 1):
+    while not (last_checkpoint(run_dir).exists() and read_metrics(run_dir)["epochs_done"] >= 1):  # in epoch 2
         assert process.poll() is None and time.time() < deadline, process.communicate()[0]
         time.sleep(0.05)
     process.send_signal(sig)
