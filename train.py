@@ -133,7 +133,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             log.info("%s already finished %d epochs: nothing to do", run_dir, cfg.trainer.epochs)
             if not (run_dir / "model.pt").exists():  # killed between the last checkpoint and the final save
                 save_final_weights(run_dir, state["model"], config, state["epoch"])
-            metrics = read_metrics(run_dir)
             return metrics if metrics and metrics["status"] == "finished" else record.update("finished")
         try:
             return run(cfg, config, run_dir, state, record)
