@@ -47,6 +47,10 @@ OmegaConf.register_new_resolver(
     replace=True)
 
 
+class Refused(ValueError):
+    """A resume that would change what the run computes; the run's files are left exactly as they are."""
+
+
 class Interrupted(SystemExit):
     """Raised after the state of an interrupted run has been saved; exits with 128 + signal number."""
 
@@ -88,7 +92,7 @@ class StopSignals:
 def refuse_other_settings(run_dir: Path, saved: dict, config: dict) -> None:
     differences = config_differences(saved, config)
     if differences:
-        raise ValueError(
+        raise Refused(
             f"{run_dir} holds a run with other settings ({'; '.join(differences)}). Its checkpoint and "
             f"metrics were left as they are. Rerun with the settings it was started with to resume it, or "
             f"train in another folder (hydra.run.dir=... for a run, hydra.sweep.dir=... for a sweep).")
@@ -107,7 +111,7 @@ def resume_point(run_dir: Path, config: dict) -> dict | None:
 def refuse_other_data(run_dir: Path, started_on: dict | None, data: dict) -> None:
     """data.root may move between a run's starts; the images and labels under it may not change."""
     if started_on and started_on.get("fingerprint", data["fingerprint"]) != data["fingerprint"]:
-        raise ValueError(
+        raise Refused(
             f"{run_dir} started training on the data in {started_on['root']} (fingerprint "
             f"{started_on['fingerprint']}), and data.root={data['root']} holds other data (fingerprint "
             f"{data['fingerprint']}). Resume it with data.root={started_on['root']}, or train in another folder "
@@ -136,6 +140,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             return metrics if metrics and metrics["status"] == "finished" else record.update("finished")
         try:
             return run(cfg, config, run_dir, state, record)
+        except Refused:
+            raise
         except Exception as error:
             record.update("failed", f"{type(error).__name__}: {error}")
             raise
@@ -149,9 +155,9 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         claim_gpu(cfg.trainer.jobs_per_gpu)  # before anything initialises CUDA
     device = select_device(cfg.trainer.device)
     if state and state["device_type"] != device.type:
-        raise ValueError(f"{run_dir} was trained on {state['device_type']} and cannot resume on {device.type}: "
-                         f"its data order comes from a {state['device_type']} generator. Use "
-                         f"trainer.device={state['device_type']}.")
+        raise Refused(f"{run_dir} was trained on {state['device_type']} and cannot resume on {device.type}: "
+                      f"its data order comes from a {state['device_type']} generator. Use "
+                      f"trainer.device={state['device_type']}.")
     configure_backend(device)
     data_root = Path(to_absolute_path(cfg.data.root))
     splits = load_cifar10(data_root, cfg.data.download)

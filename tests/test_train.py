@@ -214,8 +214,10 @@ def test_resuming_on_another_device_type_is_refused(reference_run, fake_root, tm
     state = torch.load(last_checkpoint(run_dir), weights_only=True)
     state.update(epoch=2, device_type="cuda")
     torch.save(state, last_checkpoint(run_dir))
+    before = (run_dir / "metrics.json").read_bytes()
     result = script("train.py", *SMALL, f"data.root={fake_root}", f"hydra.run.dir={run_dir}", check=False)
     assert result.returncode != 0 and "was trained on cuda and cannot resume on cpu" in result.stderr
+    assert (run_dir / "metrics.json").read_bytes() == before
 
 
 @pytest.mark.parametrize("override,message", [
@@ -246,9 +248,11 @@ def test_resuming_on_other_data_is_refused_and_on_the_same_data_moved_accepted(r
     torch.save(state, last_checkpoint(run_dir))
     other = tmp_path / "other"
     make_fake_cifar(other, train=4000, test=500, seed=1)
+    before = (run_dir / "metrics.json").read_bytes()
     refused = script("train.py", *SMALL, f"data.root={other}", f"hydra.run.dir={run_dir}", check=False)
     assert refused.returncode != 0 and f"data.root={other} holds other data" in refused.stderr
     assert f"Resume it with data.root={fake_root}" in refused.stderr
+    assert (run_dir / "metrics.json").read_bytes() == before  # refused, not failed: the record is as it was
 
     moved = shutil.copytree(fake_root, tmp_path / "moved")
     script("train.py", *SMALL, f"data.root={moved}", f"hydra.run.dir={run_dir}")
