@@ -52,6 +52,10 @@ CATEGORIES = ("3x3 convs", "1x1 convs", "first conv", "BatchNorm", "ReLU", "max 
 def timed(fn, device: torch.device, repeats: int, warmup: int = 2, calls: int = 1) -> tuple[float, float]:
     """(median seconds per call, spread = (max - min) / median) over `repeats` timings of `calls` calls in a
     row, after warm-up."""
+    def in_a_row():
+        for _ in range(calls):
+            fn()
+
     for _ in range(warmup):
         fn()
     times = []
@@ -59,16 +63,15 @@ def timed(fn, device: torch.device, repeats: int, warmup: int = 2, calls: int = 
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for _ in range(calls):
-                fn()
+            in_a_row()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3 / calls)
+            seconds = start.elapsed_time(end) / 1e3
         else:
             started = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times.append((time.perf_counter() - started) / calls)
+            in_a_row()
+            seconds = time.perf_counter() - started
+        times.append(seconds / calls)
     median = statistics.median(times)
     return median, (max(times) - min(times)) / median
 
@@ -207,7 +210,7 @@ def bench_model(part: int, device_arg: str, repeats: int, compiled: bool) -> dic
     return {"part": part, "compiled": compiled, "train_ips": BATCH / train_s, "infer_ips": BATCH / infer_s,
             "peak_mb": peak_mb, "spread": max(train_spread, infer_spread), "breakdown": breakdown,
             "device_name": device_name(device),
-            "paper_flops": count_flops(vgg16(part), "paper"), "epochs": cfg.trainer.epochs}
+            "paper_flops": count_flops(model, "paper"), "epochs": cfg.trainer.epochs}
 
 
 def bench_models(parts, device_arg, repeats, compiled) -> list[dict]:
@@ -221,8 +224,13 @@ def bench_models(parts, device_arg, repeats, compiled) -> list[dict]:
     return rows
 
 
+def part_one(rows: list[dict]) -> dict | None:
+    """The P=1 row, every speed-up's reference; None when P=1 was not measured."""
+    return next((r for r in rows if r["part"] == 1), None)
+
+
 def model_section(rows: list[dict]) -> str:
-    base = next((r for r in rows if r["part"] == 1), None)
+    base = part_one(rows)
     speedup = lambda r, key: f"{r[key] / base[key]:.2f}x" if base else "-"  # noqa: E731
     text = "\n## Whole model: training step of train.py\n\n" + markdown_table(
         ["P", "FLOPs reduction (P=1 / P)", "train img/s", "speed-up", "inference img/s", "speed-up", "peak memory MB",
@@ -246,7 +254,7 @@ def model_section(rows: list[dict]) -> str:
 def breakdown_section(rows: list[dict]) -> str:
     """Milliseconds per profiled step by category, and the FLOP-proportional ceiling of the speed-up: the
     step with every HetConv layer's convolutions at R(P) of P=1's and everything else as at P=1."""
-    base = next((r for r in rows if r["part"] == 1), None)
+    base = part_one(rows)
     if base is None or base["breakdown"] is None:
         return ""
     base_total, base_convs = sum(base["breakdown"].values()), base["breakdown"]["3x3 convs"]
