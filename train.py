@@ -36,7 +36,7 @@ from hetconv.provenance import device_name
 from hetconv.runfiles import (RunRecord, config_differences, exclusive, last_checkpoint, load, read_metrics,
                               save)
 from hetconv.training import (Preprocess, build_optimizer, build_scheduler, check_settings, configure_backend,
-                              evaluate, select_device, train_step)
+                              compile_mode, evaluate, select_device, train_step)
 from models import vgg16
 from models.vgg import check_part_fits
 
@@ -154,6 +154,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     if cfg.trainer.jobs_per_gpu is not None:
         claim_gpu(cfg.trainer.jobs_per_gpu)  # before anything initialises CUDA
     device = select_device(cfg.trainer.device)
+    compile_as = compile_mode(cfg.trainer.compile, device)
     if state and state["device_type"] != device.type:
         raise Refused(f"{run_dir} was trained on {state['device_type']} and cannot resume on {device.type}: "
                       f"its data order comes from a {state['device_type']} generator. Use "
@@ -179,7 +180,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     generator = torch.Generator(device).manual_seed(cfg.seed)
     batches = TrainBatches(data["train"], cfg.trainer.batch_size, generator, cfg.data.crop_padding, cfg.data.flip)
     preprocess = Preprocess(cfg.data, cfg.trainer.channels_last, device)
-    forward_model = torch.compile(model) if cfg.trainer.compile else model
+    forward_model = torch.compile(model, mode=compile_as) if compile_as else model
 
     epoch, step, partial = 0, 0, None
     if state:
@@ -191,12 +192,12 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         epoch, step, partial = state["epoch"], state["step"], state["partial"]
         log.info("resuming %s at epoch %d, step %d", run_dir, epoch + 1, step)
 
-    info = dict(**costs, device=device_name(device), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+    info = dict(**costs, device=device_name(device), torch_compile=compile_as, cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
                 data=data_info)
     record.update("running", **info)
-    log.info("VGG-16 part=%d width=%s: %.2fM FLOPs (paper), %.2fM executed, %.3fM params, on %s",
+    log.info("VGG-16 part=%d width=%s: %.2fM FLOPs (paper), %.2fM executed, %.3fM params, on %s, %s",
              cfg.model.part, cfg.model.width, costs["flops"] / 1e6, costs["executed_flops"] / 1e6, costs["params"] / 1e6,
-             info["device"])
+             info["device"], f"torch.compile mode={compile_as}" if compile_as else "eager")
     writer = SummaryWriter(run_dir, purge_step=epoch + 1 if state else None)
     hparam_values = {"part": cfg.model.part, "width": cfg.model.width, "seed": cfg.seed, "epochs": cfg.trainer.epochs,
                      "flops_m": costs["flops"] / 1e6, "params_m": costs["params"] / 1e6}

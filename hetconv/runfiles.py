@@ -17,7 +17,7 @@ import torch
 from hetconv.provenance import git_commit, library_versions, now
 
 # Config keys that may change when a run is resumed without changing what it computes.
-RESUMABLE_CHANGES = ("data.root", "data.download", "trainer.device", "trainer.jobs_per_gpu")
+RESUMABLE_CHANGES = ("data.root", "data.download", "trainer.device", "trainer.jobs_per_gpu", "trainer.compile")
 
 
 def atomic_write(path: Path, write) -> None:

@@ -70,6 +70,24 @@ def autocast(device: torch.device, amp: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_amp(device, amp))
 
 
+# torch.compile's modes; reduce-overhead adds CUDA graphs on CUDA and is the default mode on the CPU.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(setting, device: torch.device) -> str | None:
+    """trainer.compile as a torch.compile mode, None for eager. auto: reduce-overhead on CUDA, where a
+    CIFAR-size step is bound by kernel launches that CUDA graphs remove; eager on the CPU, where
+    inductor's code trains slower than eager (scripts/bench.py measures both)."""
+    if setting == "auto":
+        return "reduce-overhead" if device.type == "cuda" else None
+    if setting is False or setting is True:
+        return "default" if setting else None
+    if setting in COMPILE_MODES:
+        return setting
+    raise ValueError(f"trainer.compile must be auto, true, false or a torch.compile mode ({', '.join(COMPILE_MODES)}),"
+                     f" got {setting!r}")
+
+
 def train_config(*overrides: str) -> DictConfig:
     """configs/train.yaml composed with these overrides, as train.py would see it (without hydra's node)."""
     with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):

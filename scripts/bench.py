@@ -6,10 +6,11 @@
 Layer level: for every distinct HetConv shape of VGG-16 (batch 128), forward + backward time of
 HetConv2d, of the dense 3x3 conv it replaces (the P=1 reference) and of the naive implementation
 (the dense conv with the HetConv mask multiplied into its weight), beside the FLOP ratio
-R(P) = 1/P + (1 - 1/P)/9. Model level: training throughput with train.py's own step (same
-precision, memory format, optimizer and input pipeline, composed from configs/), inference
-throughput and peak memory, each part in a fresh process; on the CPU, also where the training
-step's time goes, op by op, and how fast the step could be at most if HetConv's layers ran at their
+R(P) = 1/P + (1 - 1/P)/9; on CUDA as CUDA graph replays, which time the GPU's work alone.
+Model level: training throughput with train.py's own step (same precision, memory format, optimizer
+and input pipeline, composed from configs/), inference throughput and peak memory, each part in a
+fresh process, eager and, for --compile-parts, compiled; on the CPU, also where the training step's
+time goes, op by op, and how fast the step could be at most if HetConv's layers ran at their
 FLOP-proportional share of the dense layers' time. Median of repeats; the spread
 (max - min) / median says how noisy each figure is. Writes results/bench-<device>.md.
 """
@@ -34,8 +35,8 @@ from hetconv.data import memory_format
 from hetconv.flops import count_flops, paper_ratio
 from hetconv.provenance import device_name, git_commit, library_versions, now
 from hetconv.report import PAPER_PARTS, RESULTS_DIR, markdown_table
-from hetconv.training import (Preprocess, autocast, build_optimizer, configure_backend, select_device, train_config,
-                              train_step, uses_amp)
+from hetconv.training import (COMPILE_MODES, Preprocess, autocast, build_optimizer, compile_mode, configure_backend,
+                              select_device, train_config, train_step, uses_amp)
 from models import vgg16
 from models.vgg import conv_channels, conv_sides
 
@@ -109,20 +110,40 @@ def fwd_bwd(module: nn.Module, x: torch.Tensor, amp: bool):
     return step
 
 
+def cuda_graphed(step):
+    """step captured in a CUDA graph, returned as the graph's replay. At batch 128 a layer's kernels on a big
+    GPU take less time than Python takes to launch them; replaying the graph times the GPU's work alone,
+    as trainer.compile=reduce-overhead runs it in training."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: cudnn.benchmark picks its algorithms here
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def bench_layers(device, cfg, parts, repeats) -> list[dict]:
     layout = memory_format(cfg.trainer.channels_last)
-    calls = CUDA_LAYER_CALLS if device.type == "cuda" else 1
     rows = []
     for in_ch, out_ch, side in layer_shapes():
         x = torch.randn(BATCH, in_ch, side, side, device=device).contiguous(memory_format=layout)
         x.requires_grad_()
-        prepare = lambda m: m.to(device, memory_format=layout)  # noqa: E731
-        dense, dense_spread = timed(fwd_bwd(prepare(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)), x,
-                                            cfg.trainer.amp), device, repeats, calls=calls)
+
+        def time_layer(module: nn.Module) -> tuple[float, float]:
+            step = fwd_bwd(module.to(device, memory_format=layout), x, cfg.trainer.amp)
+            if device.type == "cuda":
+                return timed(cuda_graphed(step), device, repeats, calls=CUDA_LAYER_CALLS)
+            return timed(step, device, repeats)
+
+        dense, dense_spread = time_layer(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False))
         for part in parts:
             layer = HetConv2d(in_ch, out_ch, part)
-            ours, spread = timed(fwd_bwd(prepare(layer), x, cfg.trainer.amp), device, repeats, calls=calls)
-            naive, _ = timed(fwd_bwd(prepare(MaskedDense(layer)), x, cfg.trainer.amp), device, repeats, calls=calls)
+            ours, spread = time_layer(layer)
+            naive, _ = time_layer(MaskedDense(layer))
             rows.append({"shape": f"{in_ch}->{out_ch} @{side}x{side}", "part": part, "dense_ms": dense * 1e3,
                          "ours_ms": ours * 1e3, "naive_ms": naive * 1e3, "flop_ratio": paper_ratio(part),
                          "spread": max(spread, dense_spread)})
@@ -177,16 +198,17 @@ def cpu_step_breakdown(step, first_conv_weight: list[int], steps: int = 5) -> di
     return {category: statistics.median(ms[category] for ms in per_step) for category in CATEGORIES}
 
 
-def bench_model(part: int, device_arg: str, repeats: int, compiled: bool) -> dict:
+def bench_model(part: int, device_arg: str, repeats: int, compile_setting: str) -> dict:
     """One part's model-level figures; runs in a fresh process so that peak memory is its own."""
-    cfg = train_config(f"trainer.device={device_arg}", f"trainer.compile={compiled}")  # what training runs
+    cfg = train_config(f"trainer.device={device_arg}", f"trainer.compile={compile_setting}")  # what training runs
     device = select_device(cfg.trainer.device)
     configure_backend(device)
+    compile_as = compile_mode(cfg.trainer.compile, device)
     torch.manual_seed(0)
     model = vgg16(part).to(device, memory_format=memory_format(cfg.trainer.channels_last))
     optimizer = build_optimizer(model, cfg.optim)
     preprocess = Preprocess(cfg.data, cfg.trainer.channels_last, device)
-    forward_model = torch.compile(model) if compiled else model
+    forward_model = torch.compile(model, mode=compile_as) if compile_as else model
     images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (BATCH,), device=device)
     if device.type == "cuda":
@@ -198,7 +220,7 @@ def bench_model(part: int, device_arg: str, repeats: int, compiled: bool) -> dic
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_unit) / 2**20
     # The profiler names eager ops only; on CUDA it would need kernel-level attribution, which this script lacks.
     breakdown = (cpu_step_breakdown(step, list(model.features[0].weight.shape))
-                 if device.type == "cpu" and not compiled else None)
+                 if device.type == "cpu" and not compile_as else None)
     model.eval()
 
     @torch.no_grad()
@@ -207,19 +229,19 @@ def bench_model(part: int, device_arg: str, repeats: int, compiled: bool) -> dic
             forward_model(preprocess(images))
 
     infer_s, infer_spread = timed(infer, device, repeats, warmup=3)
-    return {"part": part, "compiled": compiled, "train_ips": BATCH / train_s, "infer_ips": BATCH / infer_s,
+    return {"part": part, "compiled": compile_as, "train_ips": BATCH / train_s, "infer_ips": BATCH / infer_s,
             "peak_mb": peak_mb, "spread": max(train_spread, infer_spread), "breakdown": breakdown,
             "device_name": device_name(device),
             "paper_flops": count_flops(model, "paper"), "epochs": cfg.trainer.epochs}
 
 
-def bench_models(parts, device_arg, repeats, compiled) -> list[dict]:
+def bench_models(parts, device_arg, repeats, compile_setting) -> list[dict]:
     rows = []
     spawn = multiprocessing.get_context("spawn")
     for part in parts:
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-            rows.append(pool.submit(bench_model, part, device_arg, repeats, compiled).result())
-        print(f"model P={part}{' compiled' if compiled else ''}: {rows[-1]['train_ips']:.0f} img/s training, "
+            rows.append(pool.submit(bench_model, part, device_arg, repeats, compile_setting).result())
+        print(f"model P={part} compile={compile_setting}: {rows[-1]['train_ips']:.0f} img/s training, "
               f"{rows[-1]['infer_ips']:.0f} img/s inference", file=sys.stderr)
     return rows
 
@@ -243,12 +265,16 @@ def model_section(rows: list[dict]) -> str:
         if base and row:
             got = row["train_ips"] / base["train_ips"]
             text += f"\n- Training speed-up at P={part}: {got:.2f}x; goal {goal}x: {'met' if got >= goal else 'NOT met'}."
+    return text + sweep_projection(rows, "eager") + "\n"
+
+
+def sweep_projection(rows: list[dict], how: str) -> str:
     epochs = rows[0]["epochs"]
     trained = CIFAR10_TRAIN // BATCH * BATCH  # the last partial batch is dropped
     hours = sum(epochs * (trained / r["train_ips"] + CIFAR10_TEST / r["infer_ips"]) for r in rows) / 3600
-    return text + (f"\n- Projected time of the sweep over P = {', '.join(str(r['part']) for r in rows)} under the "
-                   f"default recipe ({epochs} epochs of {trained:,} training and {CIFAR10_TEST:,} test images, "
-                   f"one job at a time on this device): {hours:.1f} hours.\n")
+    return (f"\n- Projected time of the sweep over P = {', '.join(str(r['part']) for r in rows)} under the "
+            f"default recipe ({epochs} epochs of {trained:,} training and {CIFAR10_TEST:,} test images, "
+            f"one job at a time on this device), {how}: {hours:.1f} hours.")
 
 
 def breakdown_section(rows: list[dict]) -> str:
@@ -275,15 +301,22 @@ def breakdown_section(rows: list[dict]) -> str:
                                                                    "measured"], body))
 
 
-def compile_section(compiled: list[dict], eager: list[dict]) -> str:
+def compile_section(compiled: list[dict], eager: list[dict], setting: str) -> str:
     eager_by_part = {r["part"]: r for r in eager}
+    base = part_one(compiled)
     gain = lambda r, key: f"{r[key] / eager_by_part[r['part']][key]:.2f}x"  # noqa: E731
-    return "\n## torch.compile (trainer.compile=true) against eager\n\n" + markdown_table(
-        ["P", "eager train img/s", "compiled train img/s", "gain", "eager inference img/s",
-         "compiled inference img/s", "gain"],
-        [[r["part"], f"{eager_by_part[r['part']]['train_ips']:.0f}", f"{r['train_ips']:.0f}", gain(r, "train_ips"),
-          f"{eager_by_part[r['part']]['infer_ips']:.0f}", f"{r['infer_ips']:.0f}", gain(r, "infer_ips")]
-         for r in compiled if r["part"] in eager_by_part])
+    text = (f"\n## torch.compile (trainer.compile={setting}) against eager\n\n"
+            "CUDA graphs need CUDA: on the CPU, reduce-overhead compiles as the default mode.\n\n"
+            + markdown_table(
+                ["P", "eager train img/s", "compiled train img/s", "gain", "speed-up over compiled P=1",
+                 "eager inference img/s", "compiled inference img/s", "gain", "spread"],
+                [[r["part"], f"{eager_by_part[r['part']]['train_ips']:.0f}", f"{r['train_ips']:.0f}",
+                  gain(r, "train_ips"), f"{r['train_ips'] / base['train_ips']:.2f}x" if base else "-",
+                  f"{eager_by_part[r['part']]['infer_ips']:.0f}", f"{r['infer_ips']:.0f}", gain(r, "infer_ips"),
+                  f"{r['spread']:.0%}"] for r in compiled if r["part"] in eager_by_part]))
+    if [r["part"] for r in compiled] == [r["part"] for r in eager]:
+        text += sweep_projection(compiled, f"compiled ({setting})") + "\n"
+    return text
 
 
 def layer_section(rows: list[dict]) -> str:
@@ -301,14 +334,16 @@ def layer_section(rows: list[dict]) -> str:
     return ("\n## Layer by layer: forward + backward, HetConv2d against the dense 3x3 conv\n\n"
             "Each cell: time of HetConv2d / time of the dense conv, then that ratio / R(P), the layer's time "
             f"against its FLOP-proportional share (goal: at most {LAYER_TARGET}x). The naive column is the dense "
-            "conv with the mask multiplied into its weight (its worst P).\n\n"
+            "conv with the mask multiplied into its weight (its worst P). On CUDA every timing replays a CUDA graph "
+            "of the forward and backward: the GPU's work, without Python's launch overhead.\n\n"
             + markdown_table(["shape (in->out @ side)", "dense ms"] + [f"P={p} (R={paper_ratio(p):.3f})" for p in parts]
                              + ["naive / dense", "spread"], body)
             + f"\n{len(within)} of {len(hetero)} cells with P > 1 are within {LAYER_TARGET}x of their "
               "FLOP-proportional share.\n")
 
 
-def render(device_label: str, setup: str, layer_rows, model_rows, compile_rows, command: str) -> str:
+def render(device_label: str, setup: str, layer_rows, model_rows, compile_rows, compile_setting: str,
+           command: str) -> str:
     versions = library_versions()
     return (f"# Speed of HetConv on {device_label}\n\n"
             f"Made by `{command}` on {now()}, commit {git_commit()}, torch {versions['torch']}. Batch {BATCH}, "
@@ -316,7 +351,7 @@ def render(device_label: str, setup: str, layer_rows, model_rows, compile_rows, 
             "repeats of a figure: how far to trust it.\n"
             + model_section(model_rows)
             + breakdown_section(model_rows)
-            + (compile_section(compile_rows, model_rows) if compile_rows else "")
+            + (compile_section(compile_rows, model_rows, compile_setting) if compile_rows else "")
             + (layer_section(layer_rows) if layer_rows else ""))
 
 
@@ -342,6 +377,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--parts", default=",".join(map(str, PAPER_PARTS)))
     parser.add_argument("--compile-parts", default="", help="also time torch.compile for these parts (slow to compile)")
+    parser.add_argument("--compile", default="reduce-overhead", choices=COMPILE_MODES,
+                        help="the trainer.compile setting timed for --compile-parts (on the CPU reduce-overhead is "
+                             "the default mode: CUDA graphs need CUDA)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-layers", action="store_true", help="model level only")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -350,15 +388,15 @@ def main(argv: list[str] | None = None) -> None:
     device = select_device(args.device)
     configure_backend(device)
     cfg = train_config(f"trainer.device={args.device}")
-    model_rows = bench_models(parts, args.device, args.repeats, compiled=False)
+    model_rows = bench_models(parts, args.device, args.repeats, "false")
     compile_parts = parse_parts(parser, args.compile_parts) if args.compile_parts else []
-    compile_rows = bench_models(compile_parts, args.device, args.repeats, compiled=True) if compile_parts else []
+    compile_rows = bench_models(compile_parts, args.device, args.repeats, args.compile) if compile_parts else []
     layer_rows = [] if args.skip_layers else bench_layers(device, cfg, parts, args.repeats)
     label = device_name(device)
     setup = (f"{'bf16 autocast' if uses_amp(device, cfg.trainer.amp) else 'float32'}, "
              f"{'channels_last' if cfg.trainer.channels_last else 'NCHW'}, {torch.get_num_threads()} CPU threads")
     command = "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = render(label, setup, layer_rows, model_rows, compile_rows, command.strip())
+    report = render(label, setup, layer_rows, model_rows, compile_rows, args.compile, command.strip())
     path = args.out / f"bench-{'cpu' if device.type == 'cpu' else slug(label)}.md"
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(report)

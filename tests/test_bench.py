@@ -9,7 +9,7 @@ from torch.profiler import profile
 
 from hetconv.training import build_optimizer, train_config, train_step
 from models import vgg16
-from scripts.bench import CATEGORIES, conv_weight, cpu_step_breakdown
+from scripts.bench import CATEGORIES, compile_section, conv_weight, cpu_step_breakdown
 
 
 def test_bench_writes_a_report_with_every_section(tmp_path):
@@ -50,3 +50,13 @@ def test_every_profiled_convolution_is_traced_to_one_of_the_models_weights():
     found = [conv_weight(e.key, e.input_shapes) for e in profiler.key_averages(group_by_input_shape=True)]
     found = [w for w in found if w is not None]
     assert any(w[-1] == 1 for w in found) and all(w in weights for w in found)
+
+
+def test_the_compiled_sweep_is_projected_only_when_every_part_was_compiled():
+    row = lambda part, ips: {"part": part, "train_ips": ips, "infer_ips": 2 * ips, "spread": 0.1,  # noqa: E731
+                             "epochs": 330}
+    eager = [row(1, 100), row(4, 150)]
+    text = compile_section([row(1, 300), row(4, 360)], eager, "reduce-overhead")
+    assert "| 4 | 150 | 360 | 2.40x | 1.20x | 300 | 720 | 2.40x | 10% |" in text
+    assert "one job at a time on this device), compiled (reduce-overhead):" in text
+    assert "Projected" not in compile_section([row(1, 300)], eager, "reduce-overhead")

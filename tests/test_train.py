@@ -16,7 +16,7 @@ from conftest import SMALL, comparable, read_metrics, script, start
 from hetconv import data as data_module
 from hetconv.data import DatasetError, load_cifar10
 from hetconv.runfiles import atomic_write, exclusive, last_checkpoint
-from hetconv.training import train_config
+from hetconv.training import compile_mode, train_config
 from scripts.make_fake_cifar import make_fake_cifar
 
 SCALARS = {"train/loss", "train/acc", "test/loss", "test/acc", "lr", "time/epoch_s", "time/images_per_s"}
@@ -225,6 +225,7 @@ def test_resuming_on_another_device_type_is_refused(reference_run, fake_root, tm
     ("trainer.epochs=-1", "trainer.epochs must be an int >= 1, got -1"),
     ("data.crop_padding=-4", "data.crop_padding must be an int >= 0, got -4"),
     ("trainer.jobs_per_gpu=0", "trainer.jobs_per_gpu must be >= 1"),
+    ("trainer.compile=fast", "trainer.compile must be auto, true, false or a torch.compile mode"),
 ])
 def test_settings_that_cannot_train_are_rejected_before_training(override, message, fake_root, tmp_path):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -320,3 +321,24 @@ def test_a_gap_in_the_training_batches_is_named(tmp_path):
 def test_too_few_classes_for_the_labels_is_rejected_naming_the_key(fake_root, tmp_path):
     with pytest.raises(ValueError, match="model.num_classes=5, but the training labels go up to 9"):
         train_module.train(train_config(*SMALL, "model.num_classes=5", f"data.root={fake_root}"), tmp_path)
+
+
+@pytest.mark.parametrize("setting,device,mode", [
+    ("auto", "cuda", "reduce-overhead"), ("auto", "cpu", None), (True, "cpu", "default"), (False, "cuda", None),
+    ("max-autotune", "cpu", "max-autotune"),
+])
+def test_the_compile_setting_is_a_mode_per_device(setting, device, mode):
+    assert compile_mode(setting, torch.device(device)) == mode
+
+
+def test_trainer_compile_reaches_torch_compile_and_the_record(fake_root, tmp_path, monkeypatch):
+    modes = []
+
+    def recording_compile(model, mode):
+        modes.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    train_module.train(train_config(*SMALL, "trainer.epochs=1", "trainer.compile=max-autotune",
+                                    f"data.root={fake_root}"), tmp_path)
+    assert modes == ["max-autotune"] and read_metrics(tmp_path)["torch_compile"] == "max-autotune"
