@@ -223,6 +223,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     with StopSignals() as stop:
         while epoch < cfg.trainer.epochs:
             model.train()
+            wall_at_start = record.wall_s
             epoch_rng = generator.get_state()  # the whole epoch's random draws follow from it
             partial = partial or {"loss": 0.0, "correct": 0, "seen": 0, "train_s": 0.0}
             loss_sum = torch.tensor(partial["loss"], device=device)
@@ -266,7 +267,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
             # Logged before the checkpoint: a kill in between resumes from the epoch before, which
             # rewrites this epoch's scalars (purge_step) rather than leaving it out.
             metrics = record.update("running")
-            log_epoch(writer, record.history[-1], metrics, cfg.trainer.epochs, record.wall_s)
+            log_epoch(writer, record.history[-1], metrics, cfg.trainer.epochs, record.wall_s - wall_at_start)
             save(last_checkpoint(run_dir), checkpoint(0, generator.get_state(), None))
             if stop.received:  # arrived during evaluation: the state is saved already
                 interrupted(stop, f"{stop.received.name} after epoch {epoch}")
@@ -283,7 +284,7 @@ def save_final_weights(run_dir: Path, weights: dict, config: dict, epoch: int) -
     save(run_dir / "model.pt", {"model": weights, "config": config, "epoch": epoch})
 
 
-def log_epoch(writer: SummaryWriter, h: dict, metrics: dict, epochs: int, wall_s: float) -> None:
+def log_epoch(writer: SummaryWriter, h: dict, metrics: dict, epochs: int, epoch_wall_s: float) -> None:
     epoch = h["epoch"]
     for tag, key in (("train/loss", "train_loss"), ("train/acc", "train_acc"), ("test/loss", "test_loss"),
                      ("test/acc", "test_acc"), ("lr", "lr"), ("time/epoch_s", "epoch_s"),
@@ -292,7 +293,7 @@ def log_epoch(writer: SummaryWriter, h: dict, metrics: dict, epochs: int, wall_s
     for key in ("test_acc", "best_test_acc", "train_loss"):
         writer.add_scalar(f"hparam/{key}", metrics[key], epoch)
     writer.flush()
-    eta_s = (epochs - epoch) * wall_s / metrics["epochs_done"]
+    eta_s = (epochs - epoch) * epoch_wall_s  # the last epoch's pace: the first one includes compiling the model
     log.info("epoch %d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%  lr %.4g  %.1fs  %.0f img/s  ETA %s",
              epoch, epochs, h["train_loss"], h["train_acc"], h["test_loss"], h["test_acc"], h["lr"], h["epoch_s"],
              h["images_per_s"], datetime.timedelta(seconds=round(eta_s)))

@@ -128,22 +128,22 @@ def cuda_graphed(step):
 
 def bench_layers(device, cfg, parts, repeats) -> list[dict]:
     layout = memory_format(cfg.trainer.channels_last)
+
+    def time_layer(module: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+        step = fwd_bwd(module.to(device, memory_format=layout), x, cfg.trainer.amp)
+        if device.type == "cuda":
+            return timed(cuda_graphed(step), device, repeats, calls=CUDA_LAYER_CALLS)
+        return timed(step, device, repeats)
+
     rows = []
     for in_ch, out_ch, side in layer_shapes():
         x = torch.randn(BATCH, in_ch, side, side, device=device).contiguous(memory_format=layout)
         x.requires_grad_()
-
-        def time_layer(module: nn.Module) -> tuple[float, float]:
-            step = fwd_bwd(module.to(device, memory_format=layout), x, cfg.trainer.amp)
-            if device.type == "cuda":
-                return timed(cuda_graphed(step), device, repeats, calls=CUDA_LAYER_CALLS)
-            return timed(step, device, repeats)
-
-        dense, dense_spread = time_layer(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False))
+        dense, dense_spread = time_layer(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), x)
         for part in parts:
             layer = HetConv2d(in_ch, out_ch, part)
-            ours, spread = time_layer(layer)
-            naive, _ = time_layer(MaskedDense(layer))
+            ours, spread = time_layer(layer, x)
+            naive, _ = time_layer(MaskedDense(layer), x)
             rows.append({"shape": f"{in_ch}->{out_ch} @{side}x{side}", "part": part, "dense_ms": dense * 1e3,
                          "ours_ms": ours * 1e3, "naive_ms": naive * 1e3, "flop_ratio": paper_ratio(part),
                          "spread": max(spread, dense_spread)})

@@ -1,6 +1,7 @@
 """train.py and eval.py on generated data: learning, artefacts, resumption, and every bad input."""
 
 import json
+import logging
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+from torch.utils.tensorboard import SummaryWriter
 
 import train as train_module
 from conftest import SMALL, comparable, read_metrics, script, start
@@ -342,3 +344,13 @@ def test_trainer_compile_reaches_torch_compile_and_the_record(fake_root, tmp_pat
     train_module.train(train_config(*SMALL, "trainer.epochs=1", "trainer.compile=max-autotune",
                                     f"data.root={fake_root}"), tmp_path)
     assert modes == ["max-autotune"] and read_metrics(tmp_path)["torch_compile"] == "max-autotune"
+
+
+def test_the_eta_follows_the_last_epochs_pace(caplog, tmp_path):
+    """The first epoch of a compiled run includes the compilation: the ETA must not carry it forward."""
+    history = {"epoch": 2, "train_loss": 1.0, "train_acc": 50.0, "test_loss": 1.0, "test_acc": 50.0, "lr": 0.1,
+               "epoch_s": 4.0, "images_per_s": 100.0}
+    metrics = {"test_acc": 50.0, "best_test_acc": 50.0, "train_loss": 1.0, "epochs_done": 2}
+    with SummaryWriter(tmp_path) as writer, caplog.at_level(logging.INFO):
+        train_module.log_epoch(writer, history, metrics, 10, 5.0)
+    assert "epoch 2/10" in caplog.text and "ETA 0:00:40" in caplog.text
