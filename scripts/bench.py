@@ -44,7 +44,9 @@ BATCH = 128
 CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000
 LAYER_TARGET = 1.5    # a HetConv layer should take at most 1.5x its FLOP-proportional share of the dense conv
 MODEL_TARGETS = {4: 2.3, 64: 4.0}  # training-throughput speed-up over P=1 asked for (issue "Speed")
-CUDA_LAYER_CALLS = 20  # a layer's forward + backward takes well under a millisecond on a big GPU: time 20 in a row
+# A layer's forward + backward, or a whole step, takes a few milliseconds or less on a big GPU, less than the
+# jitter of Python's kernel launches: on CUDA each timing covers 20 calls in a row.
+CUDA_CALLS = 20
 # Where a training step's time goes, by profiled op; "other" is the loss, the classifier, the optimizer,
 # the sum of HetConv's two branches, the mask and memory management.
 CATEGORIES = ("3x3 convs", "1x1 convs", "first conv", "BatchNorm", "ReLU", "max pool", "other")
@@ -132,7 +134,7 @@ def bench_layers(device, cfg, parts, repeats) -> list[dict]:
     def time_layer(module: nn.Module, x: torch.Tensor) -> tuple[float, float]:
         step = fwd_bwd(module.to(device, memory_format=layout), x, cfg.trainer.amp)
         if device.type == "cuda":
-            return timed(cuda_graphed(step), device, repeats, calls=CUDA_LAYER_CALLS)
+            return timed(cuda_graphed(step), device, repeats, calls=CUDA_CALLS)
         return timed(step, device, repeats)
 
     rows = []
@@ -214,7 +216,8 @@ def bench_model(part: int, device_arg: str, repeats: int, compile_setting: str) 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     step = lambda: train_step(forward_model, optimizer, preprocess(images), labels, cfg.trainer.amp)  # noqa: E731
-    train_s, train_spread = timed(step, device, repeats, warmup=3)
+    calls = CUDA_CALLS if device.type == "cuda" else 1
+    train_s, train_spread = timed(step, device, repeats, warmup=3, calls=calls)
     rss_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
     peak_mb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_unit) / 2**20
@@ -228,8 +231,8 @@ def bench_model(part: int, device_arg: str, repeats: int, compile_setting: str) 
         with autocast(device, cfg.trainer.amp):
             forward_model(preprocess(images))
 
-    infer_s, infer_spread = timed(infer, device, repeats, warmup=3)
-    return {"part": part, "compiled": compile_as, "train_ips": BATCH / train_s, "infer_ips": BATCH / infer_s,
+    infer_s, infer_spread = timed(infer, device, repeats, warmup=3, calls=calls)
+    return {"part": part, "train_ips": BATCH / train_s, "infer_ips": BATCH / infer_s,
             "peak_mb": peak_mb, "spread": max(train_spread, infer_spread), "breakdown": breakdown,
             "device_name": device_name(device),
             "paper_flops": count_flops(model, "paper"), "epochs": cfg.trainer.epochs}
