@@ -346,6 +346,17 @@ def test_trainer_compile_reaches_torch_compile_and_the_record(fake_root, tmp_pat
     assert modes == ["max-autotune"] and read_metrics(tmp_path)["torch_compile"] == "max-autotune"
 
 
+def test_a_compiled_run_trains_evaluates_and_checkpoints(fake_root, tmp_path):
+    """Inductor for real (CUDA graphs need CUDA, so on the CPU this mode compiles like the default one)."""
+    script("train.py", *SMALL, "trainer.epochs=1", "trainer.compile=reduce-overhead", f"data.root={fake_root}",
+           f"hydra.run.dir={tmp_path}")
+    metrics = read_metrics(tmp_path)
+    assert metrics["status"] == "finished" and metrics["torch_compile"] == "reduce-overhead"
+    assert metrics["test_acc"] > 10  # learned something in one epoch
+    weights = torch.load(tmp_path / "model.pt", weights_only=False)["model"]
+    assert not any(key.startswith("_orig_mod.") for key in weights)  # loadable without torch.compile
+
+
 def test_the_eta_follows_the_last_epochs_pace(caplog, tmp_path):
     """The first epoch of a compiled run includes the compilation: the ETA must not carry it forward."""
     history = {"epoch": 2, "train_loss": 1.0, "train_acc": 50.0, "test_loss": 1.0, "test_acc": 50.0, "lr": 0.1,
