@@ -108,6 +108,24 @@ def resume_point(run_dir: Path, config: dict) -> dict | None:
     return state
 
 
+def refuse_other_execution(run_dir: Path, state: dict, device: torch.device, compile_as: str | None) -> None:
+    """A run resumes on the device type and in the compile mode it started with, so that it ends exactly as an
+    uninterrupted one (a device type's generator draws its own data order; compiled kernels round differently)."""
+    if state["device_type"] != device.type:
+        raise Refused(f"{run_dir} was trained on {state['device_type']} and cannot resume on {device.type}: "
+                      f"its data order comes from a {state['device_type']} generator. Use "
+                      f"trainer.device={state['device_type']}.")
+    started_with = state["config"]["trainer"]["compile"]
+    started_as = compile_mode(started_with, device)
+    if started_as != compile_as:
+        raise Refused(f"{run_dir} was trained {how_it_runs(started_as)} and cannot resume {how_it_runs(compile_as)}: "
+                      f"compiled and eager kernels round differently. Use trainer.compile={str(started_with).lower()}.")
+
+
+def how_it_runs(compile_as: str | None) -> str:
+    return f"with torch.compile mode {compile_as}" if compile_as else "eagerly"
+
+
 def refuse_other_data(run_dir: Path, started_on: dict | None, data: dict) -> None:
     """data.root may move between a run's starts; the images and labels under it may not change."""
     if started_on and started_on.get("fingerprint", data["fingerprint"]) != data["fingerprint"]:
@@ -155,10 +173,8 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         claim_gpu(cfg.trainer.jobs_per_gpu)  # before anything initialises CUDA
     device = select_device(cfg.trainer.device)
     compile_as = compile_mode(cfg.trainer.compile, device)
-    if state and state["device_type"] != device.type:
-        raise Refused(f"{run_dir} was trained on {state['device_type']} and cannot resume on {device.type}: "
-                      f"its data order comes from a {state['device_type']} generator. Use "
-                      f"trainer.device={state['device_type']}.")
+    if state:
+        refuse_other_execution(run_dir, state, device, compile_as)
     configure_backend(device)
     data_root = Path(to_absolute_path(cfg.data.root))
     splits = load_cifar10(data_root, cfg.data.download)
@@ -192,12 +208,12 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         epoch, step, partial = state["epoch"], state["step"], state["partial"]
         log.info("resuming %s at epoch %d, step %d", run_dir, epoch + 1, step)
 
-    info = dict(**costs, device=device_name(device), torch_compile=compile_as, cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-                data=data_info)
+    info = dict(**costs, device=device_name(device), torch_compile=compile_as,
+                cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), data=data_info)
     record.update("running", **info)
     log.info("VGG-16 part=%d width=%s: %.2fM FLOPs (paper), %.2fM executed, %.3fM params, on %s, %s",
              cfg.model.part, cfg.model.width, costs["flops"] / 1e6, costs["executed_flops"] / 1e6, costs["params"] / 1e6,
-             info["device"], f"torch.compile mode={compile_as}" if compile_as else "eager")
+             info["device"], how_it_runs(compile_as))
     writer = SummaryWriter(run_dir, purge_step=epoch + 1 if state else None)
     hparam_values = {"part": cfg.model.part, "width": cfg.model.width, "seed": cfg.seed, "epochs": cfg.trainer.epochs,
                      "flops_m": costs["flops"] / 1e6, "params_m": costs["params"] / 1e6}
@@ -223,9 +239,9 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     with StopSignals() as stop:
         while epoch < cfg.trainer.epochs:
             model.train()
-            wall_at_start = record.wall_s
             epoch_rng = generator.get_state()  # the whole epoch's random draws follow from it
             partial = partial or {"loss": 0.0, "correct": 0, "seen": 0, "train_s": 0.0}
+            wall_at_start = record.wall_s - partial["train_s"]  # a resumed epoch counts what it trained before
             loss_sum = torch.tensor(partial["loss"], device=device)
             correct = torch.tensor(partial["correct"], device=device)
             seen, started = partial["seen"], time.perf_counter()

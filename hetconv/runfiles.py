@@ -16,7 +16,8 @@ import torch
 
 from hetconv.provenance import git_commit, library_versions, now
 
-# Config keys that may change when a run is resumed without changing what it computes.
+# Config keys that may change when a run is resumed without changing what it computes (trainer.device and
+# trainer.compile as long as they resolve to the same device type and compile mode: train.py checks that).
 RESUMABLE_CHANGES = ("data.root", "data.download", "trainer.device", "trainer.jobs_per_gpu", "trainer.compile")
 
 

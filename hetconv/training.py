@@ -46,6 +46,8 @@ def check_settings(cfg) -> None:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{key} must be an int >= {least}, got {value!r}")
+    # An unknown trainer.compile fails here, before a GPU is claimed; the mode itself depends on the device.
+    compile_mode(cfg.trainer.compile, torch.device("cpu"))
 
 
 def configure_backend(device: torch.device) -> None:
@@ -78,10 +80,10 @@ def compile_mode(setting, device: torch.device) -> str | None:
     """trainer.compile as a torch.compile mode, None for eager. auto: reduce-overhead on CUDA, where a
     CIFAR-size step is bound by kernel launches that CUDA graphs remove; eager on the CPU, where
     inductor's code trains slower than eager (scripts/bench.py measures both)."""
-    if setting == "auto":
-        return "reduce-overhead" if device.type == "cuda" else None
     if setting is False or setting is True:
         return "default" if setting else None
+    if setting == "auto":
+        return "reduce-overhead" if device.type == "cuda" else None
     if setting in COMPILE_MODES:
         return setting
     raise ValueError(f"trainer.compile must be auto, true, false or a torch.compile mode ({', '.join(COMPILE_MODES)}),"

@@ -60,3 +60,4 @@ def test_the_compiled_sweep_is_projected_only_when_every_part_was_compiled():
     assert "| 4 | 150 | 360 | 2.40x | 1.20x | 300 | 720 | 2.40x | 10% |" in text
     assert "one job at a time on this device), compiled (reduce-overhead):" in text
     assert "Projected" not in compile_section([row(1, 300)], eager, "reduce-overhead")
+    assert "on the CPU it compiles as the default mode" not in compile_section([row(1, 300)], eager, "max-autotune")
