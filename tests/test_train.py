@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import time
 
@@ -22,6 +23,15 @@ from hetconv.training import compile_mode, train_config
 from scripts.make_fake_cifar import make_fake_cifar
 
 SCALARS = {"train/loss", "train/acc", "test/loss", "test/acc", "lr", "time/epoch_s", "time/images_per_s"}
+
+
+def copy_stopped_after_epoch_2(reference_run, run_dir, change=lambda state: None) -> None:
+    """A copy of the reference run whose checkpoint is as if it stopped after epoch 2 of 3, then `change`d."""
+    shutil.copytree(reference_run, run_dir)
+    state = torch.load(last_checkpoint(run_dir), weights_only=True)
+    state.update(epoch=2)
+    change(state)
+    torch.save(state, last_checkpoint(run_dir))
 
 
 def test_a_small_run_learns_and_leaves_every_artefact(reference_run):
@@ -151,8 +161,6 @@ def test_offline_download_fails_fast_with_instructions(tmp_path, monkeypatch):
 
 
 def test_truncated_batch_file_is_named(fake_root, tmp_path):
-    import shutil
-
     root = tmp_path / "copy"
     shutil.copytree(fake_root, root)
     victim = root / "cifar-10-batches-py" / "data_batch_3"
@@ -209,13 +217,8 @@ def test_a_launchers_own_signal_handler_runs_after_the_state_is_saved(reference_
 
 
 def test_resuming_on_another_device_type_is_refused(reference_run, fake_root, tmp_path):
-    import shutil
-
     run_dir = tmp_path / "run"
-    shutil.copytree(reference_run, run_dir)
-    state = torch.load(last_checkpoint(run_dir), weights_only=True)
-    state.update(epoch=2, device_type="cuda")
-    torch.save(state, last_checkpoint(run_dir))
+    copy_stopped_after_epoch_2(reference_run, run_dir, lambda state: state.update(device_type="cuda"))
     before = (run_dir / "metrics.json").read_bytes()
     result = script("train.py", *SMALL, f"data.root={fake_root}", f"hydra.run.dir={run_dir}", check=False)
     assert result.returncode != 0 and "was trained on cuda and cannot resume on cpu" in result.stderr
@@ -242,13 +245,8 @@ def test_a_second_process_on_the_same_folder_is_refused(fake_root, tmp_path):
 
 
 def test_resuming_on_other_data_is_refused_and_on_the_same_data_moved_accepted(reference_run, fake_root, tmp_path):
-    import shutil
-
     run_dir = tmp_path / "run"
-    shutil.copytree(reference_run, run_dir)
-    state = torch.load(last_checkpoint(run_dir), weights_only=True)
-    state.update(epoch=2)  # as if stopped after epoch 2 of 3
-    torch.save(state, last_checkpoint(run_dir))
+    copy_stopped_after_epoch_2(reference_run, run_dir)
     other = tmp_path / "other"
     make_fake_cifar(other, train=4000, test=500, seed=1)
     before = (run_dir / "metrics.json").read_bytes()
@@ -263,8 +261,6 @@ def test_resuming_on_other_data_is_refused_and_on_the_same_data_moved_accepted(r
 
 
 def test_a_finished_run_without_its_checkpoint_is_left_alone(reference_run, fake_root, tmp_path):
-    import shutil
-
     run_dir = tmp_path / "run"
     shutil.copytree(reference_run, run_dir)
     shutil.rmtree(run_dir / "checkpoints")  # to free disk once model.pt is there
@@ -336,14 +332,10 @@ def test_the_compile_setting_is_a_mode_per_device(setting, device, mode):
 @pytest.mark.parametrize("started_with,refused", [("default", True), (False, False)])
 def test_a_run_resumes_only_in_the_compile_mode_it_started_with(started_with, refused, reference_run, fake_root,
                                                                  tmp_path):
-    import shutil
-
     run_dir = tmp_path / "run"
-    shutil.copytree(reference_run, run_dir)
-    state = torch.load(last_checkpoint(run_dir), weights_only=True)
-    state["config"]["trainer"]["compile"] = started_with  # the reference run is eager: auto on the CPU
-    state.update(epoch=2)
-    torch.save(state, last_checkpoint(run_dir))
+    # The reference run is eager: auto on the CPU.
+    copy_stopped_after_epoch_2(reference_run, run_dir,
+                               lambda state: state["config"]["trainer"].update(compile=started_with))
     before = (run_dir / "metrics.json").read_bytes()
     result = script("train.py", *SMALL, f"data.root={fake_root}", f"hydra.run.dir={run_dir}", check=False)
     if refused:
