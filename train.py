@@ -36,7 +36,7 @@ from hetconv.provenance import device_name
 from hetconv.runfiles import (RunRecord, config_differences, exclusive, last_checkpoint, load, read_metrics,
                               save)
 from hetconv.training import (Preprocess, build_optimizer, build_scheduler, check_settings, configure_backend,
-                              compile_mode, evaluate, select_device, train_step)
+                              compile_mode, compiled, evaluate, select_device, train_step)
 from models import vgg16
 from models.vgg import check_part_fits
 
@@ -196,7 +196,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     generator = torch.Generator(device).manual_seed(cfg.seed)
     batches = TrainBatches(data["train"], cfg.trainer.batch_size, generator, cfg.data.crop_padding, cfg.data.flip)
     preprocess = Preprocess(cfg.data, cfg.trainer.channels_last, device)
-    forward_model = torch.compile(model, mode=compile_as) if compile_as else model
+    forward_model = compiled(model, compile_as)
 
     epoch, step, partial = 0, 0, None
     if state:

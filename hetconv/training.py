@@ -90,6 +90,11 @@ def compile_mode(setting, device: torch.device) -> str | None:
                      f" got {setting!r}")
 
 
+def compiled(model: nn.Module, compile_as: str | None) -> nn.Module:
+    """The module a training step calls: the model itself, or torch.compile's wrapper sharing its weights."""
+    return torch.compile(model, mode=compile_as) if compile_as else model
+
+
 def train_config(*overrides: str) -> DictConfig:
     """configs/train.yaml composed with these overrides, as train.py would see it (without hydra's node)."""
     with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):

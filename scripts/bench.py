@@ -35,8 +35,8 @@ from hetconv.data import memory_format
 from hetconv.flops import count_flops, paper_ratio
 from hetconv.provenance import device_name, git_commit, library_versions, now
 from hetconv.report import PAPER_PARTS, RESULTS_DIR, markdown_table
-from hetconv.training import (COMPILE_MODES, Preprocess, autocast, build_optimizer, compile_mode, configure_backend,
-                              select_device, train_config, train_step, uses_amp)
+from hetconv.training import (COMPILE_MODES, Preprocess, autocast, build_optimizer, compile_mode, compiled,
+                              configure_backend, select_device, train_config, train_step, uses_amp)
 from models import vgg16
 from models.vgg import conv_channels, conv_sides
 
@@ -210,7 +210,7 @@ def bench_model(part: int, device_arg: str, repeats: int, compile_setting: str) 
     model = vgg16(part).to(device, memory_format=memory_format(cfg.trainer.channels_last))
     optimizer = build_optimizer(model, cfg.optim)
     preprocess = Preprocess(cfg.data, cfg.trainer.channels_last, device)
-    forward_model = torch.compile(model, mode=compile_as) if compile_as else model
+    forward_model = compiled(model, compile_as)
     images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (BATCH,), device=device)
     if device.type == "cuda":
