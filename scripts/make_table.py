@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from hetconv.flops import model_costs, truncate_millions  # noqa: E402
+from hetconv.flops import count_flops, count_params, truncate_millions  # noqa: E402
 from hetconv.provenance import git_commit, now  # noqa: E402
 from hetconv.report import PAPER_PARTS, RESULTS_DIR, load_published, markdown_table, write_csv  # noqa: E402
 from hetconv.runfiles import config_differences, read_metrics  # noqa: E402
@@ -96,10 +96,10 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
 def paper_costs(part: int, width: float) -> tuple[float | None, float | None]:
     """(paper FLOPs, effective params) in millions, counted on the model; None when it cannot be built."""
     try:
-        costs = model_costs(vgg16(part, width=width))
+        model = vgg16(part, width=width)
     except ValueError:
         return None, None
-    return truncate_millions(costs["flops"]), round(costs["params"] / 1e6, 3)
+    return truncate_millions(count_flops(model, "paper")), round(count_params(model)[0] / 1e6, 3)
 
 
 def table_rows(jobs: list[Job], published: dict) -> list[dict]:
