@@ -23,6 +23,8 @@ def test_bench_writes_a_report_with_every_section(tmp_path):
     assert re.search(r"\| 8 \| \d+ \| (\d+ \| ){7}[\d.]+ \(0\.222\) \| [\d.]+x \| [\d.]+x \|", report)
     assert "| 64->64 @32x32 |" in report and "| 512->512 @2x2 |" in report  # all 8 distinct HetConv shapes
     assert "of 8 cells with P > 1 are within 1.5x" in report
+    # a row: shape, dense ms, P=1 and P=8 cells, the 1x1 branch against the dense conv, naive, spread
+    assert re.search(r"\| 64->64 @32x32 \| [\d.]+ \| ([\d.]+ \([\d.]+x\) \| ){2}[\d.]+ \| [\d.]+ \| \d+% \|", report)
 
 
 def small_training_step(part: int):
