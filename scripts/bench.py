@@ -9,20 +9,22 @@ HetConv2d, of the dense 3x3 conv it replaces (the P=1 reference) and of the naiv
 R(P) = 1/P + (1 - 1/P)/9; on CUDA as CUDA graph replays, which time the GPU's work alone.
 Model level: training throughput with train.py's own step (same precision, memory format, optimizer
 and input pipeline, composed from configs/), inference throughput and peak memory, each part in a
-fresh process, eager and, for --compile-parts, compiled; on the CPU, also where the training step's
+process of its own, eager and, for --compile-parts, compiled; on the CPU, also where the training step's
 time goes, op by op, and how fast the step could be at most if HetConv's layers ran at their
-FLOP-proportional share of the dense layers' time. Median of repeats; the spread
-(max - min) / median says how noisy each figure is. Writes results/bench-<device>.md.
+FLOP-proportional share of the dense layers' time. Median of repeats, taken in turns across the
+figures a table compares (so every part's model is held at once: about 1.5 GB of RAM per part on
+the CPU); the spread (max - min) / median says how noisy each figure is. Writes
+results/bench-<device>.md.
 """
 
 import argparse
-import concurrent.futures
 import multiprocessing
 import re
 import resource
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -52,31 +54,37 @@ CUDA_CALLS = 20
 CATEGORIES = ("3x3 convs", "1x1 convs", "first conv", "BatchNorm", "ReLU", "max pool", "other")
 
 
-def timed(fn, device: torch.device, repeats: int, warmup: int = 2, calls: int = 1) -> tuple[float, float]:
-    """(median seconds per call, spread = (max - min) / median) over `repeats` timings of `calls` calls in a
-    row, after warm-up."""
-    def in_a_row():
+def seconds_per_call(fn, device: torch.device, calls: int = 1) -> float:
+    """One timing of `calls` calls of fn in a row, per call (CUDA events on CUDA)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         for _ in range(calls):
             fn()
-
-    for _ in range(warmup):
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / calls
+    started = time.perf_counter()
+    for _ in range(calls):
         fn()
-    times = []
+    return (time.perf_counter() - started) / calls
+
+
+def interleaved(timers: dict, repeats: int) -> dict:
+    """{key: (median seconds, spread = (max - min) / median)} over `repeats` rounds, each round timing every
+    timer once (a timer returns one timing). The figures a report compares are taken in turns, so a drift
+    of the machine's speed, which on a shared CPU lasts minutes, hits them alike."""
+    times = {key: [] for key in timers}
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            in_a_row()
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1e3
-        else:
-            started = time.perf_counter()
-            in_a_row()
-            seconds = time.perf_counter() - started
-        times.append(seconds / calls)
-    median = statistics.median(times)
-    return median, (max(times) - min(times)) / median
+        for key, timer in timers.items():
+            times[key].append(timer())
+    return {key: (statistics.median(t), (max(t) - min(t)) / statistics.median(t)) for key, t in times.items()}
+
+
+def warmed_up(fn, calls: int):
+    for _ in range(calls):
+        fn()
+    return fn
 
 
 class MaskedDense(nn.Module):
@@ -131,23 +139,29 @@ def cuda_graphed(step):
 def bench_layers(device, cfg, parts, repeats) -> list[dict]:
     layout = memory_format(cfg.trainer.channels_last)
 
-    def time_layer(module: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    def timer(module: nn.Module, x: torch.Tensor):
         step = fwd_bwd(module.to(device, memory_format=layout), x, cfg.trainer.amp)
         if device.type == "cuda":
-            return timed(cuda_graphed(step), device, repeats, calls=CUDA_CALLS)
-        return timed(step, device, repeats)
+            replay = warmed_up(cuda_graphed(step), 2)
+            return lambda: seconds_per_call(replay, device, CUDA_CALLS)
+        warmed_up(step, 2)
+        return lambda: seconds_per_call(step, device)
 
     rows = []
     for in_ch, out_ch, side in layer_shapes():
         x = torch.randn(BATCH, in_ch, side, side, device=device).contiguous(memory_format=layout)
         x.requires_grad_()
-        dense, dense_spread = time_layer(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), x)
-        # The 1x1 branch that every P > 1 runs in full, whatever its grouped 3x3 conv costs.
-        pointwise, _ = time_layer(nn.Conv2d(in_ch, out_ch, 1, bias=False), x)
+        timers = {"dense": timer(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), x),
+                  # the 1x1 branch that every P > 1 runs in full, whatever its grouped 3x3 conv costs
+                  "pointwise": timer(nn.Conv2d(in_ch, out_ch, 1, bias=False), x)}
         for part in parts:
             layer = HetConv2d(in_ch, out_ch, part)
-            ours, spread = time_layer(layer, x)
-            naive, _ = time_layer(MaskedDense(layer), x)
+            timers["ours", part] = timer(layer, x)
+            timers["naive", part] = timer(MaskedDense(layer), x)
+        times = interleaved(timers, repeats)
+        (dense, dense_spread), (pointwise, _) = times["dense"], times["pointwise"]
+        for part in parts:
+            (ours, spread), (naive, _) = times["ours", part], times["naive", part]
             rows.append({"shape": f"{in_ch}->{out_ch} @{side}x{side}", "part": part, "dense_ms": dense * 1e3,
                          "ours_ms": ours * 1e3, "naive_ms": naive * 1e3, "pointwise_ms": pointwise * 1e3,
                          "flop_ratio": paper_ratio(part), "spread": max(spread, dense_spread)})
@@ -202,50 +216,108 @@ def cpu_step_breakdown(step, first_conv_weight: list[int], steps: int = 5) -> di
     return {category: statistics.median(ms[category] for ms in per_step) for category in CATEGORIES}
 
 
-def bench_model(part: int, device_arg: str, repeats: int, compile_setting: str) -> dict:
-    """One part's model-level figures; runs in a fresh process so that peak memory is its own."""
-    cfg = train_config(f"trainer.device={device_arg}", f"trainer.compile={compile_setting}")  # what training runs
-    device = select_device(cfg.trainer.device)
-    configure_backend(device)
-    compile_as = compile_mode(cfg.trainer.compile, device)
-    torch.manual_seed(0)
-    model = vgg16(part).to(device, memory_format=memory_format(cfg.trainer.channels_last))
-    optimizer = build_optimizer(model, cfg.optim)
-    preprocess = Preprocess(cfg.data, cfg.trainer.channels_last, device)
-    forward_model = compiled(model, compile_as)
-    images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, 10, (BATCH,), device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    step = lambda: train_step(forward_model, optimizer, preprocess(images), labels, cfg.trainer.amp)  # noqa: E731
-    calls = CUDA_CALLS if device.type == "cuda" else 1
-    train_s, train_spread = timed(step, device, repeats, warmup=3, calls=calls)
-    rss_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
-    peak_mb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_unit) / 2**20
-    # The profiler names eager ops only; on CUDA it would need kernel-level attribution, which this script lacks.
-    breakdown = (cpu_step_breakdown(step, list(model.features[0].weight.shape))
-                 if device.type == "cpu" and not compile_as else None)
-    model.eval()
+def part_worker(connection, part: int, device_arg: str, compile_setting: str, phase: str) -> None:
+    """One part's model as train.py builds it, in a process of its own so that its peak memory is its own:
+    warms up its training step or inference (`phase`), then answers each "time" with one timing, so that
+    the parts' repeats interleave; then, alone on the machine, sends what else the report needs."""
+    try:
+        cfg = train_config(f"trainer.device={device_arg}", f"trainer.compile={compile_setting}")  # what training runs
+        device = select_device(cfg.trainer.device)
+        configure_backend(device)
+        compile_as = compile_mode(cfg.trainer.compile, device)
+        torch.manual_seed(0)
+        model = vgg16(part).to(device, memory_format=memory_format(cfg.trainer.channels_last))
+        optimizer = build_optimizer(model, cfg.optim)
+        preprocess = Preprocess(cfg.data, cfg.trainer.channels_last, device)
+        forward_model = compiled(model, compile_as)
+        images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8, device=device)
+        labels = torch.randint(0, 10, (BATCH,), device=device)
+        if phase == "train":
+            run = lambda: train_step(forward_model, optimizer, preprocess(images), labels, cfg.trainer.amp)  # noqa: E731
+        else:
+            model.eval()
 
-    @torch.no_grad()
-    def infer():
-        with autocast(device, cfg.trainer.amp):
-            forward_model(preprocess(images))
+            @torch.no_grad()
+            def run():
+                with autocast(device, cfg.trainer.amp):
+                    forward_model(preprocess(images))
 
-    infer_s, infer_spread = timed(infer, device, repeats, warmup=3, calls=calls)
-    return {"part": part, "train_ips": BATCH / train_s, "infer_ips": BATCH / infer_s,
-            "peak_mb": peak_mb, "spread": max(train_spread, infer_spread), "breakdown": breakdown,
-            "device_name": device_name(device),
-            "paper_flops": count_flops(model, "paper"), "epochs": cfg.trainer.epochs}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        warmed_up(run, 3)
+        connection.send("ready")
+        calls = CUDA_CALLS if device.type == "cuda" else 1
+        while connection.recv() == "time":
+            connection.send(seconds_per_call(run, device, calls))
+        if phase == "infer":
+            connection.send({})
+            return
+        rss_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+        peak_mb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_unit) / 2**20
+        # The profiler names eager ops only; on CUDA it would need kernel-level attribution, which this script lacks.
+        breakdown = (cpu_step_breakdown(run, list(model.features[0].weight.shape))
+                     if device.type == "cpu" and not compile_as else None)
+        connection.send({"peak_mb": peak_mb, "breakdown": breakdown, "device_name": device_name(device),
+                         "paper_flops": count_flops(model, "paper"), "epochs": cfg.trainer.epochs})
+    except Exception:  # the parent raises it, naming the part
+        connection.send(WorkerFailed(traceback.format_exc()))
+
+
+class WorkerFailed(str):
+    """A part worker's traceback, sent to the parent in place of the answer it expected."""
+
+
+def answer(connection, part: int, phase: str):
+    try:
+        message = connection.recv()
+    except EOFError:
+        raise RuntimeError(f"the P={part} {phase} worker died without a word (killed? out of memory?)") from None
+    if isinstance(message, WorkerFailed):
+        raise RuntimeError(f"the P={part} {phase} worker failed:\n{message}")
+    return message
+
+
+def time_parts(parts, device_arg: str, repeats: int, compile_setting: str, phase: str) -> dict[int, dict]:
+    """{part: part_worker's figures and (median seconds, spread)}, every part's repeats taken in turns."""
+    spawn = multiprocessing.get_context("spawn")
+    workers = {}
+    for part in parts:
+        connection, child_end = spawn.Pipe()
+        process = spawn.Process(target=part_worker, args=(child_end, part, device_arg, compile_setting, phase))
+        process.start()
+        workers[part] = connection, process
+
+    def timer(part: int, connection):
+        def one_timing() -> float:
+            connection.send("time")
+            return answer(connection, part, phase)
+        return one_timing
+
+    try:
+        for part, (connection, _) in workers.items():
+            answer(connection, part, phase)  # "ready": timing starts once every part has warmed up
+        times = interleaved({part: timer(part, connection) for part, (connection, _) in workers.items()}, repeats)
+        figures = {}
+        for part, (connection, _) in workers.items():  # one at a time: the CPU profile must run alone
+            connection.send("stop")
+            figures[part] = {**answer(connection, part, phase), "seconds": times[part]}
+        return figures
+    finally:
+        for _, process in workers.values():  # those done are exiting; after a failure, the others wait for orders
+            process.kill()
+            process.join()
 
 
 def bench_models(parts, device_arg, repeats, compile_setting) -> list[dict]:
+    """Training and inference of every part, as train.py runs them."""
+    train = time_parts(parts, device_arg, repeats, compile_setting, "train")
+    infer = time_parts(parts, device_arg, repeats, compile_setting, "infer")
     rows = []
-    spawn = multiprocessing.get_context("spawn")
     for part in parts:
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-            rows.append(pool.submit(bench_model, part, device_arg, repeats, compile_setting).result())
+        (train_s, train_spread), (infer_s, infer_spread) = train[part]["seconds"], infer[part]["seconds"]
+        rows.append({**train[part], "part": part, "train_ips": BATCH / train_s, "infer_ips": BATCH / infer_s,
+                     "spread": max(train_spread, infer_spread)})
         print(f"model P={part} compile={compile_setting}: {rows[-1]['train_ips']:.0f} img/s training, "
               f"{rows[-1]['infer_ips']:.0f} img/s inference", file=sys.stderr)
     return rows
