@@ -248,6 +248,7 @@ def part_worker(connection, part: int, device_arg: str, compile_setting: str, ph
         connection.send("ready")
         calls = CUDA_CALLS if device.type == "cuda" else 1
         while connection.recv() == "time":
+            run()  # untimed: after idling while the others ran, this process's caches and pages are cold
             connection.send(seconds_per_call(run, device, calls))
         if phase == "infer":
             connection.send({})
