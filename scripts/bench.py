@@ -9,22 +9,21 @@ HetConv2d, of the dense 3x3 conv it replaces (the P=1 reference) and of the naiv
 R(P) = 1/P + (1 - 1/P)/9; on CUDA as CUDA graph replays, which time the GPU's work alone.
 Model level: training throughput with train.py's own step (same precision, memory format, optimizer
 and input pipeline, composed from configs/), inference throughput and peak memory, each part in a
-process of its own, eager and, for --compile-parts, compiled; on the CPU, also where the training step's
+fresh process, eager and, for --compile-parts, compiled; on the CPU, also where the training step's
 time goes, op by op, and how fast the step could be at most if HetConv's layers ran at their
-FLOP-proportional share of the dense layers' time. Median of repeats, taken in turns across the
-figures a table compares (so every part's model is held at once: about 1.5 GB of RAM per part on
-the CPU); the spread (max - min) / median says how noisy each figure is. Writes
+FLOP-proportional share of the dense layers' time. Median of repeats (a layer table's row is timed
+in turns); the spread (max - min) / median says how noisy each figure is. Writes
 results/bench-<device>.md.
 """
 
 import argparse
+import concurrent.futures
 import multiprocessing
 import re
 import resource
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -70,15 +69,26 @@ def seconds_per_call(fn, device: torch.device, calls: int = 1) -> float:
     return (time.perf_counter() - started) / calls
 
 
+def median_and_spread(times: list[float]) -> tuple[float, float]:
+    median = statistics.median(times)
+    return median, (max(times) - min(times)) / median
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: int = 2, calls: int = 1) -> tuple[float, float]:
+    """(median seconds per call, spread = (max - min) / median) over `repeats` timings, after warm-up."""
+    warmed_up(fn, warmup)
+    return median_and_spread([seconds_per_call(fn, device, calls) for _ in range(repeats)])
+
+
 def interleaved(timers: dict, repeats: int) -> dict:
-    """{key: (median seconds, spread = (max - min) / median)} over `repeats` rounds, each round timing every
-    timer once (a timer returns one timing). The figures a report compares are taken in turns, so a drift
-    of the machine's speed, which on a shared CPU lasts minutes, hits them alike."""
+    """{key: (median seconds, spread)} over `repeats` rounds, each round timing every timer once (a timer
+    returns one timing): the layers a row of the report compares are timed in turns, so a drift of the
+    machine's speed hits them alike."""
     times = {key: [] for key in timers}
     for _ in range(repeats):
         for key, timer in timers.items():
             times[key].append(timer())
-    return {key: (statistics.median(t), (max(t) - min(t)) / statistics.median(t)) for key, t in times.items()}
+    return {key: median_and_spread(t) for key, t in times.items()}
 
 
 def warmed_up(fn, calls: int):
@@ -216,109 +226,50 @@ def cpu_step_breakdown(step, first_conv_weight: list[int], steps: int = 5) -> di
     return {category: statistics.median(ms[category] for ms in per_step) for category in CATEGORIES}
 
 
-def part_worker(connection, part: int, device_arg: str, compile_setting: str, phase: str) -> None:
-    """One part's model as train.py builds it, in a process of its own so that its peak memory is its own:
-    warms up its training step or inference (`phase`), then answers each "time" with one timing, so that
-    the parts' repeats interleave; then, alone on the machine, sends what else the report needs."""
-    try:
-        cfg = train_config(f"trainer.device={device_arg}", f"trainer.compile={compile_setting}")  # what training runs
-        device = select_device(cfg.trainer.device)
-        configure_backend(device)
-        compile_as = compile_mode(cfg.trainer.compile, device)
-        torch.manual_seed(0)
-        model = vgg16(part).to(device, memory_format=memory_format(cfg.trainer.channels_last))
-        optimizer = build_optimizer(model, cfg.optim)
-        preprocess = Preprocess(cfg.data, cfg.trainer.channels_last, device)
-        forward_model = compiled(model, compile_as)
-        images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8, device=device)
-        labels = torch.randint(0, 10, (BATCH,), device=device)
-        if phase == "train":
-            run = lambda: train_step(forward_model, optimizer, preprocess(images), labels, cfg.trainer.amp)  # noqa: E731
-        else:
-            model.eval()
+def bench_model(part: int, device_arg: str, repeats: int, compile_setting: str) -> dict:
+    """One part's model-level figures; runs in a fresh process so that peak memory is its own."""
+    cfg = train_config(f"trainer.device={device_arg}", f"trainer.compile={compile_setting}")  # what training runs
+    device = select_device(cfg.trainer.device)
+    configure_backend(device)
+    compile_as = compile_mode(cfg.trainer.compile, device)
+    torch.manual_seed(0)
+    model = vgg16(part).to(device, memory_format=memory_format(cfg.trainer.channels_last))
+    optimizer = build_optimizer(model, cfg.optim)
+    preprocess = Preprocess(cfg.data, cfg.trainer.channels_last, device)
+    forward_model = compiled(model, compile_as)
+    images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (BATCH,), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step = lambda: train_step(forward_model, optimizer, preprocess(images), labels, cfg.trainer.amp)  # noqa: E731
+    calls = CUDA_CALLS if device.type == "cuda" else 1
+    train_s, train_spread = timed(step, device, repeats, warmup=3, calls=calls)
+    rss_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+    peak_mb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_unit) / 2**20
+    # The profiler names eager ops only; on CUDA it would need kernel-level attribution, which this script lacks.
+    breakdown = (cpu_step_breakdown(step, list(model.features[0].weight.shape))
+                 if device.type == "cpu" and not compile_as else None)
+    model.eval()
 
-            @torch.no_grad()
-            def run():
-                with autocast(device, cfg.trainer.amp):
-                    forward_model(preprocess(images))
+    @torch.no_grad()
+    def infer():
+        with autocast(device, cfg.trainer.amp):
+            forward_model(preprocess(images))
 
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        warmed_up(run, 3)
-        connection.send("ready")
-        calls = CUDA_CALLS if device.type == "cuda" else 1
-        while connection.recv() == "time":
-            run()  # untimed: after idling while the others ran, this process's caches and pages are cold
-            connection.send(seconds_per_call(run, device, calls))
-        if phase == "infer":
-            connection.send({})
-            return
-        rss_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
-        peak_mb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_unit) / 2**20
-        # The profiler names eager ops only; on CUDA it would need kernel-level attribution, which this script lacks.
-        breakdown = (cpu_step_breakdown(run, list(model.features[0].weight.shape))
-                     if device.type == "cpu" and not compile_as else None)
-        connection.send({"peak_mb": peak_mb, "breakdown": breakdown, "device_name": device_name(device),
-                         "paper_flops": count_flops(model, "paper"), "epochs": cfg.trainer.epochs})
-    except Exception:  # the parent raises it, naming the part
-        connection.send(WorkerFailed(traceback.format_exc()))
-
-
-class WorkerFailed(str):
-    """A part worker's traceback, sent to the parent in place of the answer it expected."""
-
-
-def answer(connection, part: int, phase: str):
-    try:
-        message = connection.recv()
-    except EOFError:
-        raise RuntimeError(f"the P={part} {phase} worker died without a word (killed? out of memory?)") from None
-    if isinstance(message, WorkerFailed):
-        raise RuntimeError(f"the P={part} {phase} worker failed:\n{message}")
-    return message
-
-
-def time_parts(parts, device_arg: str, repeats: int, compile_setting: str, phase: str) -> dict[int, dict]:
-    """{part: part_worker's figures and (median seconds, spread)}, every part's repeats taken in turns."""
-    spawn = multiprocessing.get_context("spawn")
-    workers = {}
-    for part in parts:
-        connection, child_end = spawn.Pipe()
-        process = spawn.Process(target=part_worker, args=(child_end, part, device_arg, compile_setting, phase))
-        process.start()
-        workers[part] = connection, process
-
-    def timer(part: int, connection):
-        def one_timing() -> float:
-            connection.send("time")
-            return answer(connection, part, phase)
-        return one_timing
-
-    try:
-        for part, (connection, _) in workers.items():
-            answer(connection, part, phase)  # "ready": timing starts once every part has warmed up
-        times = interleaved({part: timer(part, connection) for part, (connection, _) in workers.items()}, repeats)
-        figures = {}
-        for part, (connection, _) in workers.items():  # one at a time: the CPU profile must run alone
-            connection.send("stop")
-            figures[part] = {**answer(connection, part, phase), "seconds": times[part]}
-        return figures
-    finally:
-        for _, process in workers.values():  # those done are exiting; after a failure, the others wait for orders
-            process.kill()
-            process.join()
+    infer_s, infer_spread = timed(infer, device, repeats, warmup=3, calls=calls)
+    return {"part": part, "train_ips": BATCH / train_s, "infer_ips": BATCH / infer_s,
+            "peak_mb": peak_mb, "spread": max(train_spread, infer_spread), "breakdown": breakdown,
+            "device_name": device_name(device),
+            "paper_flops": count_flops(model, "paper"), "epochs": cfg.trainer.epochs}
 
 
 def bench_models(parts, device_arg, repeats, compile_setting) -> list[dict]:
-    """Training and inference of every part, as train.py runs them."""
-    train = time_parts(parts, device_arg, repeats, compile_setting, "train")
-    infer = time_parts(parts, device_arg, repeats, compile_setting, "infer")
     rows = []
+    spawn = multiprocessing.get_context("spawn")
     for part in parts:
-        (train_s, train_spread), (infer_s, infer_spread) = train[part]["seconds"], infer[part]["seconds"]
-        rows.append({**train[part], "part": part, "train_ips": BATCH / train_s, "infer_ips": BATCH / infer_s,
-                     "spread": max(train_spread, infer_spread)})
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            rows.append(pool.submit(bench_model, part, device_arg, repeats, compile_setting).result())
         print(f"model P={part} compile={compile_setting}: {rows[-1]['train_ips']:.0f} img/s training, "
               f"{rows[-1]['infer_ips']:.0f} img/s inference", file=sys.stderr)
     return rows
