@@ -151,11 +151,9 @@ def bench_layers(device, cfg, parts, repeats) -> list[dict]:
 
     def timer(module: nn.Module, x: torch.Tensor):
         step = fwd_bwd(module.to(device, memory_format=layout), x, cfg.trainer.amp)
-        if device.type == "cuda":
-            replay = warmed_up(cuda_graphed(step), 2)
-            return lambda: seconds_per_call(replay, device, CUDA_CALLS)
-        warmed_up(step, 2)
-        return lambda: seconds_per_call(step, device)
+        run, calls = (cuda_graphed(step), CUDA_CALLS) if device.type == "cuda" else (step, 1)
+        warmed_up(run, 2)
+        return lambda: seconds_per_call(run, device, calls)
 
     rows = []
     for in_ch, out_ch, side in layer_shapes():
@@ -169,12 +167,13 @@ def bench_layers(device, cfg, parts, repeats) -> list[dict]:
             timers["ours", part] = timer(layer, x)
             timers["naive", part] = timer(MaskedDense(layer), x)
         times = interleaved(timers, repeats)
-        (dense, dense_spread), (pointwise, _) = times["dense"], times["pointwise"]
+        (dense, dense_spread), (pointwise, pointwise_spread) = times["dense"], times["pointwise"]
         for part in parts:
-            (ours, spread), (naive, _) = times["ours", part], times["naive", part]
+            (ours, spread), (naive, naive_spread) = times["ours", part], times["naive", part]
             rows.append({"shape": f"{in_ch}->{out_ch} @{side}x{side}", "part": part, "dense_ms": dense * 1e3,
                          "ours_ms": ours * 1e3, "naive_ms": naive * 1e3, "pointwise_ms": pointwise * 1e3,
-                         "flop_ratio": paper_ratio(part), "spread": max(spread, dense_spread)})
+                         "flop_ratio": paper_ratio(part),
+                         "spread": max(spread, dense_spread, pointwise_spread, naive_spread)})
             print(f"layer {rows[-1]['shape']} P={part}: {ours * 1e3:.2f} ms (dense {dense * 1e3:.2f}, "
                   f"naive {naive * 1e3:.2f})", file=sys.stderr)
     return rows
@@ -364,11 +363,12 @@ def layer_section(rows: list[dict]) -> str:
     within = [r for r in hetero if r["ours_ms"] / r["dense_ms"] <= LAYER_TARGET * r["flop_ratio"]]
     return ("\n## Layer by layer: forward + backward, HetConv2d against the dense 3x3 conv\n\n"
             "Each cell: time of HetConv2d / time of the dense conv, then that ratio / R(P), the layer's time "
-            f"against its FLOP-proportional share (goal: at most {LAYER_TARGET}x). The 1x1 column is a dense 1x1 "
-            "conv alone (1/9 of the dense 3x3's FLOPs) against the dense 3x3 conv: HetConv runs that branch in full "
-            "at every P > 1 besides its grouped 3x3 conv, so no cell of its row can be much below it. The naive column is the dense "
-            "conv with the mask multiplied into its weight (its worst P). On CUDA every timing replays a CUDA graph "
-            "of the forward and backward: the GPU's work, without Python's launch overhead.\n\n"
+            f"against its FLOP-proportional share (goal: at most {LAYER_TARGET}x). The 1x1 column is a dense "
+            "1x1 conv alone (1/9 of the dense 3x3's FLOPs) against the dense 3x3 conv: HetConv runs that branch in "
+            "full at every P > 1 besides its grouped 3x3 conv, so no cell of its row can be much below it. The "
+            "naive column is the dense conv with the mask multiplied into its weight (its worst P). A row's "
+            "figures are timed in turns; its spread is the largest of theirs. On CUDA every timing replays a CUDA "
+            "graph of the forward and backward: the GPU's work, without Python's launch overhead.\n\n"
             + markdown_table(["shape (in->out @ side)", "dense ms"] + [f"P={p} (R={paper_ratio(p):.3f})" for p in parts]
                              + ["1x1 / dense (R=0.111)", "naive / dense", "spread"], body)
             + f"\n{len(within)} of {len(hetero)} cells with P > 1 are within {LAYER_TARGET}x of their "
