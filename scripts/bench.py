@@ -4,16 +4,17 @@
     (also: make bench)
 
 Layer level: for every distinct HetConv shape of VGG-16 (batch 128), forward + backward time of
-HetConv2d, of the dense 3x3 conv it replaces (the P=1 reference) and of the naive implementation
-(the dense conv with the HetConv mask multiplied into its weight), beside the FLOP ratio
-R(P) = 1/P + (1 - 1/P)/9; on CUDA as CUDA graph replays, which time the GPU's work alone.
+HetConv2d, of its 1x1 branch alone, and of the naive implementation (the dense conv with the HetConv
+mask multiplied into its weight), against the dense 3x3 conv it replaces (the P=1 reference), beside
+the FLOP ratio R(P) = 1/P + (1 - 1/P)/9; on CUDA as CUDA graph replays, which time the GPU's work
+alone.
 Model level: training throughput with train.py's own step (same precision, memory format, optimizer
 and input pipeline, composed from configs/), inference throughput and peak memory, each part in a
 fresh process, eager and, for --compile-parts, compiled; on the CPU, also where the training step's
 time goes, op by op, and how fast the step could be at most if HetConv's layers ran at their
-FLOP-proportional share of the dense layers' time. Median of repeats (a layer table's row is timed
-in turns); the spread (max - min) / median says how noisy each figure is. Writes
-results/bench-<device>.md.
+FLOP-proportional share of the dense layers' time. Median of repeats (a layer's row is timed in
+turns, and its ratios are medians of per-turn ratios); the spread (max - min) / median says how noisy
+each figure is. Writes results/bench-<device>.md.
 """
 
 import argparse
@@ -80,21 +81,19 @@ def timed(fn, device: torch.device, repeats: int, warmup: int = 2, calls: int = 
     return median_and_spread([seconds_per_call(fn, device, calls) for _ in range(repeats)])
 
 
-def interleaved(timers: dict, repeats: int) -> dict:
-    """{key: (median seconds, spread)} over `repeats` rounds, each round timing every timer once (a timer
-    returns one timing): the layers a row of the report compares are timed in turns, so a drift of the
-    machine's speed hits them alike."""
+def in_turns(timers: dict, repeats: int) -> dict[object, list[float]]:
+    """{key: its `repeats` timings}, taken in rounds that time every timer once (a timer returns one timing),
+    so that a drift of the machine's speed hits them alike and cancels in their ratios."""
     times = {key: [] for key in timers}
     for _ in range(repeats):
         for key, timer in timers.items():
             times[key].append(timer())
-    return {key: median_and_spread(t) for key, t in times.items()}
+    return times
 
 
-def warmed_up(fn, calls: int):
+def warmed_up(fn, calls: int) -> None:
     for _ in range(calls):
         fn()
-    return fn
 
 
 class MaskedDense(nn.Module):
@@ -166,16 +165,25 @@ def bench_layers(device, cfg, parts, repeats) -> list[dict]:
             layer = HetConv2d(in_ch, out_ch, part)
             timers["ours", part] = timer(layer, x)
             timers["naive", part] = timer(MaskedDense(layer), x)
-        times = interleaved(timers, repeats)
-        (dense, dense_spread), (pointwise, pointwise_spread) = times["dense"], times["pointwise"]
-        for part in parts:
-            (ours, spread), (naive, naive_spread) = times["ours", part], times["naive", part]
-            rows.append({"shape": f"{in_ch}->{out_ch} @{side}x{side}", "part": part, "dense_ms": dense * 1e3,
-                         "ours_ms": ours * 1e3, "naive_ms": naive * 1e3, "pointwise_ms": pointwise * 1e3,
-                         "flop_ratio": paper_ratio(part),
-                         "spread": max(spread, dense_spread, pointwise_spread, naive_spread)})
-            print(f"layer {rows[-1]['shape']} P={part}: {ours * 1e3:.2f} ms (dense {dense * 1e3:.2f}, "
-                  f"naive {naive * 1e3:.2f})", file=sys.stderr)
+        rows += layer_rows(f"{in_ch}->{out_ch} @{side}x{side}", parts, in_turns(timers, repeats))
+        print(f"layer {rows[-1]['shape']}: dense {rows[-1]['dense_ms']:.3f} ms, HetConv / dense "
+              + ", ".join(f"{r['ours']:.2f} at P={r['part']}" for r in rows[-len(parts):]), file=sys.stderr)
+    return rows
+
+
+def layer_rows(shape: str, parts: list[int], times: dict[object, list[float]]) -> list[dict]:
+    """One row per part from a shape's timings in turns: each ratio to the dense conv is the median of the
+    per-turn ratios, and the spread is that of the row's ratios, which a drift of the machine cancels in."""
+    def against_dense(key) -> tuple[float, float]:
+        return median_and_spread([t / dense for t, dense in zip(times[key], times["dense"])])
+
+    pointwise, pointwise_spread = against_dense("pointwise")
+    rows = []
+    for part in parts:
+        (ours, spread), (naive, naive_spread) = against_dense(("ours", part)), against_dense(("naive", part))
+        rows.append({"shape": shape, "part": part, "dense_ms": statistics.median(times["dense"]) * 1e3,
+                     "ours": ours, "naive": naive, "pointwise": pointwise, "flop_ratio": paper_ratio(part),
+                     "spread": max(spread, naive_spread, pointwise_spread)})
     return rows
 
 
@@ -354,21 +362,21 @@ def layer_section(rows: list[dict]) -> str:
     body = []
     for shape in dict.fromkeys(r["shape"] for r in rows):
         line = [cells[(shape, p)] for p in parts]
-        dense_ms = line[0]["dense_ms"]
-        body.append([shape, f"{dense_ms:.3f}"]
-                    + [f"{r['ours_ms'] / dense_ms:.2f} ({r['ours_ms'] / dense_ms / r['flop_ratio']:.2f}x)" for r in line]
-                    + [f"{line[0]['pointwise_ms'] / dense_ms:.2f}", f"{max(r['naive_ms'] for r in line) / dense_ms:.2f}",
+        body.append([shape, f"{line[0]['dense_ms']:.3f}"]
+                    + [f"{r['ours']:.2f} ({r['ours'] / r['flop_ratio']:.2f}x)" for r in line]
+                    + [f"{line[0]['pointwise']:.2f}", f"{max(r['naive'] for r in line):.2f}",
                        f"{max(r['spread'] for r in line):.0%}"])
     hetero = [r for r in rows if r["part"] > 1]
-    within = [r for r in hetero if r["ours_ms"] / r["dense_ms"] <= LAYER_TARGET * r["flop_ratio"]]
+    within = [r for r in hetero if r["ours"] <= LAYER_TARGET * r["flop_ratio"]]
     return ("\n## Layer by layer: forward + backward, HetConv2d against the dense 3x3 conv\n\n"
             "Each cell: time of HetConv2d / time of the dense conv, then that ratio / R(P), the layer's time "
             f"against its FLOP-proportional share (goal: at most {LAYER_TARGET}x). The 1x1 column is a dense "
             "1x1 conv alone (1/9 of the dense 3x3's FLOPs) against the dense 3x3 conv: HetConv runs that branch in "
             "full at every P > 1 besides its grouped 3x3 conv, so no cell of its row can be much below it. The "
             "naive column is the dense conv with the mask multiplied into its weight (its worst P). A row's "
-            "figures are timed in turns; its spread is the largest of theirs. On CUDA every timing replays a CUDA "
-            "graph of the forward and backward: the GPU's work, without Python's launch overhead.\n\n"
+            "layers are timed in turns, each ratio is the median of the per-turn ratios, and the spread is the "
+            "largest of the row's ratios' spreads. On CUDA every timing replays a CUDA graph of the forward and "
+            "backward: the GPU's work, without Python's launch overhead.\n\n"
             + markdown_table(["shape (in->out @ side)", "dense ms"] + [f"P={p} (R={paper_ratio(p):.3f})" for p in parts]
                              + ["1x1 / dense (R=0.111)", "naive / dense", "spread"], body)
             + f"\n{len(within)} of {len(hetero)} cells with P > 1 are within {LAYER_TARGET}x of their "

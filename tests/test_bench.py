@@ -9,7 +9,7 @@ from torch.profiler import profile
 
 from hetconv.training import build_optimizer, train_config, train_step
 from models import vgg16
-from scripts.bench import CATEGORIES, compile_section, conv_weight, cpu_step_breakdown, interleaved
+from scripts.bench import CATEGORIES, compile_section, conv_weight, cpu_step_breakdown, in_turns, layer_rows
 
 
 def test_bench_writes_a_report_with_every_section(tmp_path):
@@ -27,7 +27,7 @@ def test_bench_writes_a_report_with_every_section(tmp_path):
     assert re.search(r"\| 64->64 @32x32 \| [\d.]+ \| ([\d.]+ \([\d.]+x\) \| ){2}[\d.]+ \| [\d.]+ \| \d+% \|", report)
 
 
-def test_repeats_are_taken_in_turns_so_that_drift_hits_every_figure_alike():
+def test_repeats_are_taken_in_turns():
     order = []
 
     def timer(key, seconds):
@@ -36,9 +36,22 @@ def test_repeats_are_taken_in_turns_so_that_drift_hits_every_figure_alike():
             return seconds.pop(0)
         return one_timing
 
-    times = interleaved({"dense": timer("dense", [1.0, 3.0, 2.0]), 4: timer(4, [0.5, 0.5, 1.0])}, repeats=3)
+    times = in_turns({"dense": timer("dense", [1.0, 3.0, 2.0]), 4: timer(4, [0.5, 1.5, 1.0])}, repeats=3)
     assert order == ["dense", 4] * 3
-    assert times == {"dense": (2.0, 1.0), 4: (0.5, 1.0)}  # (median, (max - min) / median)
+    assert times == {"dense": [1.0, 3.0, 2.0], 4: [0.5, 1.5, 1.0]}
+
+
+def test_a_drift_that_hits_a_whole_turn_cancels_in_the_layer_ratios():
+    # the machine runs 3x slower in the second turn and 2x in the third; the layers' ratios do not move
+    drift = [1.0, 3.0, 2.0]
+    times = {"dense": [0.010 * d for d in drift], "pointwise": [0.002 * d for d in drift],
+             ("ours", 4): [0.005 * d for d in drift], ("naive", 4): [0.011 * d for d in drift]}
+    (row,) = layer_rows("64->64 @32x32", [4], times)
+    assert row["dense_ms"] == pytest.approx(20.0)  # the median dense time, drift and all
+    assert (row["ours"], row["pointwise"], row["naive"]) == pytest.approx((0.5, 0.2, 1.1))
+    assert row["spread"] == pytest.approx(0.0)
+    times["naive", 4][1] *= 1.5  # noise within one turn shows: naive ratios 1.1, 1.65, 1.1
+    assert layer_rows("64->64 @32x32", [4], times)[0]["spread"] == pytest.approx(0.5)
 
 
 def small_training_step(part: int):
