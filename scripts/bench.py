@@ -12,8 +12,8 @@ Model level: training throughput with train.py's own step (same precision, memor
 and input pipeline, composed from configs/), inference throughput and peak memory, each part in a
 fresh process, eager and, for --compile-parts, compiled; on the CPU, also where the training step's
 time goes, op by op, and how fast the step could be at most if HetConv's layers ran at their
-FLOP-proportional share of the dense layers' time. Median of repeats (a layer's row is timed in
-turns, and its ratios are medians of per-turn ratios); the spread (max - min) / median says how noisy
+FLOP-proportional share of the dense layers' time. Median of repeats (a layer's ratios are medians of per-repeat
+ratios, and on the CPU its row is timed in turns); the spread (max - min) / median says how noisy
 each figure is. Writes results/bench-<device>.md.
 """
 
@@ -150,9 +150,14 @@ def bench_layers(device, cfg, parts, repeats) -> list[dict]:
 
     def timer(module: nn.Module, x: torch.Tensor):
         step = fwd_bwd(module.to(device, memory_format=layout), x, cfg.trainer.amp)
-        run, calls = (cuda_graphed(step), CUDA_CALLS) if device.type == "cuda" else (step, 1)
-        warmed_up(run, 2)
-        return lambda: seconds_per_call(run, device, calls)
+        if device.type == "cuda":
+            # All of a graph's timings at once, then the graph is freed: with a row's graphs all kept to be
+            # replayed in turns, an H200 hit an illegal memory access. Replays hardly drift (spreads of 1%).
+            replay = cuda_graphed(step)
+            warmed_up(replay, 2)
+            return iter([seconds_per_call(replay, device, CUDA_CALLS) for _ in range(repeats)]).__next__
+        warmed_up(step, 2)
+        return lambda: seconds_per_call(step, device)
 
     rows = []
     for in_ch, out_ch, side in layer_shapes():
@@ -373,10 +378,11 @@ def layer_section(rows: list[dict]) -> str:
             f"against its FLOP-proportional share (goal: at most {LAYER_TARGET}x). The 1x1 column is a dense "
             "1x1 conv alone (1/9 of the dense 3x3's FLOPs) against the dense 3x3 conv: HetConv runs that branch in "
             "full at every P > 1 besides its grouped 3x3 conv, so no cell of its row can be much below it. The "
-            "naive column is the dense conv with the mask multiplied into its weight (its worst P). A row's "
-            "layers are timed in turns, each ratio is the median of the per-turn ratios, and the spread is the "
-            "largest of the row's ratios' spreads. On CUDA every timing replays a CUDA graph of the forward and "
-            "backward: the GPU's work, without Python's launch overhead.\n\n"
+            "naive column is the dense conv with the mask multiplied into its weight (its worst P). Each ratio is "
+            "the median of per-repeat ratios, and the spread is the largest of the row's ratios' spreads. On the "
+            "CPU a row's layers are timed in turns, so that a drift of the machine cancels in the ratios. On CUDA "
+            "every timing replays a CUDA graph of the forward and backward: the GPU's work, without Python's "
+            "launch overhead.\n\n"
             + markdown_table(["shape (in->out @ side)", "dense ms"] + [f"P={p} (R={paper_ratio(p):.3f})" for p in parts]
                              + ["1x1 / dense (R=0.111)", "naive / dense", "spread"], body)
             + f"\n{len(within)} of {len(hetero)} cells with P > 1 are within {LAYER_TARGET}x of their "
