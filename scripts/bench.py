@@ -12,9 +12,9 @@ Model level: training throughput with train.py's own step (same precision, memor
 and input pipeline, composed from configs/), inference throughput and peak memory, each part in a
 fresh process, eager and, for --compile-parts, compiled; on the CPU, also where the training step's
 time goes, op by op, and how fast the step could be at most if HetConv's layers ran at their
-FLOP-proportional share of the dense layers' time. Median of repeats (a layer's ratios are medians of per-repeat
-ratios, and on the CPU its row is timed in turns); the spread (max - min) / median says how noisy
-each figure is. Writes results/bench-<device>.md.
+FLOP-proportional share of the dense layers' time. Median of repeats (a layer's ratios are medians
+of per-repeat ratios, and on the CPU its row is timed in turns); the spread (max - min) / median
+says how noisy each figure is. Writes results/bench-<device>.md.
 """
 
 import argparse
