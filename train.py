@@ -182,9 +182,10 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
                  "train_images": len(splits["train"]), "test_images": len(splits["test"])}
     if state:
         refuse_other_data(run_dir, record.info.get("data"), data_info)
-    if int(splits["train"].labels.max()) >= cfg.model.num_classes:
+    top_label = int(splits["train"].labels.max())
+    if top_label >= cfg.model.num_classes:
         raise ValueError(f"model.num_classes={cfg.model.num_classes}, but the training labels go up to "
-                         f"{int(splits['train'].labels.max())}: set model.num_classes to the data's class count")
+                         f"{top_label}: set model.num_classes to the data's class count")
     data = {name: split.to(device) for name, split in splits.items()}
 
     torch.manual_seed(cfg.seed)

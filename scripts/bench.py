@@ -52,6 +52,7 @@ CUDA_CALLS = 20
 # Where a training step's time goes, by profiled op; "other" is the loss, the classifier, the optimizer,
 # the sum of HetConv's two branches, the mask and memory management.
 CATEGORIES = ("3x3 convs", "1x1 convs", "first conv", "BatchNorm", "ReLU", "max pool", "other")
+PROFILED_STEPS = 5  # the breakdown is the median over this many profiled steps
 
 
 def seconds_per_call(fn, device: torch.device, calls: int = 1) -> float:
@@ -182,11 +183,12 @@ def layer_rows(shape: str, parts: list[int], times: dict[object, list[float]]) -
     def against_dense(key) -> tuple[float, float]:
         return median_and_spread([t / dense for t, dense in zip(times[key], times["dense"])])
 
+    dense_ms = statistics.median(times["dense"]) * 1e3
     pointwise, pointwise_spread = against_dense("pointwise")
     rows = []
     for part in parts:
         (ours, spread), (naive, naive_spread) = against_dense(("ours", part)), against_dense(("naive", part))
-        rows.append({"shape": shape, "part": part, "dense_ms": statistics.median(times["dense"]) * 1e3,
+        rows.append({"shape": shape, "part": part, "dense_ms": dense_ms,
                      "ours": ours, "naive": naive, "pointwise": pointwise, "flop_ratio": paper_ratio(part),
                      "spread": max(spread, naive_spread, pointwise_spread)})
     return rows
@@ -224,7 +226,7 @@ def enclosing_category(event, first_conv_weight: list[int]) -> str:
     return "other"
 
 
-def cpu_step_breakdown(step, first_conv_weight: list[int], steps: int = 5) -> dict[str, float]:
+def cpu_step_breakdown(step, first_conv_weight: list[int], steps: int = PROFILED_STEPS) -> dict[str, float]:
     """Milliseconds in each of CATEGORIES, the median over `steps` profiled steps (a step under the profiler
     is a little slower than without): the self time of every op, charged to its enclosing category."""
     per_step = []
@@ -334,9 +336,9 @@ def breakdown_section(rows: list[dict]) -> str:
                     + [f"{convs / base_convs:.2f} ({paper_ratio(r['part']):.3f})", f"{ceiling:.2f}x",
                        f"{r['train_ips'] / base['train_ips']:.2f}x"])
     return ("\n## Where the training step's time goes\n\n"
-            "Milliseconds per step under the profiler, by op (self time, median over 5 steps). *3x3 convs* and *1x1 convs* are the "
-            "convolutions of the 12 HetConv layers; *HetConv convs / P=1* is their time against P=1's, beside "
-            "the FLOP ratio R(P). *Ceiling* is the speed-up over P=1 if those convolutions took exactly R(P) of "
+            f"Milliseconds per step under the profiler, by op (self time, median over {PROFILED_STEPS} steps). "
+            "*3x3 convs* and *1x1 convs* are the convolutions of the 12 HetConv layers; *HetConv convs / P=1* "
+            "is their time against P=1's, beside the FLOP ratio R(P). *Ceiling* is the speed-up over P=1 if those convolutions took exactly R(P) of "
             "P=1's time and everything else stayed as at P=1; *measured* is the unprofiled speed-up above.\n\n"
             + markdown_table(["P", "step ms"] + list(CATEGORIES) + ["HetConv convs / P=1 (R)", "ceiling",
                                                                    "measured"], body))
