@@ -60,7 +60,8 @@ def configure_backend(device: torch.device) -> None:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_max = -1, -4
         libc.mallopt(m_mmap_max, 0)
-        libc.mallopt(m_trim_threshold, 2**40)
+        # mallopt takes a C int: ctypes silently wraps a larger value (2**40 became 0, trim always).
+        libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
 def uses_amp(device: torch.device, amp: bool) -> bool:

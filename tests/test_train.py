@@ -4,8 +4,11 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -379,3 +382,22 @@ def test_the_eta_follows_the_last_epochs_pace(caplog, tmp_path):
     with SummaryWriter(tmp_path) as writer, caplog.at_level(logging.INFO):
         train_module.log_epoch(writer, history, metrics, 10, 5.0)
     assert "epoch 2/10" in caplog.text and "ETA 0:00:40" in caplog.text
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_on_the_cpu_a_freed_activation_is_reused_without_page_faults():
+    # A step frees and reallocates every activation; a heap that hands the memory back to the OS makes
+    # each reallocation fault every page in again. The first rounds grow the heap to its working size.
+    probe = """
+import resource, torch
+from hetconv.training import configure_backend
+configure_backend(torch.device("cpu"))
+for _ in range(3):
+    torch.ones(2**24)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.ones(2**24)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    pages = 2**24 * 4 // resource.getpagesize()
+    assert int(result.stdout) < pages // 100
