@@ -338,8 +338,9 @@ def breakdown_section(rows: list[dict]) -> str:
     return ("\n## Where the training step's time goes\n\n"
             f"Milliseconds per step under the profiler, by op (self time, median over {PROFILED_STEPS} steps). "
             "*3x3 convs* and *1x1 convs* are the convolutions of the 12 HetConv layers; *HetConv convs / P=1* "
-            "is their time against P=1's, beside the FLOP ratio R(P). *Ceiling* is the speed-up over P=1 if those convolutions took exactly R(P) of "
-            "P=1's time and everything else stayed as at P=1; *measured* is the unprofiled speed-up above.\n\n"
+            "is their time against P=1's, beside the FLOP ratio R(P). *Ceiling* is the speed-up over P=1 if those "
+            "convolutions took exactly R(P) of P=1's time and everything else stayed as at P=1; *measured* is the "
+            "unprofiled speed-up above.\n\n"
             + markdown_table(["P", "step ms"] + list(CATEGORIES) + ["HetConv convs / P=1 (R)", "ceiling",
                                                                    "measured"], body))
 
@@ -386,7 +387,7 @@ def layer_section(rows: list[dict]) -> str:
             "every timing replays a CUDA graph of the forward and backward: the GPU's work, without Python's "
             "launch overhead.\n\n"
             + markdown_table(["shape (in->out @ side)", "dense ms"] + [f"P={p} (R={paper_ratio(p):.3f})" for p in parts]
-                             + ["1x1 / dense (R=0.111)", "naive / dense", "spread"], body)
+                             + [f"1x1 / dense (R={1 / 9:.3f})", "naive / dense", "spread"], body)
             + f"\n{len(within)} of {len(hetero)} cells with P > 1 are within {LAYER_TARGET}x of their "
               "FLOP-proportional share.\n")
 
