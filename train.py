@@ -189,7 +189,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     data = {name: split.to(device) for name, split in splits.items()}
 
     torch.manual_seed(cfg.seed)
-    model = vgg16(cfg.model.part, cfg.model.num_classes, cfg.model.width)
+    model = vgg16(cfg.model.part, cfg.model.num_classes, cfg.model.width, cfg.trainer.hetconv)
     costs = model_costs(model)
     model = model.to(device, memory_format=memory_format(cfg.trainer.channels_last))
     optimizer = build_optimizer(model, cfg.optim)

@@ -10,6 +10,8 @@ Two FLOPs conventions, both from one fvcore trace of a single input (a 32x32 ima
   = 1): the grouped 3x3 convolution, the whole 1x1 convolution including its masked block
   diagonal, and BatchNorm at 2 operations per element (eval mode). The masking and the sum of
   the two branches are weight- and activation-sized elementwise ops that fvcore does not count.
+  A layer run as one dense convolution (impl="dense", or "auto" on CUDA) executes, and counts
+  as, the standard convolution.
 """
 
 import math
@@ -37,7 +39,8 @@ def _paper_convolution(model: nn.Module):
     """fvcore handle for aten::_convolution in the paper's convention.
 
     A HetConv layer runs as two convolutions; following the two terms of R(P), its grouped 3x3
-    convolution carries 1/P of the standard layer's cost and its 1x1 convolution (1 - 1/P)/9.
+    convolution carries 1/P of the standard layer's cost and its 1x1 convolution (1 - 1/P)/9. Run as
+    one dense convolution (impl="dense", or "auto" on CUDA), it carries the whole R(P).
     The layer is found through the module scope fvcore records on every traced op.
     """
     hetconvs = {name: m for name, m in model.named_modules() if isinstance(m, HetConv2d)}
@@ -49,9 +52,11 @@ def _paper_convolution(model: nn.Module):
         if layer is None:
             return n_outputs * (math.prod(kernel[1:]) + 1)
         standard = n_outputs * (9 * layer.in_channels + 1)
-        if kernel[-1] == 3:
+        if kernel[-1] == 1:
+            return standard * (1 - 1 / layer.part) / 9
+        if kernel[1] == layer.in_channels // layer.part:
             return standard / layer.part
-        return standard * (1 - 1 / layer.part) / 9
+        return standard * paper_ratio(layer.part)
 
     return handle
 

@@ -5,6 +5,9 @@ in_channels - in_channels/part through 1x1 kernels. We compute it as a 3x3 convo
 groups=part plus a 1x1 convolution whose weights on each filter's own group are structurally zero.
 With contiguous groups, filter n has its 3x3 kernels on input block n // (out_channels/part); the
 paper's "shifted" placement is the same layer up to one channel permutation (`shift_permutation`).
+The same layer can also run as one dense 3x3 convolution over its assembled weight (`impl="dense"`),
+which does the FLOPs of the standard layer but is the faster kernel where grouped convolutions are
+slow (scripts/bench.py measures both).
 """
 
 import math
@@ -13,12 +16,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# How HetConv2d computes its output: "grouped", a grouped 3x3 conv plus a 1x1 conv (the FLOPs of the paper);
+# "dense", one 3x3 conv over the assembled weight; "auto", dense on CUDA, where cuDNN's grouped kernels run
+# slower than its dense ones, and grouped elsewhere (scripts/bench.py times both, layer by layer).
+IMPLS = ("auto", "grouped", "dense")
+
 
 def _check_positive_int(name: str, value, context: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__}); {context}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}; {context}")
+
+
+def check_impl(impl, name: str = "impl") -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"{name} must be one of {', '.join(IMPLS)}, got {impl!r}")
+
+
+def resolved_impl(impl: str, device: torch.device) -> str:
+    """impl as "grouped" or "dense" on this device."""
+    if impl != "auto":
+        return impl
+    return "dense" if device.type == "cuda" else "grouped"
 
 
 def check_hetconv_args(in_channels: int, out_channels: int, part: int, stride: int = 1) -> None:
@@ -65,10 +85,12 @@ class HetConv2d(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, part: int, stride: int = 1,
-                 bias: bool = False):
+                 bias: bool = False, impl: str = "auto"):
         super().__init__()
         check_hetconv_args(in_channels, out_channels, part, stride)
+        check_impl(impl)
         self.in_channels, self.out_channels, self.part, self.stride = in_channels, out_channels, part, stride
+        self.impl = impl
         self.weight3x3 = nn.Parameter(torch.empty(out_channels, in_channels // part, 3, 3))
         if part > 1:
             self.weight1x1 = nn.Parameter(torch.empty(out_channels, in_channels, 1, 1))
@@ -112,21 +134,24 @@ class HetConv2d(nn.Module):
         return torch.where(self.mask1x1, self.weight1x1, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if resolved_impl(self.impl, x.device) == "dense":
+            return F.conv2d(x, self.dense_weight(), self.bias, self.stride, 1)
         y = F.conv2d(x, self.weight3x3, self.bias, self.stride, 1, 1, self.part)
         if self.weight1x1 is None:
             return y
         return y.add_(F.conv2d(x, self.pointwise_weight(), None, self.stride))
 
-    @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
-        """The layer as one (out, in, 3, 3) kernel: 3x3 blocks on the diagonal, 1x1 at the centre."""
-        out_group, in_group = self.out_channels // self.part, self.in_channels // self.part
-        weight = self.weight3x3.new_zeros(self.out_channels, self.in_channels, 3, 3)
-        if self.weight1x1 is not None:
-            weight[:, :, 1:2, 1:2] = self.pointwise_weight()
-        for g in range(self.part):
-            weight[g * out_group:(g + 1) * out_group, g * in_group:(g + 1) * in_group] = \
-                self.weight3x3[g * out_group:(g + 1) * out_group]
+        """The layer as one (out, in, 3, 3) kernel: 3x3 blocks on the diagonal, 1x1 at the centre.
+
+        Differentiable: each stored weight gets the gradient it gets in the grouped form (zero for the
+        structural zeros)."""
+        if self.weight1x1 is None:
+            return self.weight3x3
+        part, out_group, in_group = self.part, self.out_channels // self.part, self.in_channels // self.part
+        weight = F.pad(self.pointwise_weight(), (1, 1, 1, 1))
+        blocks = weight.view(part, out_group, part, in_group, 3, 3).diagonal(dim1=0, dim2=2)
+        blocks.copy_(self.weight3x3.view(part, out_group, in_group, 3, 3).movedim(0, -1))
         return weight
 
     @torch.no_grad()

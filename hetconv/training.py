@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from hetconv.data import Split, to_inputs
+from hetconv.layer import check_impl
 from hetconv.provenance import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,9 @@ def check_settings(cfg) -> None:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{key} must be an int >= {least}, got {value!r}")
-    # An unknown trainer.compile fails here, before a GPU is claimed; the mode itself depends on the device.
+    # An unknown trainer.compile or trainer.hetconv fails here, before a GPU is claimed.
     compile_mode(cfg.trainer.compile, torch.device("cpu"))
+    check_impl(cfg.trainer.hetconv, "trainer.hetconv")
 
 
 def configure_backend(device: torch.device) -> None:

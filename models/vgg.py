@@ -53,7 +53,7 @@ def check_part_fits(part: int, width: float = 1.0) -> None:
 
 
 class VGG(nn.Module):
-    def __init__(self, part: int = 1, num_classes: int = 10, width: float = 1.0):
+    def __init__(self, part: int = 1, num_classes: int = 10, width: float = 1.0, impl: str = "auto"):
         super().__init__()
         check_part_fits(part, width)
         self.part, self.width = part, width
@@ -66,7 +66,7 @@ class VGG(nn.Module):
             index, (in_channels, out_channels) = next(pairs)
             # The first conv sees only the 3 colour channels and stays a standard convolution.
             conv = (nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False) if index == 0
-                    else HetConv2d(in_channels, out_channels, part))
+                    else HetConv2d(in_channels, out_channels, part, impl=impl))
             layers += [conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)
         hidden = max(1, round(512 * width))
@@ -82,6 +82,6 @@ class VGG(nn.Module):
         return self.classifier(self.features(x))
 
 
-def vgg16(part: int = 1, num_classes: int = 10, width: float = 1.0) -> VGG:
-    """VGG-16 whose 12 convs after the first are HetConv2d(part); width scales every channel count."""
-    return VGG(part, num_classes, width)
+def vgg16(part: int = 1, num_classes: int = 10, width: float = 1.0, impl: str = "auto") -> VGG:
+    """VGG-16 whose 12 convs after the first are HetConv2d(part, impl=impl); width scales every channel count."""
+    return VGG(part, num_classes, width, impl)

@@ -1,20 +1,23 @@
 """How fast HetConv trains, layer by layer and as the whole model, beside the dense convolution.
 
-    python scripts/bench.py [--device auto] [--parts 1,2,4,8,16,32,64] [--compile-parts 1,4,64] [--out results]
+    python scripts/bench.py [--device auto] [--parts 1,2,4,8,16,32,64] [--compile-parts 1,4,64] [--impl auto]
+                            [--out results]
     (also: make bench)
 
 Layer level: for every distinct HetConv shape of VGG-16 (batch 128), forward + backward time of
-HetConv2d, of its 1x1 branch alone, and of the naive implementation (the dense conv with the HetConv
-mask multiplied into its weight), against the dense 3x3 conv it replaces (the P=1 reference), beside
-the FLOP ratio R(P) = 1/P + (1 - 1/P)/9; on CUDA as CUDA graph replays, which time the GPU's work
-alone.
+HetConv2d computed grouped (impl="grouped"), of its 1x1 branch alone, and of the naive implementation
+(impl="dense": one dense conv over the assembled weight, zeros and all), against the dense 3x3 conv
+it replaces (the P=1 reference), beside the FLOP ratio R(P) = 1/P + (1 - 1/P)/9; on CUDA as CUDA
+graph replays, which time the GPU's work alone.
 Model level: training throughput with train.py's own step (same precision, memory format, optimizer
 and input pipeline, composed from configs/), inference throughput and peak memory, each part in a
 fresh process, eager and, for --compile-parts, compiled; on the CPU, also where the training step's
 time goes, op by op, and how fast the step could be at most if HetConv's layers ran at their
-FLOP-proportional share of the dense layers' time. Median of repeats (a layer's ratios are medians
-of per-repeat ratios, and on the CPU its row is timed in turns); the spread (max - min) / median
-says how noisy each figure is. Writes results/bench-<device>.md.
+FLOP-proportional share of the dense layers' time. The model runs its layers as --impl says
+(trainer.hetconv; auto: dense on CUDA, grouped on the CPU). Median of repeats (a layer's ratios are
+medians of per-repeat ratios, and on the CPU its row is timed in turns); the spread (max - min) /
+median says how noisy each figure is. Writes results/bench-<device>.md, or bench-<device>-<impl>.md
+for an --impl other than auto.
 """
 
 import argparse
@@ -28,11 +31,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.profiler import profile
 
 from hetconv import HetConv2d
+from hetconv.layer import IMPLS, resolved_impl
 from hetconv.data import memory_format
 from hetconv.flops import count_flops, paper_ratio
 from hetconv.provenance import device_name, git_commit, library_versions, now
@@ -97,19 +100,6 @@ def warmed_up(fn, calls: int) -> None:
         fn()
 
 
-class MaskedDense(nn.Module):
-    """The naive HetConv: a dense 3x3 conv with the layer's pattern of zeros multiplied into its weight."""
-
-    def __init__(self, layer: HetConv2d):
-        super().__init__()
-        weight = layer.dense_weight()
-        self.weight = nn.Parameter(weight)
-        self.register_buffer("mask", weight != 0)
-
-    def forward(self, x):
-        return F.conv2d(x, self.weight * self.mask, padding=1)
-
-
 def layer_shapes() -> list[tuple[int, int, int]]:
     """Distinct (in, out, side) of VGG-16's HetConv layers (all but the first conv)."""
     return list(dict.fromkeys((i, o, s) for (i, o), s in list(zip(conv_channels(), conv_sides()))[1:]))
@@ -168,9 +158,8 @@ def bench_layers(device, cfg, parts, repeats) -> list[dict]:
                   # the 1x1 branch that every P > 1 runs in full, whatever its grouped 3x3 conv costs
                   "pointwise": timer(nn.Conv2d(in_ch, out_ch, 1, bias=False), x)}
         for part in parts:
-            layer = HetConv2d(in_ch, out_ch, part)
-            timers["ours", part] = timer(layer, x)
-            timers["naive", part] = timer(MaskedDense(layer), x)
+            timers["ours", part] = timer(HetConv2d(in_ch, out_ch, part, impl="grouped"), x)
+            timers["naive", part] = timer(HetConv2d(in_ch, out_ch, part, impl="dense"), x)
         rows += layer_rows(f"{in_ch}->{out_ch} @{side}x{side}", parts, in_turns(timers, repeats))
         print(f"layer {rows[-1]['shape']}: dense {rows[-1]['dense_ms']:.3f} ms, HetConv / dense "
               + ", ".join(f"{r['ours']:.2f} at P={r['part']}" for r in rows[-len(parts):]), file=sys.stderr)
@@ -240,14 +229,14 @@ def cpu_step_breakdown(step, first_conv_weight: list[int], steps: int = PROFILED
     return {category: statistics.median(ms[category] for ms in per_step) for category in CATEGORIES}
 
 
-def bench_model(part: int, device_arg: str, repeats: int, compile_setting: str) -> dict:
+def bench_model(part: int, overrides: list[str], repeats: int) -> dict:
     """One part's model-level figures; runs in a fresh process so that peak memory is its own."""
-    cfg = train_config(f"trainer.device={device_arg}", f"trainer.compile={compile_setting}")  # what training runs
+    cfg = train_config(*overrides)  # what training runs
     device = select_device(cfg.trainer.device)
     configure_backend(device)
     compile_as = compile_mode(cfg.trainer.compile, device)
     torch.manual_seed(0)
-    model = vgg16(part).to(device, memory_format=memory_format(cfg.trainer.channels_last))
+    model = vgg16(part, impl=cfg.trainer.hetconv).to(device, memory_format=memory_format(cfg.trainer.channels_last))
     optimizer = build_optimizer(model, cfg.optim)
     preprocess = Preprocess(cfg.data, cfg.trainer.channels_last, device)
     forward_model = compiled(model, compile_as)
@@ -278,13 +267,13 @@ def bench_model(part: int, device_arg: str, repeats: int, compile_setting: str) 
             "paper_flops": count_flops(model, "paper"), "epochs": cfg.trainer.epochs}
 
 
-def bench_models(parts, device_arg, repeats, compile_setting) -> list[dict]:
+def bench_models(parts, overrides: list[str], repeats) -> list[dict]:
     rows = []
     spawn = multiprocessing.get_context("spawn")
     for part in parts:
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-            rows.append(pool.submit(bench_model, part, device_arg, repeats, compile_setting).result())
-        print(f"model P={part} compile={compile_setting}: {rows[-1]['train_ips']:.0f} img/s training, "
+            rows.append(pool.submit(bench_model, part, overrides, repeats).result())
+        print(f"model P={part} {' '.join(overrides)}: {rows[-1]['train_ips']:.0f} img/s training, "
               f"{rows[-1]['infer_ips']:.0f} img/s inference", file=sys.stderr)
     return rows
 
@@ -377,11 +366,13 @@ def layer_section(rows: list[dict]) -> str:
     hetero = [r for r in rows if r["part"] > 1]
     within = [r for r in hetero if r["ours"] <= LAYER_TARGET * r["flop_ratio"]]
     return ("\n## Layer by layer: forward + backward, HetConv2d against the dense 3x3 conv\n\n"
-            "Each cell: time of HetConv2d / time of the dense conv, then that ratio / R(P), the layer's time "
+            "Each cell: time of HetConv2d computed grouped (impl=grouped) / time of the dense conv, then that "
+            "ratio / R(P), the layer's time "
             f"against its FLOP-proportional share (goal: at most {LAYER_TARGET}x). The 1x1 column is a dense "
             "1x1 conv alone (1/9 of the dense 3x3's FLOPs) against the dense 3x3 conv: HetConv runs that branch in "
             "full at every P > 1 besides its grouped 3x3 conv, so no cell of its row can be much below it. The "
-            "naive column is the dense conv with the mask multiplied into its weight (its worst P). Each ratio is "
+            "naive column is HetConv2d computed as one dense conv over its assembled weight, zeros and all "
+            "(impl=dense, which trainer.hetconv=auto runs on CUDA), at its worst P. Each ratio is "
             "the median of per-repeat ratios, and the spread is the largest of the row's ratios' spreads. On the "
             "CPU a row's layers are timed in turns, so that a drift of the machine cancels in the ratios. On CUDA "
             "every timing replays a CUDA graph of the forward and backward: the GPU's work, without Python's "
@@ -430,6 +421,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", default="reduce-overhead", choices=COMPILE_MODES,
                         help="the trainer.compile setting timed for --compile-parts (on the CPU reduce-overhead is "
                              "the default mode: CUDA graphs need CUDA)")
+    parser.add_argument("--impl", default="auto", choices=IMPLS,
+                        help="how the model's HetConv layers compute (trainer.hetconv): auto is dense on CUDA, "
+                             "grouped on the CPU")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-layers", action="store_true", help="model level only")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -437,17 +431,21 @@ def main(argv: list[str] | None = None) -> None:
     parts = parse_parts(parser, args.parts)
     device = select_device(args.device)
     configure_backend(device)
-    cfg = train_config(f"trainer.device={args.device}")
-    model_rows = bench_models(parts, args.device, args.repeats, "false")
+    overrides = [f"trainer.device={args.device}", f"trainer.hetconv={args.impl}"]
+    cfg = train_config(*overrides)
+    model_rows = bench_models(parts, [*overrides, "trainer.compile=false"], args.repeats)
     compile_parts = parse_parts(parser, args.compile_parts) if args.compile_parts else []
-    compile_rows = bench_models(compile_parts, args.device, args.repeats, args.compile) if compile_parts else []
+    compile_rows = (bench_models(compile_parts, [*overrides, f"trainer.compile={args.compile}"], args.repeats)
+                    if compile_parts else [])
     layer_rows = [] if args.skip_layers else bench_layers(device, cfg, parts, args.repeats)
     label = device_name(device)
     setup = (f"{'bf16 autocast' if uses_amp(device, cfg.trainer.amp) else 'float32'}, "
-             f"{'channels_last' if cfg.trainer.channels_last else 'NCHW'}, {torch.get_num_threads()} CPU threads")
+             f"{'channels_last' if cfg.trainer.channels_last else 'NCHW'}, {torch.get_num_threads()} CPU threads, "
+             f"HetConv layers computed {resolved_impl(args.impl, device)} (trainer.hetconv={args.impl})")
     command = "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = render(label, setup, layer_rows, model_rows, compile_rows, args.compile, command.strip())
-    path = args.out / f"bench-{'cpu' if device.type == 'cpu' else slug(label)}.md"
+    impl_suffix = "" if args.impl == "auto" else f"-{args.impl}"
+    path = args.out / f"bench-{'cpu' if device.type == 'cpu' else slug(label)}{impl_suffix}.md"
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(report)
     print(report)
