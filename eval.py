@@ -25,7 +25,8 @@ from models import vgg16
 def load_model(path: Path) -> tuple[torch.nn.Module, DictConfig]:
     state = load(path)
     run_cfg = OmegaConf.create(state["config"])
-    model = vgg16(run_cfg.model.part, run_cfg.model.num_classes, run_cfg.model.width)
+    model = vgg16(run_cfg.model.part, run_cfg.model.num_classes, run_cfg.model.width,
+                  OmegaConf.select(run_cfg, "trainer.hetconv", default="auto"))  # runs from before the key: auto
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
@@ -41,8 +42,8 @@ def main(cfg: DictConfig) -> dict:
     device = select_device(cfg.device)
     configure_backend(device)
     test = load_cifar10(to_absolute_path(cfg.data.root), cfg.data.download, splits=("test",))["test"].to(device)
-    costs = model_costs(model)
     model = model.to(device, memory_format=memory_format(run_cfg.trainer.channels_last))
+    costs = model_costs(model)
     preprocess = Preprocess(run_cfg.data, run_cfg.trainer.channels_last, device)
     result = evaluate(model, test, preprocess, run_cfg.trainer.eval_batch_size, run_cfg.trainer.amp,
                       run_cfg.model.num_classes)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from hetconv.data import TrainBatches, fingerprint, is_official, load_cifar10, memory_format
 from hetconv.flops import model_costs
 from hetconv.gpus import claim_gpu
+from hetconv.layer import resolved_impl
 from hetconv.provenance import device_name
 from hetconv.runfiles import (RunRecord, config_differences, exclusive, last_checkpoint, load, read_metrics,
                               save)
@@ -190,8 +191,8 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
 
     torch.manual_seed(cfg.seed)
     model = vgg16(cfg.model.part, cfg.model.num_classes, cfg.model.width, cfg.trainer.hetconv)
-    costs = model_costs(model)
     model = model.to(device, memory_format=memory_format(cfg.trainer.channels_last))
+    costs = model_costs(model)  # on the device: executed FLOPs are those of the HetConv form that runs there
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.trainer.epochs)
     generator = torch.Generator(device).manual_seed(cfg.seed)
@@ -209,12 +210,13 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         epoch, step, partial = state["epoch"], state["step"], state["partial"]
         log.info("resuming %s at epoch %d, step %d", run_dir, epoch + 1, step)
 
-    info = dict(**costs, device=device_name(device), torch_compile=compile_as,
+    hetconv = resolved_impl(cfg.trainer.hetconv, device)
+    info = dict(**costs, device=device_name(device), torch_compile=compile_as, hetconv=hetconv,
                 cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), data=data_info)
     record.update("running", **info)
-    log.info("VGG-16 part=%d width=%s: %.2fM FLOPs (paper), %.2fM executed, %.3fM params, on %s, %s",
+    log.info("VGG-16 part=%d width=%s: %.2fM FLOPs (paper), %.2fM executed, %.3fM params, on %s, %s, HetConv %s",
              cfg.model.part, cfg.model.width, costs["flops"] / 1e6, costs["executed_flops"] / 1e6, costs["params"] / 1e6,
-             info["device"], how_it_runs(compile_as))
+             info["device"], how_it_runs(compile_as), hetconv)
     writer = SummaryWriter(run_dir, purge_step=epoch + 1 if state else None)
     hparam_values = {"part": cfg.model.part, "width": cfg.model.width, "seed": cfg.seed, "epochs": cfg.trainer.epochs,
                      "flops_m": costs["flops"] / 1e6, "params_m": costs["params"] / 1e6}

@@ -144,12 +144,13 @@ class HetConv2d(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The layer as one (out, in, 3, 3) kernel: 3x3 blocks on the diagonal, 1x1 at the centre.
 
-        Differentiable: each stored weight gets the gradient it gets in the grouped form (zero for the
-        structural zeros)."""
+        Differentiable: each stored weight gets the gradient it gets in the grouped form. The 3x3 blocks
+        overwrite the 1x1 weights' block diagonal, the structural zeros, which therefore neither reach
+        the output nor get a gradient."""
         if self.weight1x1 is None:
             return self.weight3x3
         part, out_group, in_group = self.part, self.out_channels // self.part, self.in_channels // self.part
-        weight = F.pad(self.pointwise_weight(), (1, 1, 1, 1))
+        weight = F.pad(self.weight1x1, (1, 1, 1, 1))
         blocks = weight.view(part, out_group, part, in_group, 3, 3).diagonal(dim1=0, dim2=2)
         blocks.copy_(self.weight3x3.view(part, out_group, in_group, 3, 3).movedim(0, -1))
         return weight

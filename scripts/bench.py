@@ -35,9 +35,9 @@ from torch import nn
 from torch.profiler import profile
 
 from hetconv import HetConv2d
-from hetconv.layer import IMPLS, resolved_impl
 from hetconv.data import memory_format
 from hetconv.flops import count_flops, paper_ratio
+from hetconv.layer import IMPLS, resolved_impl
 from hetconv.provenance import device_name, git_commit, library_versions, now
 from hetconv.report import PAPER_PARTS, RESULTS_DIR, markdown_table
 from hetconv.training import (COMPILE_MODES, Preprocess, autocast, build_optimizer, compile_mode, compiled,
@@ -366,17 +366,15 @@ def layer_section(rows: list[dict]) -> str:
     hetero = [r for r in rows if r["part"] > 1]
     within = [r for r in hetero if r["ours"] <= LAYER_TARGET * r["flop_ratio"]]
     return ("\n## Layer by layer: forward + backward, HetConv2d against the dense 3x3 conv\n\n"
-            "Each cell: time of HetConv2d computed grouped (impl=grouped) / time of the dense conv, then that "
-            "ratio / R(P), the layer's time "
-            f"against its FLOP-proportional share (goal: at most {LAYER_TARGET}x). The 1x1 column is a dense "
-            "1x1 conv alone (1/9 of the dense 3x3's FLOPs) against the dense 3x3 conv: HetConv runs that branch in "
-            "full at every P > 1 besides its grouped 3x3 conv, so no cell of its row can be much below it. The "
-            "naive column is HetConv2d computed as one dense conv over its assembled weight, zeros and all "
-            "(impl=dense, which trainer.hetconv=auto runs on CUDA), at its worst P. Each ratio is "
-            "the median of per-repeat ratios, and the spread is the largest of the row's ratios' spreads. On the "
-            "CPU a row's layers are timed in turns, so that a drift of the machine cancels in the ratios. On CUDA "
-            "every timing replays a CUDA graph of the forward and backward: the GPU's work, without Python's "
-            "launch overhead.\n\n"
+            "Each cell: time of HetConv2d computed grouped (impl=grouped) / time of the dense conv, then that ratio /"
+            f" R(P), the layer's time against its FLOP-proportional share (goal: at most {LAYER_TARGET}x). The 1x1 "
+            "column is a dense 1x1 conv alone (1/9 of the dense 3x3's FLOPs) against the dense 3x3 conv: HetConv runs"
+            " that branch in full at every P > 1 besides its grouped 3x3 conv, so no cell of its row can be much "
+            "below it. The naive column is HetConv2d computed as one dense conv over its assembled weight, zeros and "
+            "all (impl=dense, which trainer.hetconv=auto runs on CUDA), at its worst P. Each ratio is the median of "
+            "per-repeat ratios, and the spread is the largest of the row's ratios' spreads. On the CPU a row's layers"
+            " are timed in turns, so that a drift of the machine cancels in the ratios. On CUDA every timing replays "
+            "a CUDA graph of the forward and backward: the GPU's work, without Python's launch overhead.\n\n"
             + markdown_table(["shape (in->out @ side)", "dense ms"] + [f"P={p} (R={paper_ratio(p):.3f})" for p in parts]
                              + [f"1x1 / dense (R={1 / 9:.3f})", "naive / dense", "spread"], body)
             + f"\n{len(within)} of {len(hetero)} cells with P > 1 are within {LAYER_TARGET}x of their "

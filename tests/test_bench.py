@@ -13,10 +13,12 @@ from scripts.bench import CATEGORIES, compile_section, conv_weight, cpu_step_bre
 
 
 def test_bench_writes_a_report_with_every_section(tmp_path):
-    result = script("scripts/bench.py", "--parts", "1,8", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path))
-    report = (tmp_path / "bench-cpu.md").read_text()
+    result = script("scripts/bench.py", "--parts", "1,8", "--repeats", "1", "--device", "cpu", "--impl", "dense",
+                    "--out", str(tmp_path))
+    report = (tmp_path / "bench-cpu-dense.md").read_text()  # an --impl other than auto names its report
     assert report in result.stdout
-    assert "Made by `python scripts/bench.py --parts 1,8 --repeats 1 --device cpu --out" in report
+    assert "Made by `python scripts/bench.py --parts 1,8 --repeats 1 --device cpu --impl dense --out" in report
+    assert "HetConv layers computed dense (trainer.hetconv=dense)" in report
     assert "## Whole model: training step of train.py" in report and "Projected time of the sweep" in report
     assert "## Where the training step's time goes" in report
     # P=8's breakdown row: step ms, the 7 categories, HetConv convs / P=1 (R), ceiling, measured

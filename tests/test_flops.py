@@ -69,6 +69,13 @@ def test_paper_convention_prices_a_single_layer_by_the_papers_ratio():
     assert count_flops(conv, "paper", (16, side, side)) == standard
 
 
+@pytest.mark.parametrize("part", [1, 4, 64])
+def test_run_as_one_dense_conv_the_paper_count_is_unchanged_and_the_executed_count_is_dense(part):
+    grouped, dense = vgg16(part, impl="grouped"), vgg16(part, impl="dense")
+    assert count_flops(dense, "paper") == pytest.approx(count_flops(grouped, "paper"), rel=1e-12)
+    assert count_flops(dense, "executed") == expected_executed_flops(1)
+
+
 def test_counting_keeps_the_models_mode():
     model = vgg16(4, width=0.25).train()
     count_flops(model, "executed")

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from hetconv import HetConv2d, shift_permutation
+from hetconv.layer import resolved_impl
 
 SHAPES = [  # in, out, part, stride, spatial (odd sizes included)
     (8, 8, 2, 1, 7),
@@ -56,10 +57,11 @@ def load_paper_weights(layer, kernels3x3, kernels1x1, bias):
                     layer.weight1x1[ours_n, ours_i, 0, 0] = kernels1x1[n, i]
 
 
+@pytest.mark.parametrize("impl", ["grouped", "dense"])
 @pytest.mark.parametrize("in_channels,out_channels,part,stride,size", SHAPES)
-def test_layer_equals_paper_definition_through_the_permutation(in_channels, out_channels, part, stride, size):
+def test_layer_equals_paper_definition_through_the_permutation(in_channels, out_channels, part, stride, size, impl):
     torch.manual_seed(0)
-    layer = HetConv2d(in_channels, out_channels, part, stride=stride, bias=True).double()
+    layer = HetConv2d(in_channels, out_channels, part, stride=stride, bias=True, impl=impl).double()
     kernels3x3 = torch.randn(out_channels, in_channels, 3, 3, dtype=torch.float64)
     kernels1x1 = torch.randn(out_channels, in_channels, dtype=torch.float64)
     bias = torch.randn(out_channels, dtype=torch.float64)
@@ -84,6 +86,31 @@ def test_to_dense_computes_the_same_function(in_channels, out_channels, part, st
     assert isinstance(dense, torch.nn.Conv2d) and dense.kernel_size == (3, 3) and dense.groups == 1
     x = torch.randn(3, in_channels, size, size, dtype=torch.float64)
     torch.testing.assert_close(dense(x), layer(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("in_channels,out_channels,part,stride,size", SHAPES)
+def test_both_impls_give_every_weight_the_same_gradient(in_channels, out_channels, part, stride, size, channels_last):
+    torch.manual_seed(4)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    grouped = HetConv2d(in_channels, out_channels, part, stride=stride, bias=True, impl="grouped").double()
+    dense = HetConv2d(in_channels, out_channels, part, stride=stride, bias=True, impl="dense").double()
+    dense.load_state_dict(grouped.state_dict())
+    x = torch.randn(3, in_channels, size, size, dtype=torch.float64).contiguous(memory_format=layout)
+    for layer in (grouped, dense):
+        layer.to(memory_format=layout)(x).sin().sum().backward()
+    for (name, a), b in zip(grouped.named_parameters(), dense.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-10, msg=name)
+    if part > 1:
+        assert torch.count_nonzero(dense.weight1x1.grad[~dense.mask1x1]) == 0  # the structural zeros stay zero
+
+
+def test_auto_runs_dense_on_cuda_and_grouped_elsewhere():
+    assert resolved_impl("auto", torch.device("cuda")) == "dense"
+    assert resolved_impl("auto", torch.device("cpu")) == "grouped"
+    assert resolved_impl("grouped", torch.device("cuda")) == "grouped"
+    with pytest.raises(ValueError, match="impl must be one of auto, grouped, dense, got 'fast'"):
+        HetConv2d(8, 8, 2, impl="fast")
 
 
 def test_dense_weight_has_the_paper_pattern_of_zeros():
@@ -145,8 +172,9 @@ def test_loaded_state_dict_cannot_fill_the_masked_block():
     torch.testing.assert_close(fresh(x), expected)
 
 
-def test_masked_weights_do_not_reach_the_output_even_if_written_directly():
-    layer = HetConv2d(8, 8, 4)
+@pytest.mark.parametrize("impl", ["grouped", "dense"])
+def test_masked_weights_do_not_reach_the_output_even_if_written_directly(impl):
+    layer = HetConv2d(8, 8, 4, impl=impl)
     x = torch.randn(2, 8, 5, 5)
     expected = layer(x)
     with torch.no_grad():

@@ -21,8 +21,10 @@ import train as train_module
 from conftest import SMALL, comparable, read_metrics, script, start
 from hetconv import data as data_module
 from hetconv.data import DatasetError, load_cifar10
+from hetconv.flops import count_flops
 from hetconv.runfiles import atomic_write, exclusive, last_checkpoint
 from hetconv.training import compile_mode, train_config
+from models import vgg16
 from scripts.make_fake_cifar import make_fake_cifar
 
 SCALARS = {"train/loss", "train/acc", "test/loss", "test/acc", "lr", "time/epoch_s", "time/images_per_s"}
@@ -234,6 +236,7 @@ def test_resuming_on_another_device_type_is_refused(reference_run, fake_root, tm
     ("data.crop_padding=-4", "data.crop_padding must be an int >= 0, got -4"),
     ("trainer.jobs_per_gpu=0", "trainer.jobs_per_gpu must be >= 1"),
     ("trainer.compile=fast", "trainer.compile must be auto, true, false or a torch.compile mode"),
+    ("trainer.hetconv=fast", "trainer.hetconv must be one of auto, grouped, dense, got 'fast'"),
 ])
 def test_settings_that_cannot_train_are_rejected_before_training(override, message, fake_root, tmp_path):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -361,6 +364,17 @@ def test_trainer_compile_reaches_torch_compile_and_the_record(fake_root, tmp_pat
     train_module.train(train_config(*SMALL, "trainer.epochs=1", "trainer.compile=max-autotune",
                                     f"data.root={fake_root}"), tmp_path)
     assert modes == ["max-autotune"] and read_metrics(tmp_path)["torch_compile"] == "max-autotune"
+
+
+def test_trainer_hetconv_reaches_the_layers_and_the_record(fake_root, tmp_path):
+    train_module.train(train_config(*SMALL, "trainer.epochs=1", "trainer.hetconv=dense", f"data.root={fake_root}"),
+                       tmp_path)
+    metrics = read_metrics(tmp_path)
+    grouped, dense = (vgg16(4, width=0.25, impl=impl) for impl in ("grouped", "dense"))
+    assert metrics["hetconv"] == "dense" and metrics["status"] == "finished"
+    assert metrics["executed_flops"] == count_flops(dense, "executed") > count_flops(grouped, "executed")
+    # the paper's count does not depend on the form that runs
+    assert metrics["flops"] == pytest.approx(count_flops(grouped, "paper"), rel=1e-12)
 
 
 def test_a_compiled_run_trains_evaluates_and_checkpoints(fake_root, tmp_path):
