@@ -102,7 +102,7 @@ def test_both_impls_give_every_weight_the_same_gradient(in_channels, out_channel
     for (name, a), b in zip(grouped.named_parameters(), dense.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-10, msg=name)
     if part > 1:
-        assert torch.count_nonzero(dense.weight1x1.grad[~dense.mask1x1]) == 0  # the structural zeros stay zero
+        assert torch.count_nonzero(dense.weight1x1.grad[~dense.mask1x1]) == 0  # none reaches the structural zeros
 
 
 def test_auto_runs_dense_on_cuda_and_grouped_elsewhere():
