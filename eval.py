@@ -16,17 +16,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from hetconv.data import CLASSES, load_cifar10, memory_format
 from hetconv.flops import model_costs
+from hetconv.layer import resolved_impl
 from hetconv.provenance import device_name
 from hetconv.runfiles import load, write_json
 from hetconv.training import Preprocess, configure_backend, evaluate, select_device
 from models import vgg16
 
 
-def load_model(path: Path) -> tuple[torch.nn.Module, DictConfig]:
+def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, DictConfig]:
+    """The run's model on the CPU, its HetConv layers in the form the run's setting gives on `device`."""
     state = load(path)
     run_cfg = OmegaConf.create(state["config"])
-    model = vgg16(run_cfg.model.part, run_cfg.model.num_classes, run_cfg.model.width,
-                  OmegaConf.select(run_cfg, "trainer.hetconv", default="auto"))  # runs from before the key: auto
+    setting = OmegaConf.select(run_cfg, "trainer.hetconv", default="auto")  # runs from before the key: auto
+    model = vgg16(run_cfg.model.part, run_cfg.model.num_classes, run_cfg.model.width, resolved_impl(setting, device))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
@@ -38,12 +40,12 @@ def load_model(path: Path) -> tuple[torch.nn.Module, DictConfig]:
 @hydra.main(config_path="configs", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     path = Path(to_absolute_path(cfg.checkpoint))
-    model, run_cfg = load_model(path)
     device = select_device(cfg.device)
+    model, run_cfg = load_model(path, device)
     configure_backend(device)
     test = load_cifar10(to_absolute_path(cfg.data.root), cfg.data.download, splits=("test",))["test"].to(device)
-    model = model.to(device, memory_format=memory_format(run_cfg.trainer.channels_last))
     costs = model_costs(model)
+    model = model.to(device, memory_format=memory_format(run_cfg.trainer.channels_last))
     preprocess = Preprocess(run_cfg.data, run_cfg.trainer.channels_last, device)
     result = evaluate(model, test, preprocess, run_cfg.trainer.eval_batch_size, run_cfg.trainer.amp,
                       run_cfg.model.num_classes)

@@ -190,9 +190,10 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     data = {name: split.to(device) for name, split in splits.items()}
 
     torch.manual_seed(cfg.seed)
-    model = vgg16(cfg.model.part, cfg.model.num_classes, cfg.model.width, cfg.trainer.hetconv)
+    hetconv = resolved_impl(cfg.trainer.hetconv, device)  # counted on the CPU in the form the device runs
+    model = vgg16(cfg.model.part, cfg.model.num_classes, cfg.model.width, hetconv)
+    costs = model_costs(model)
     model = model.to(device, memory_format=memory_format(cfg.trainer.channels_last))
-    costs = model_costs(model)  # on the device: executed FLOPs are those of the HetConv form that runs there
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.trainer.epochs)
     generator = torch.Generator(device).manual_seed(cfg.seed)
@@ -210,7 +211,6 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         epoch, step, partial = state["epoch"], state["step"], state["partial"]
         log.info("resuming %s at epoch %d, step %d", run_dir, epoch + 1, step)
 
-    hetconv = resolved_impl(cfg.trainer.hetconv, device)
     info = dict(**costs, device=device_name(device), torch_compile=compile_as, hetconv=hetconv,
                 cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), data=data_info)
     record.update("running", **info)
