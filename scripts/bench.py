@@ -1,6 +1,6 @@
 """How fast HetConv trains, layer by layer and as the whole model, beside the dense convolution.
 
-    python scripts/bench.py [--device auto] [--parts 1,2,4,8,16,32,64] [--compile-parts 1,4,64] [--impl auto]
+    python scripts/bench.py [--device auto] [--parts 1,2,4,8,16,32,64] [--compile-parts auto] [--impl auto]
                             [--out results]
     (also: make bench)
 
@@ -11,13 +11,14 @@ it replaces (the P=1 reference), beside the FLOP ratio R(P) = 1/P + (1 - 1/P)/9;
 graph replays, which time the GPU's work alone.
 Model level: training throughput with train.py's own step (same precision, memory format, optimizer
 and input pipeline, composed from configs/), inference throughput and peak memory, each part in a
-fresh process, eager and, for --compile-parts, compiled; on the CPU, also where the training step's
-time goes, op by op, and how fast the step could be at most if HetConv's layers ran at their
-FLOP-proportional share of the dense layers' time. The model runs its layers as --impl says
-(trainer.hetconv; auto: dense on CUDA, grouped on the CPU). Median of repeats (a layer's ratios are
-medians of per-repeat ratios, and on the CPU its row is timed in turns); the spread (max - min) /
-median says how noisy each figure is. Writes results/bench-<device>.md, or bench-<device>-<impl>.md
-for an --impl other than auto.
+fresh process, eager and, for --compile-parts, compiled (auto: every part on CUDA, where the default
+recipe compiles, so that the report projects the sweep as it trains there; 1, 4 and 64 on the CPU,
+which trains eager); on the CPU, also where the training step's time goes, op by op, and how fast the
+step could be at most if HetConv's layers ran at their FLOP-proportional share of the dense layers'
+time. The model runs its layers as --impl says (trainer.hetconv; auto: dense on CUDA, grouped on
+the CPU). Median of repeats (a layer's ratios are medians of per-repeat ratios, and on the CPU its
+row is timed in turns); the spread (max - min) / median says how noisy each figure is. Writes
+results/bench-<device>.md, or bench-<device>-<impl>.md for an --impl other than auto.
 """
 
 import argparse
@@ -56,6 +57,9 @@ CUDA_CALLS = 20
 # the sum of HetConv's two branches, the mask and memory management.
 CATEGORIES = ("3x3 convs", "1x1 convs", "first conv", "BatchNorm", "ReLU", "max pool", "other")
 PROFILED_STEPS = 5  # the breakdown is the median over this many profiled steps
+# --compile-parts auto on the CPU: the default recipe trains eager there, and three parts show what compiling
+# would gain for a third of the compile time of all seven.
+CPU_COMPILE_PARTS = (1, 4, 64)
 
 
 def seconds_per_call(fn, device: torch.device, calls: int = 1) -> float:
@@ -283,7 +287,7 @@ def part_one(rows: list[dict]) -> dict | None:
     return next((r for r in rows if r["part"] == 1), None)
 
 
-def model_section(rows: list[dict]) -> str:
+def model_section(rows: list[dict], recipe_compile: str | None) -> str:
     base = part_one(rows)
     speedup = lambda r, key: f"{r[key] / base[key]:.2f}x" if base else "-"  # noqa: E731
     text = "\n## Whole model: training step of train.py\n\n" + markdown_table(
@@ -297,13 +301,18 @@ def model_section(rows: list[dict]) -> str:
         if base and row:
             got = row["train_ips"] / base["train_ips"]
             text += f"\n- Training speed-up at P={part}: {got:.2f}x; goal {goal}x: {'met' if got >= goal else 'NOT met'}."
-    return text + sweep_projection(rows, "eager") + "\n"
+    return text + sweep_projection(rows, None, recipe_compile) + "\n"
 
 
-def sweep_projection(rows: list[dict], how: str) -> str:
+def sweep_projection(rows: list[dict], compile_as: str | None, recipe_compile: str | None) -> str:
+    """The sweep's hours at these rows' speeds, stepped eager (compile_as None) or compiled; recipe_compile is
+    how trainer.compile=auto trains on this device, so the line says whether it projects the default recipe."""
     epochs = rows[0]["epochs"]
     trained = CIFAR10_TRAIN // BATCH * BATCH  # the last partial batch is dropped
     hours = sum(epochs * (trained / r["train_ips"] + CIFAR10_TEST / r["infer_ips"]) for r in rows) / 3600
+    how = "eager" if compile_as is None else f"compiled ({compile_as})"
+    if compile_as == recipe_compile:
+        how += ", as trainer.compile=auto trains here"
     return (f"\n- Projected time of the sweep over P = {', '.join(str(r['part']) for r in rows)} under the "
             f"default recipe ({epochs} epochs of {trained:,} training and {CIFAR10_TEST:,} test images, "
             f"one job at a time on this device), {how}: {hours:.1f} hours.")
@@ -334,7 +343,7 @@ def breakdown_section(rows: list[dict]) -> str:
                                                                    "measured"], body))
 
 
-def compile_section(compiled: list[dict], eager: list[dict], setting: str) -> str:
+def compile_section(compiled: list[dict], eager: list[dict], setting: str, recipe_compile: str | None) -> str:
     eager_by_part = {r["part"]: r for r in eager}
     base = part_one(compiled)
     gain = lambda r, key: f"{r[key] / eager_by_part[r['part']][key]:.2f}x"  # noqa: E731
@@ -349,7 +358,7 @@ def compile_section(compiled: list[dict], eager: list[dict], setting: str) -> st
                   f"{eager_by_part[r['part']]['infer_ips']:.0f}", f"{r['infer_ips']:.0f}", gain(r, "infer_ips"),
                   f"{r['spread']:.0%}"] for r in compiled if r["part"] in eager_by_part]))
     if {r["part"] for r in compiled} == set(eager_by_part):
-        text += sweep_projection(compiled, f"compiled ({setting})") + "\n"
+        text += sweep_projection(compiled, setting, recipe_compile) + "\n"
     return text
 
 
@@ -382,15 +391,15 @@ def layer_section(rows: list[dict]) -> str:
 
 
 def render(device_label: str, setup: str, layer_rows, model_rows, compile_rows, compile_setting: str,
-           command: str) -> str:
+           recipe_compile: str | None, command: str) -> str:
     versions = library_versions()
     return (f"# Speed of HetConv on {device_label}\n\n"
             f"Made by `{command}` on {now()}, commit {git_commit()}, torch {versions['torch']}. Batch {BATCH}, "
             f"{setup}, optimizer as in configs/. Median of repeats; *spread* = (max - min) / median over the "
             "repeats of a figure: how far to trust it.\n"
-            + model_section(model_rows)
+            + model_section(model_rows, recipe_compile)
             + breakdown_section(model_rows)
-            + (compile_section(compile_rows, model_rows, compile_setting) if compile_rows else "")
+            + (compile_section(compile_rows, model_rows, compile_setting, recipe_compile) if compile_rows else "")
             + (layer_section(layer_rows) if layer_rows else ""))
 
 
@@ -411,11 +420,23 @@ def parse_parts(parser: argparse.ArgumentParser, text: str) -> list[int]:
     return parts
 
 
+def parse_compile_parts(parser: argparse.ArgumentParser, text: str, parts: list[int], device: torch.device) -> list[int]:
+    """--compile-parts: a list, none, or auto: every part where the default recipe compiles (CUDA), so that the
+    report projects the sweep as it trains, and on the CPU, which trains eager, those of CPU_COMPILE_PARTS."""
+    if text == "none":
+        return []
+    if text != "auto":
+        return parse_parts(parser, text)
+    return parts if compile_mode("auto", device) else [p for p in parts if p in CPU_COMPILE_PARTS]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--parts", default=",".join(map(str, PAPER_PARTS)))
-    parser.add_argument("--compile-parts", default="", help="also time torch.compile for these parts (slow to compile)")
+    parser.add_argument("--compile-parts", default="auto",
+                        help="also time torch.compile for these parts (slow to compile), or none; auto: every part on "
+                             "CUDA, where the default recipe compiles, and those of 1,4,64 on the CPU")
     parser.add_argument("--compile", default="reduce-overhead", choices=COMPILE_MODES,
                         help="the trainer.compile setting timed for --compile-parts (on the CPU reduce-overhead is "
                              "the default mode: CUDA graphs need CUDA)")
@@ -431,8 +452,8 @@ def main(argv: list[str] | None = None) -> None:
     configure_backend(device)
     overrides = [f"trainer.device={args.device}", f"trainer.hetconv={args.impl}"]
     cfg = train_config(*overrides)
+    compile_parts = parse_compile_parts(parser, args.compile_parts, parts, device)  # a typo fails before any timing
     model_rows = bench_models(parts, [*overrides, "trainer.compile=false"], args.repeats)
-    compile_parts = parse_parts(parser, args.compile_parts) if args.compile_parts else []
     compile_rows = (bench_models(compile_parts, [*overrides, f"trainer.compile={args.compile}"], args.repeats)
                     if compile_parts else [])
     layer_rows = [] if args.skip_layers else bench_layers(device, cfg, parts, args.repeats)
@@ -441,7 +462,8 @@ def main(argv: list[str] | None = None) -> None:
              f"{'channels_last' if cfg.trainer.channels_last else 'NCHW'}, {torch.get_num_threads()} CPU threads, "
              f"HetConv layers computed {resolved_impl(args.impl, device)} (trainer.hetconv={args.impl})")
     command = "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = render(label, setup, layer_rows, model_rows, compile_rows, args.compile, command.strip())
+    report = render(label, setup, layer_rows, model_rows, compile_rows, args.compile, compile_mode("auto", device),
+                    command.strip())
     impl_suffix = "" if args.impl == "auto" else f"-{args.impl}"
     path = args.out / f"bench-{'cpu' if device.type == 'cpu' else slug(label)}{impl_suffix}.md"
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """scripts/bench.py runs end to end and writes its report (figures are not checked: no timing in tests)."""
 
+import argparse
 import re
 
 import pytest
@@ -9,17 +10,21 @@ from torch.profiler import profile
 
 from hetconv.training import build_optimizer, train_config, train_step
 from models import vgg16
-from scripts.bench import CATEGORIES, compile_section, conv_weight, cpu_step_breakdown, in_turns, layer_rows
+from scripts.bench import (CATEGORIES, compile_section, conv_weight, cpu_step_breakdown, in_turns, layer_rows, main,
+                           parse_compile_parts)
 
 
 def test_bench_writes_a_report_with_every_section(tmp_path):
     result = script("scripts/bench.py", "--parts", "1,8", "--repeats", "1", "--device", "cpu", "--impl", "dense",
-                    "--out", str(tmp_path))
+                    "--compile-parts", "none", "--out", str(tmp_path))
     report = (tmp_path / "bench-cpu-dense.md").read_text()  # an --impl other than auto names its report
     assert report in result.stdout
-    assert "Made by `python scripts/bench.py --parts 1,8 --repeats 1 --device cpu --impl dense --out" in report
+    assert "Made by `python scripts/bench.py --parts 1,8 --repeats 1 --device cpu --impl dense --compile-parts none " \
+           "--out" in report
     assert "HetConv layers computed dense (trainer.hetconv=dense)" in report
-    assert "## Whole model: training step of train.py" in report and "Projected time of the sweep" in report
+    assert "## Whole model: training step of train.py" in report
+    assert "one job at a time on this device), eager, as trainer.compile=auto trains here:" in report
+    assert "## torch.compile" not in report
     assert "## Where the training step's time goes" in report
     # P=8's breakdown row: step ms, the 7 categories, HetConv convs / P=1 (R), ceiling, measured
     assert re.search(r"\| 8 \| \d+ \| (\d+ \| ){7}[\d.]+ \(0\.222\) \| [\d.]+x \| [\d.]+x \|", report)
@@ -87,8 +92,27 @@ def test_the_compiled_sweep_is_projected_only_when_every_part_was_compiled():
     row = lambda part, ips: {"part": part, "train_ips": ips, "infer_ips": 2 * ips, "spread": 0.1,  # noqa: E731
                              "epochs": 330}
     eager = [row(1, 100), row(4, 150)]
-    text = compile_section([row(1, 300), row(4, 360)], eager, "reduce-overhead")
+    text = compile_section([row(1, 300), row(4, 360)], eager, "reduce-overhead", recipe_compile=None)
     assert "| 4 | 150 | 360 | 2.40x | 1.20x | 300 | 720 | 2.40x | 10% |" in text
     assert "one job at a time on this device), compiled (reduce-overhead):" in text
-    assert "Projected" not in compile_section([row(1, 300)], eager, "reduce-overhead")
-    assert "on the CPU it compiles as the default mode" not in compile_section([row(1, 300)], eager, "max-autotune")
+    assert "Projected" not in compile_section([row(1, 300)], eager, "reduce-overhead", None)
+    assert "on the CPU it compiles as the default mode" not in compile_section([row(1, 300)], eager, "max-autotune",
+                                                                                 None)
+    # on CUDA trainer.compile=auto trains reduce-overhead: that projection is the default recipe's
+    on_cuda = compile_section([row(1, 300), row(4, 360)], eager, "reduce-overhead", recipe_compile="reduce-overhead")
+    assert "compiled (reduce-overhead), as trainer.compile=auto trains here:" in on_cuda
+
+
+def test_compile_parts_auto_compiles_every_part_where_the_default_recipe_compiles():
+    parser, parts = argparse.ArgumentParser(), [1, 2, 4, 64]
+    assert parse_compile_parts(parser, "auto", parts, torch.device("cuda")) == parts
+    assert parse_compile_parts(parser, "auto", parts, torch.device("cpu")) == [1, 4, 64]
+    assert parse_compile_parts(parser, "none", parts, torch.device("cpu")) == []
+    assert parse_compile_parts(parser, "2,8", parts, torch.device("cpu")) == [2, 8]
+
+
+def test_a_bad_compile_parts_fails_before_any_timing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("scripts.bench.bench_models", lambda *a: pytest.fail("timed before checking --compile-parts"))
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--compile-parts", "1,four", "--out", str(tmp_path)])
+    assert "parts must be comma-separated integers such as 1,4,64, got '1,four'" in capsys.readouterr().err
