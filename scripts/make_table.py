@@ -4,11 +4,13 @@
 
 Reads every job's metrics.json and .hydra/config.yaml under the sweep folders and writes table.md,
 table.csv and acc_vs_flops.png. Jobs that failed, are unfinished or left no metrics are listed with
-their status; parts of the paper that no job ran appear as "not run". Runs on anything but the
+their status; parts of the paper that no job ran appear as "not run". Rows of a width other than 1
+get no published figures: the paper trained full-width models only. Runs on anything but the
 official CIFAR-10 files can only be written outside the repository's results/.
 """
 
 import argparse
+import fcntl
 import statistics
 import sys
 from dataclasses import dataclass
@@ -44,8 +46,27 @@ class Job:
         m = self.metrics
         if m["status"] == "finished":
             return f"{self.path.name}: finished"
+        if m["status"] == "running" and not held_by_a_process(self.path):
+            return (f"{self.path.name}: stopped at epoch {m['epochs_done']}/{m['epochs']} (no process holds its "
+                    "lock: killed? rerun the sweep command to resume)")
         return f"{self.path.name}: {m['status']} at epoch {m['epochs_done']}/{m['epochs']}" + (
             f" ({m['reason']})" if m.get("reason") else "")
+
+
+def held_by_a_process(run_dir: Path) -> bool:
+    """Whether a process holds the run folder's lock, as train.py does while it trains (runfiles.exclusive).
+
+    metrics.json alone cannot tell: a job killed with SIGKILL, or on a lost node, still says "running".
+    """
+    lock_path = run_dir / ".lock"
+    if not lock_path.exists():  # train.py makes it before metrics.json: no lock file, no holder
+        return False
+    with open(lock_path) as lock:  # closing the file at once releases the lock if we took it
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
 
 
 def find_jobs(sweep_dirs: list[Path]) -> list[Job]:
@@ -102,6 +123,11 @@ def paper_costs(part: int, width: float) -> tuple[float | None, float | None]:
     return truncate_millions(count_flops(model, "paper")), round(count_params(model)[0] / 1e6, 3)
 
 
+def published_figures(part: int, width: float, published: dict) -> dict:
+    """The paper's figures to set beside a row; none for a width-scaled model, which is not the paper's."""
+    return published.get(part, {}) if width == 1 else {}
+
+
 def table_rows(jobs: list[Job], published: dict) -> list[dict]:
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
@@ -116,7 +142,7 @@ def table_rows(jobs: list[Job], published: dict) -> list[dict]:
         final, final_std = mean_std([m["test_acc"] for m in finished])
         best, best_std = mean_std([m["best_test_acc"] for m in finished])
         flops_m, params_m = paper_costs(part, width)
-        paper = published.get(part, {})
+        paper = published_figures(part, width, published)
         not_finished = [j.describe() for j in group if j.status != "finished"]
         rows.append({
             "part": part, "width": width, "flops_m": flops_m, "published_flops_m": paper.get("flops_m"),
@@ -158,7 +184,7 @@ def provenance(jobs: list[Job]) -> dict:
     }
 
 
-def render_markdown(rows: list[dict], info: dict, sweep_dirs: list[Path]) -> str:
+def render_markdown(rows: list[dict], info: dict, command: str) -> str:
     header = ["P", "width", "FLOPs (ours)", "FLOPs (paper)", "params", "final-epoch acc %", "best-epoch acc %*",
               "paper acc %", "diff (final - paper)", "jobs"]
     body = [[r["part"], r["width"], fmt(r["flops_m"]) + "M" if r["flops_m"] else "-",
@@ -172,7 +198,7 @@ def render_markdown(rows: list[dict], info: dict, sweep_dirs: list[Path]) -> str
     return (
         "# HetConv VGG-16 on CIFAR-10: accuracy and FLOPs, ours beside the paper's\n"
         + warning +
-        f"\nMade by `python scripts/make_table.py {' '.join(map(str, sweep_dirs))}` on {now()} (commit "
+        f"\nMade by `{command}` on {now()} (commit "
         f"{git_commit()}) from {sum(r['n'] for r in rows)} finished jobs.\n\n"
         f"- Recipe: {info['recipe']}.\n"
         f"- Epochs: {', '.join(map(str, info['epochs']))}; seeds: {', '.join(map(str, info['seeds']))}; "
@@ -183,7 +209,9 @@ def render_markdown(rows: list[dict], info: dict, sweep_dirs: list[Path]) -> str
         "*Best-epoch accuracy is the highest test accuracy over all epochs: it is selected on the test set, "
         "as the public re-implementation did (its figures are in results/published.csv), and so is optimistic. "
         "FLOPs are in the paper's convention (results/flops.md); params are effective parameters. "
-        "Paper accuracy: Singh et al., CVPR 2019, Table for VGG-16 on CIFAR-10.\n"
+        "Paper accuracy: Singh et al., CVPR 2019, Table for VGG-16 on CIFAR-10."
+        + (" Rows of width != 1 have no paper figures: the paper trained full-width models only."
+           if any(r["width"] != 1 for r in rows) else "") + "\n"
     )
 
 
@@ -193,8 +221,9 @@ def plot(rows: list[dict], path: Path, official: bool) -> None:
     paper = [r for r in rows if r["published_test_acc"] is not None and r["published_flops_m"]]
     ax.errorbar([r["flops_m"] for r in ours], [r["test_acc"] for r in ours],
                 yerr=[r["test_acc_std"] for r in ours], fmt="o-", capsize=4, label="ours (final epoch, mean ± std)")
-    ax.plot([r["published_flops_m"] for r in paper], [r["published_test_acc"] for r in paper], "s--",
-            label="HetConv paper")
+    if paper:  # no legend entry for a curve that width-scaled rows leave empty
+        ax.plot([r["published_flops_m"] for r in paper], [r["published_test_acc"] for r in paper], "s--",
+                label="HetConv paper")
     for r in ours:
         ax.annotate(f"P{r['part']}", (r["flops_m"], r["test_acc"]), textcoords="offset points", xytext=(4, 4))
     ax.set_xscale("log")
@@ -213,6 +242,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("sweeps", nargs="+", type=Path, help="sweep folders written by train.py -m")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for table.md, table.csv, acc_vs_flops.png")
     args = parser.parse_args(argv)
+    command = "python scripts/make_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
     jobs = find_jobs(args.sweeps)
     check_one_recipe(jobs)
     check_each_job_once(jobs)
@@ -228,7 +258,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = table_rows(jobs, load_published())
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "table.csv", rows)
-    (args.out / "table.md").write_text(render_markdown(rows, info, args.sweeps))
+    (args.out / "table.md").write_text(render_markdown(rows, info, command))
     plot(rows, args.out / "acc_vs_flops.png", official=not info["not_cifar10"])
     print((args.out / "table.md").read_text())
     print(f"wrote {args.out / 'table.md'}, table.csv and acc_vs_flops.png", file=sys.stderr)

@@ -1,6 +1,8 @@
 """The P sweep through every launcher, on generated data, and the table it regenerates."""
 
 import csv
+import fcntl
+import json
 import os
 import shutil
 import stat
@@ -51,7 +53,7 @@ def test_sweep_keeps_going_past_a_failed_job_and_the_table_shows_it(fake_root, t
     rows = {int(r["part"]): r for r in csv.DictReader(open(out / "table.csv"))}
     assert sorted(rows) == list(PAPER_PARTS)
     assert rows[4]["n"] == "1" and float(rows[4]["test_acc"]) == read_metrics(sweep_dir / JOB.format(4))["test_acc"]
-    assert rows[4]["published_test_acc"] == "93.93" and rows[4]["status"] == "1 finished"
+    assert rows[4]["published_test_acc"] == "" and rows[4]["status"] == "1 finished"  # width 0.25: not the paper's
     assert "failed" in rows[64]["status"] and "part=64 must divide in_channels=16" in rows[64]["status"]
     assert rows[2]["status"] == "not run" and rows[64]["test_acc"] == ""
     markdown = (out / "table.md").read_text()
@@ -89,6 +91,52 @@ def test_table_refuses_to_put_generated_data_or_no_result_into_results(fake_root
     refused = script("scripts/make_table.py", str(failed), check=False)
     assert refused.returncode != 0 and "no job under" in refused.stderr and "has finished" in refused.stderr
     assert {p.name: p.read_bytes() for p in (REPO / "results").iterdir()} == results
+
+
+def fake_job(sweep_dir, part, width, status, epochs_done=2):
+    """A job folder as train.py leaves it, without training: .hydra/config.yaml and metrics.json."""
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=demo", "trainer.epochs=2", f"model.part={part}",
+                                          f"model.width={width}"])
+    run_dir = sweep_dir / f"part={part},width={width}"
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    finished = status == "finished"
+    metrics = {"status": status, "reason": None, "epochs": 2, "epochs_done": epochs_done,
+               "test_acc": 90.0 if finished else None, "best_test_acc": 91.0 if finished else None,
+               "device": "cpu", "git_commit": "abc", "resumed_at_commits": [], "started": "2024-01-01T00:00:00",
+               "config": OmegaConf.to_container(cfg, resolve=True)}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    return run_dir
+
+
+def test_table_compares_only_full_width_rows_and_tells_a_killed_job_from_a_running_one(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    fake_job(sweep_dir, 1, 1.0, "finished")
+    fake_job(sweep_dir, 1, 0.25, "finished")
+    fake_job(sweep_dir, 4, 1.0, "running", epochs_done=1)  # killed: metrics.json still says running
+    alive = fake_job(sweep_dir, 8, 1.0, "running", epochs_done=1)
+    out = tmp_path / "table"
+    with open(alive / ".lock", "w") as lock:  # as train.py holds it while it trains
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        script("scripts/make_table.py", str(sweep_dir), "--out", str(out))
+
+    table = csv.DictReader((out / "table.csv").read_text().splitlines())
+    rows = {(int(r["part"]), float(r["width"])): r for r in table}
+    full, narrow = rows[(1, 1.0)], rows[(1, 0.25)]
+    assert (full["published_flops_m"], full["published_test_acc"], full["diff"]) == ("313.74", "94.06", "-4.06")
+    assert narrow["test_acc"] == "90.0"
+    assert narrow["published_flops_m"] == narrow["published_test_acc"] == narrow["diff"] == ""
+    assert "stopped at epoch 1/2 (no process holds its lock: killed?" in rows[(4, 1.0)]["status"]
+    assert rows[(8, 1.0)]["status"] == "part=8,width=1.0: running at epoch 1/2"
+
+    markdown = (out / "table.md").read_text()
+    assert f"Made by `python scripts/make_table.py {sweep_dir} --out {out}`" in markdown  # every option, as typed
+    part_1 = [[cell.strip() for cell in line.strip("|").split("|")] for line in markdown.splitlines()
+              if line.startswith("| 1 |")]
+    paper_cells = {cells[1]: [cells[3], cells[7], cells[8]] for cells in part_1}  # FLOPs, acc, diff of the paper
+    assert paper_cells == {"1.0": ["313.74M", "94.06", "-4.06"], "0.25": ["-", "-", "-"]}
+    assert "Rows of width != 1 have no paper figures" in markdown
 
 
 @pytest.mark.parametrize("launcher", [
