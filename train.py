@@ -34,8 +34,8 @@ from hetconv.flops import model_costs
 from hetconv.gpus import claim_gpu
 from hetconv.layer import resolved_impl
 from hetconv.provenance import device_name
-from hetconv.runfiles import (RunRecord, config_differences, exclusive, last_checkpoint, load, read_metrics,
-                              save)
+from hetconv.runfiles import (RunRecord, config_differences, exclusive, hetconv_setting, last_checkpoint, load,
+                              read_metrics, save)
 from hetconv.training import (Preprocess, build_optimizer, build_scheduler, check_settings, configure_backend,
                               compile_mode, compiled, evaluate, select_device, train_step)
 from models import vgg16
@@ -109,9 +109,11 @@ def resume_point(run_dir: Path, config: dict) -> dict | None:
     return state
 
 
-def refuse_other_execution(run_dir: Path, state: dict, device: torch.device, compile_as: str | None) -> None:
-    """A run resumes on the device type and in the compile mode it started with, so that it ends exactly as an
-    uninterrupted one (a device type's generator draws its own data order; compiled kernels round differently)."""
+def refuse_other_execution(run_dir: Path, state: dict, device: torch.device, compile_as: str | None,
+                           hetconv: str) -> None:
+    """A run resumes on the device type, in the compile mode and with the HetConv form it started with, so that it
+    ends exactly as an uninterrupted one (a device type's generator draws its own data order; compiled kernels and
+    the two forms round differently)."""
     if state["device_type"] != device.type:
         raise Refused(f"{run_dir} was trained on {state['device_type']} and cannot resume on {device.type}: "
                       f"its data order comes from a {state['device_type']} generator. Use "
@@ -121,6 +123,10 @@ def refuse_other_execution(run_dir: Path, state: dict, device: torch.device, com
     if started_as != compile_as:
         raise Refused(f"{run_dir} was trained {how_it_runs(started_as)} and cannot resume {how_it_runs(compile_as)}: "
                       f"compiled and eager kernels round differently. Use trainer.compile={str(started_with).lower()}.")
+    started_form = resolved_impl(hetconv_setting(state["config"]), device)
+    if started_form != hetconv:
+        raise Refused(f"{run_dir} was trained with its HetConv layers computed {started_form} and cannot resume "
+                      f"{hetconv}: the two forms round differently. Use trainer.hetconv={started_form}.")
 
 
 def how_it_runs(compile_as: str | None) -> str:
@@ -139,7 +145,11 @@ def refuse_other_data(run_dir: Path, started_on: dict | None, data: dict) -> Non
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
-    return train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        return train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except Exception as error:
+        log.error("%s: %s", type(error).__name__, error)  # into train.log too: under SLURM stderr is the launcher's
+        raise
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -155,14 +165,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if state and state["epoch"] == cfg.trainer.epochs:
             log.info("%s already finished %d epochs: nothing to do", run_dir, cfg.trainer.epochs)
             if not (run_dir / "model.pt").exists():  # killed between the last checkpoint and the final save
-                save_final_weights(run_dir, state["model"], config, state["epoch"])
+                save_final_weights(run_dir, state["model"], config, state["epoch"], record.info.get("data"))
             return metrics if metrics and metrics["status"] == "finished" else record.update("finished")
         try:
             return run(cfg, config, run_dir, state, record)
-        except Refused:
-            raise
         except Exception as error:
-            record.update("failed", f"{type(error).__name__}: {error}")
+            # A run that this launch did not get to train (bad input on resume, say) keeps the record it had.
+            if not isinstance(error, Refused) and (record.written or metrics is None):
+                record.update("failed", f"{type(error).__name__}: {error}")
             raise
 
 
@@ -174,8 +184,9 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         claim_gpu(cfg.trainer.jobs_per_gpu)  # before anything initialises CUDA
     device = select_device(cfg.trainer.device)
     compile_as = compile_mode(cfg.trainer.compile, device)
+    hetconv = resolved_impl(cfg.trainer.hetconv, device)
     if state:
-        refuse_other_execution(run_dir, state, device, compile_as)
+        refuse_other_execution(run_dir, state, device, compile_as, hetconv)
     configure_backend(device)
     data_root = Path(to_absolute_path(cfg.data.root))
     splits = load_cifar10(data_root, cfg.data.download)
@@ -190,9 +201,8 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     data = {name: split.to(device) for name, split in splits.items()}
 
     torch.manual_seed(cfg.seed)
-    hetconv = resolved_impl(cfg.trainer.hetconv, device)  # counted on the CPU in the form the device runs
     model = vgg16(cfg.model.part, cfg.model.num_classes, cfg.model.width, hetconv)
-    costs = model_costs(model)
+    costs = model_costs(model)  # on the CPU, in the form the device runs
     model = model.to(device, memory_format=memory_format(cfg.trainer.channels_last))
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.trainer.epochs)
@@ -272,7 +282,8 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
                         else "")
                 raise FloatingPointError(
                     f"the loss became {train_loss} (train) / {test['loss']} (test) in epoch {epoch + 1}: training "
-                    f"diverged. {kept}Lower optim.lr, or check the data.")
+                    f"diverged. {kept}Check the data, or train with a lower optim.lr in another folder "
+                    f"(hydra.run.dir=...): a run resumes only with the settings it started with.")
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             epoch += 1
@@ -293,14 +304,15 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
 
     writer.close()
     metrics = record.update("finished")
-    save_final_weights(run_dir, model.state_dict(), config, epoch)
+    save_final_weights(run_dir, model.state_dict(), config, epoch, data_info)
     log.info("finished: test accuracy %.2f%% (best %.2f%% at epoch %d), %.0fs", metrics["test_acc"],
              metrics["best_test_acc"], metrics["best_epoch"], metrics["wall_s"])
     return metrics
 
 
-def save_final_weights(run_dir: Path, weights: dict, config: dict, epoch: int) -> None:
-    save(run_dir / "model.pt", {"model": weights, "config": config, "epoch": epoch})
+def save_final_weights(run_dir: Path, weights: dict, config: dict, epoch: int, data: dict | None) -> None:
+    """What eval.py reads: the weights, the config that made them and the data they were trained on."""
+    save(run_dir / "model.pt", {"model": weights, "config": config, "epoch": epoch, "data": data})
 
 
 def log_epoch(writer: SummaryWriter, h: dict, metrics: dict, epochs: int, epoch_wall_s: float) -> None:

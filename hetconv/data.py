@@ -36,8 +36,9 @@ class DatasetError(RuntimeError):
     """The dataset is missing, unreadable or inconsistent; the message says what to do."""
 
 
-def how_to_get(root: Path) -> str:
-    return (f"To get it: run with data.download=true, or download {URL} (md5 {ARCHIVE_MD5}) and "
+def how_to_get(root: Path, download_failed: bool = False) -> str:
+    first = "rerun where the download can reach it" if download_failed else "run with data.download=true"
+    return (f"To get it: {first}, or download {URL} (md5 {ARCHIVE_MD5}) and "
             f"extract it into {root}, or point data.root at a folder holding {FOLDER}/. To try the "
             f"pipeline offline: python scripts/make_fake_cifar.py {root}")
 
@@ -122,7 +123,7 @@ def download(root: Path) -> None:
             partial.unlink(missing_ok=True)
             if isinstance(error, (OSError, http.client.HTTPException)):
                 raise DatasetError(f"CIFAR-10 is not in {root / FOLDER} and downloading it failed ({error}). "
-                                   + how_to_get(root)) from error
+                                   + how_to_get(root, download_failed=True)) from error
             raise
         if not check_integrity(str(partial), ARCHIVE_MD5):
             partial.unlink()
@@ -144,8 +145,8 @@ def load_cifar10(root: Path | str, download_if_missing: bool = True,
                                f"test_batch in it) and data.download=false. " + how_to_get(root))
         download(root)
     files = batch_files(folder)
-    missing = [str(p) for p in files["test"] if not p.is_file()] + ([] if files["train"] else
-                                                                    [str(folder / "data_batch_1..5")])
+    files["train"] = files["train"] or [folder / "data_batch_1..5"]  # none at all: named as missing below
+    missing = [str(p) for name in splits for p in files[name] if not p.is_file()]
     if missing:
         raise DatasetError(f"CIFAR-10 in {folder} is incomplete: missing {', '.join(missing)}. " + how_to_get(root))
     loaded = {}

@@ -16,9 +16,11 @@ import torch
 
 from hetconv.provenance import git_commit, library_versions, now
 
-# Config keys that may change when a run is resumed without changing what it computes (trainer.device and
-# trainer.compile as long as they resolve to the same device type and compile mode: train.py checks that).
-RESUMABLE_CHANGES = ("data.root", "data.download", "trainer.device", "trainer.jobs_per_gpu", "trainer.compile")
+# Config keys that may change when a run is resumed without changing what it computes (trainer.device,
+# trainer.compile and trainer.hetconv as long as they resolve to the same device type, compile mode and
+# HetConv form: train.py checks that). A sweep's table also sets jobs that differ in them side by side.
+RESUMABLE_CHANGES = ("data.root", "data.download", "trainer.device", "trainer.jobs_per_gpu", "trainer.compile",
+                     "trainer.hetconv")
 
 
 def atomic_write(path: Path, write) -> None:
@@ -82,6 +84,11 @@ def config_differences(saved: dict, current: dict) -> list[str]:
             if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key)]
 
 
+def hetconv_setting(config: dict) -> str:
+    """A run's trainer.hetconv. Runs from before the key existed (e483228) computed every HetConv layer grouped."""
+    return config["trainer"].get("hetconv", "grouped")
+
+
 def last_checkpoint(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / "last.pt"
 
@@ -99,6 +106,7 @@ class RunRecord:
 
     def __init__(self, run_dir: Path, config: dict, saved: dict | None = None):
         self.path = metrics_path(run_dir)
+        self.written = False  # whether this launch has written metrics.json yet
         if saved:
             self.info, self.history, self.wall_s = dict(saved["info"]), list(saved["history"]), saved["wall_s"]
             commit = git_commit()
@@ -125,6 +133,7 @@ class RunRecord:
                    "train_acc": last.get("train_acc"), "test_loss": last.get("test_loss"),
                    "wall_s": round(self.wall_s, 1), "updated": now(), "history": self.history}
         write_json(self.path, metrics)
+        self.written = True
         return metrics
 
 

@@ -47,6 +47,12 @@ def check_settings(cfg) -> None:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{key} must be an int >= {least}, got {value!r}")
+    for key, zero_allowed in (("optim.lr", False), ("schedule.gamma", False), ("optim.momentum", True),
+                              ("optim.weight_decay", True)):
+        value = OmegaConf.select(cfg, key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or value < 0 or (value == 0 and not zero_allowed):
+            raise ValueError(f"{key} must be a number {'>=' if zero_allowed else '>'} 0, got {value!r}")
     # An unknown trainer.compile or trainer.hetconv fails here, before a GPU is claimed.
     compile_mode(cfg.trainer.compile, torch.device("cpu"))
     check_impl(cfg.trainer.hetconv, "trainer.hetconv")
@@ -113,8 +119,10 @@ def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
 
 def milestone_epochs(schedule, epochs: int) -> list[int]:
     """The recipe's milestones, given at a reference length, scaled to this run's epochs. Milestones that
-    land on the same epoch compound (MultiStepLR counts them), so the final lr is the recipe's."""
-    return sorted(max(1, round(m * epochs / schedule.reference_epochs)) for m in schedule.milestones)
+    land on the same epoch compound (MultiStepLR counts them), and none lands after the last epoch's start
+    (a short run's would round to its end and never fire), so the last epoch trains at the recipe's final lr
+    from 2 epochs up."""
+    return sorted(max(1, min(round(m * epochs / schedule.reference_epochs), epochs - 1)) for m in schedule.milestones)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule, epochs: int):

@@ -17,9 +17,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.utils.tensorboard import SummaryWriter
 
+import eval as eval_module
 import train as train_module
 from conftest import SMALL, comparable, read_metrics, script, start
 from hetconv import data as data_module
+from hetconv import HetConv2d
 from hetconv.data import DatasetError, load_cifar10
 from hetconv.flops import count_flops
 from hetconv.runfiles import atomic_write, exclusive, last_checkpoint
@@ -49,7 +51,8 @@ def test_a_small_run_learns_and_leaves_every_artefact(reference_run):
         assert metrics[key] is not None, key
     assert metrics["part"] == 4 and metrics["seed"] == 0 and metrics["torch"] == torch.__version__
     assert metrics["best_test_acc"] == max(h["test_acc"] for h in metrics["history"])
-    assert [h["lr"] for h in metrics["history"]] == pytest.approx([0.1, 0.004, 3.2e-5])  # 6 milestones in 3 epochs
+    # 6 milestones in 3 epochs, none at the end: the last epoch trains at the recipe's final lr, 0.1 * 0.2**6
+    assert [h["lr"] for h in metrics["history"]] == pytest.approx([0.1, 0.004, 6.4e-6])
 
     events = EventAccumulator(str(reference_run)).Reload()
     assert SCALARS <= set(events.Tags()["scalars"])
@@ -76,6 +79,8 @@ def test_eval_reproduces_the_final_test_accuracy(reference_run, fake_root, tmp_p
     report = json.loads(output.read_text())
     assert report["test_acc"] == read_metrics(reference_run)["test_acc"]
     assert f"test accuracy {report['test_acc']:.2f}%" in result.stdout
+    assert "weights after epoch 3 of 3\n" in result.stdout and "note:" not in result.stdout
+    assert report["trained_on"] == report["data_root"] == str(fake_root)
     assert report["flops"] == read_metrics(reference_run)["flops"] and len(report["per_class_acc"]) == 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]  # evaluation leaves no other files
 
@@ -162,6 +167,7 @@ def test_offline_download_fails_fast_with_instructions(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="downloading it failed") as error:
         load_cifar10(tmp_path, download_if_missing=True)
     assert time.time() - started < 30 and "md5" in str(error.value)
+    assert "rerun where the download can reach it" in str(error.value) and "data.download=true" not in str(error.value)
     assert not list(tmp_path.glob("*.partial"))
 
 
@@ -182,6 +188,16 @@ def test_impossible_part_for_the_width_is_rejected_before_training(fake_root, tm
     assert "conv layer 2 of 13 (HetConv2d 16 -> 16 channels): part=64 must divide in_channels=16" in result.stderr
     assert read_metrics(tmp_path)["status"] == "failed" and read_metrics(tmp_path)["epochs_done"] == 0
     assert not last_checkpoint(tmp_path).exists()
+
+
+def test_eval_says_when_weights_are_from_part_way_or_the_data_is_elsewhere(reference_run, fake_root, tmp_path):
+    run_dir = tmp_path / "run"
+    copy_stopped_after_epoch_2(reference_run, run_dir, lambda state: state.update(step=7))
+    moved = shutil.copytree(fake_root, tmp_path / "moved")
+    result = script("eval.py", f"checkpoint={last_checkpoint(run_dir)}", f"data.root={moved}", "device=cpu",
+                    cwd=tmp_path)
+    assert "weights at epoch 3 of 3, step 7: the run had not finished" in result.stdout
+    assert f"note: the run trained on the data in {fake_root}; this evaluates the data in {moved}" in result.stdout
 
 
 def test_eval_rejects_missing_and_incompatible_checkpoints(reference_run, fake_root, tmp_path):
@@ -234,6 +250,9 @@ def test_resuming_on_another_device_type_is_refused(reference_run, fake_root, tm
     ("trainer.batch_size=0", "trainer.batch_size must be an int >= 1, got 0"),
     ("trainer.epochs=-1", "trainer.epochs must be an int >= 1, got -1"),
     ("data.crop_padding=-4", "data.crop_padding must be an int >= 0, got -4"),
+    ("optim.lr=-1", "optim.lr must be a number > 0, got -1"),
+    ("schedule.gamma=0", "schedule.gamma must be a number > 0, got 0"),
+    ("optim.momentum=-0.9", "optim.momentum must be a number >= 0, got -0.9"),
     ("trainer.jobs_per_gpu=0", "trainer.jobs_per_gpu must be >= 1"),
     ("trainer.compile=fast", "trainer.compile must be auto, true, false or a torch.compile mode"),
     ("trainer.hetconv=fast", "trainer.hetconv must be one of auto, grouped, dense, got 'fast'"),
@@ -315,6 +334,15 @@ def test_a_failed_write_names_the_file_and_the_free_space(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_test_split_loads_without_the_training_batches(tmp_path):
+    make_fake_cifar(tmp_path, train=500, test=100, seed=0)
+    for batch in (tmp_path / "cifar-10-batches-py").glob("data_batch_*"):
+        batch.unlink()
+    assert len(load_cifar10(tmp_path, download_if_missing=False, splits=("test",))["test"]) == 100  # what eval reads
+    with pytest.raises(DatasetError, match="incomplete: missing .*data_batch_1..5"):
+        load_cifar10(tmp_path, download_if_missing=False)
+
+
 def test_a_gap_in_the_training_batches_is_named(tmp_path):
     make_fake_cifar(tmp_path, train=500, test=100, seed=0)
     (tmp_path / "cifar-10-batches-py" / "data_batch_2").unlink()
@@ -335,22 +363,56 @@ def test_the_compile_setting_is_a_mode_per_device(setting, device, mode):
     assert compile_mode(train_config(f"trainer.compile={setting}").trainer.compile, torch.device(device)) == mode
 
 
-@pytest.mark.parametrize("started_with,refused", [("default", True), (False, False)])
-def test_a_run_resumes_only_in_the_compile_mode_it_started_with(started_with, refused, reference_run, fake_root,
-                                                                 tmp_path):
+@pytest.mark.parametrize("key,started_with,refusal", [
+    ("compile", "default", "was trained with torch.compile mode default and cannot resume eagerly"),
+    ("compile", False, None),  # false and auto both train eagerly on the CPU
+    ("hetconv", "dense", "was trained with its HetConv layers computed dense and cannot resume grouped"),
+    ("hetconv", "grouped", None),  # what auto computes on the CPU
+    ("hetconv", None, None),  # runs from before trainer.hetconv existed computed grouped
+])
+def test_a_run_resumes_only_in_the_compile_mode_and_hetconv_form_it_started_with(key, started_with, refusal,
+                                                                                 reference_run, fake_root, tmp_path):
+    """The reference run trains eagerly and grouped: trainer.compile and trainer.hetconv are auto on the CPU."""
     run_dir = tmp_path / "run"
-    # The reference run is eager: auto on the CPU.
-    copy_stopped_after_epoch_2(reference_run, run_dir,
-                               lambda state: state["config"]["trainer"].update(compile=started_with))
+
+    def start_with(state):
+        trainer = state["config"]["trainer"]
+        trainer.pop(key)
+        if started_with is not None:
+            trainer[key] = started_with
+
+    copy_stopped_after_epoch_2(reference_run, run_dir, start_with)
     before = (run_dir / "metrics.json").read_bytes()
     result = script("train.py", *SMALL, f"data.root={fake_root}", f"hydra.run.dir={run_dir}", check=False)
-    if refused:
+    if refusal:
         assert result.returncode != 0
-        assert ("was trained with torch.compile mode default and cannot resume eagerly" in result.stderr
-                and "Use trainer.compile=default." in result.stderr)
+        assert refusal in result.stderr and f"Use trainer.{key}={started_with}." in result.stderr
         assert (run_dir / "metrics.json").read_bytes() == before
-    else:  # false and auto both train eagerly on the CPU
+    else:
         assert result.returncode == 0 and "resuming" in result.stdout + result.stderr
+        assert read_metrics(run_dir)["status"] == "finished"
+
+
+@pytest.mark.parametrize("setting,form", [(None, "grouped"), ("auto", "dense"), ("grouped", "grouped")])
+def test_eval_builds_the_form_the_run_computed_on_that_device(setting, form, reference_run, tmp_path):
+    state = torch.load(reference_run / "model.pt", weights_only=False)
+    state["config"]["trainer"].pop("hetconv")
+    if setting:
+        state["config"]["trainer"]["hetconv"] = setting
+    torch.save(state, tmp_path / "model.pt")
+    model, _ = eval_module.load_model(tmp_path / "model.pt", torch.device("cuda"))  # built on the CPU either way
+    assert {m.impl for m in model.modules() if isinstance(m, HetConv2d)} == {form}
+
+
+def test_a_resume_that_fails_on_bad_input_keeps_the_record_and_logs_why(reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    copy_stopped_after_epoch_2(reference_run, run_dir)
+    before = (run_dir / "metrics.json").read_bytes()
+    result = script("train.py", *SMALL, f"data.root={tmp_path / 'nowhere'}", "data.download=false",
+                    f"hydra.run.dir={run_dir}", check=False)
+    assert result.returncode != 0 and "DatasetError" in result.stderr
+    assert (run_dir / "metrics.json").read_bytes() == before  # still resumable, not "failed"
+    assert "DatasetError: CIFAR-10 not found" in (run_dir / "train.log").read_text()
 
 
 def test_trainer_compile_reaches_torch_compile_and_the_record(fake_root, tmp_path, monkeypatch):
