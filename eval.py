@@ -53,6 +53,8 @@ def trained_on(state: dict) -> dict | None:
 @hydra.main(config_path="configs", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     path = Path(to_absolute_path(cfg.checkpoint))
+    if path.is_dir():  # a run folder: its final weights
+        path = path / "model.pt"
     device = select_device(cfg.device)
     model, state = load_model(path, device)
     run_cfg = OmegaConf.create(state["config"])

@@ -59,8 +59,9 @@ def load(path: Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)  # tensors and plain data only
     except Exception as error:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error}). If it is a "
-                         "damaged last.pt, move it away to start the run over.") from error
+        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error}); a run's model.pt "
+                         "or checkpoints/last.pt is. A damaged last.pt can be moved away to start its run over."
+                         ) from error
     if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
         raise ValueError(f"{path}: not a train.py checkpoint (it needs 'model' and 'config' entries)")
     return state

@@ -74,13 +74,14 @@ def test_a_small_run_learns_and_leaves_every_artefact(reference_run):
 
 def test_eval_reproduces_the_final_test_accuracy(reference_run, fake_root, tmp_path):
     output = tmp_path / "eval.json"
-    result = script("eval.py", f"checkpoint={reference_run / 'model.pt'}", f"data.root={fake_root}",
+    result = script("eval.py", f"checkpoint={reference_run}", f"data.root={fake_root}",  # the run folder: model.pt
                     "device=cpu", f"output={output}", cwd=tmp_path)
     report = json.loads(output.read_text())
     assert report["test_acc"] == read_metrics(reference_run)["test_acc"]
     assert f"test accuracy {report['test_acc']:.2f}%" in result.stdout
     assert "weights after epoch 3 of 3\n" in result.stdout and "note:" not in result.stdout
     assert report["trained_on"] == report["data_root"] == str(fake_root)
+    assert report["checkpoint"] == str(reference_run / "model.pt")
     assert report["flops"] == read_metrics(reference_run)["flops"] and len(report["per_class_acc"]) == 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]  # evaluation leaves no other files
 
