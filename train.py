@@ -170,8 +170,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         try:
             return run(cfg, config, run_dir, state, record)
         except Exception as error:
-            # A run that this launch did not get to train (bad input on resume, say) keeps the record it had.
-            if not isinstance(error, Refused) and (record.written or metrics is None):
+            # A run with a checkpoint that this launch did not get to train (bad input on resume, say) keeps
+            # the record it had: it is still resumable.
+            if not isinstance(error, Refused) and (record.written or state is None):
                 record.update("failed", f"{type(error).__name__}: {error}")
             raise
 

@@ -136,7 +136,7 @@ def download(root: Path) -> None:
 
 def load_cifar10(root: Path | str, download_if_missing: bool = True,
                  splits: tuple[str, ...] = ("train", "test")) -> dict[str, Split]:
-    """{'train': Split, 'test': Split} from root/cifar-10-batches-py, on the CPU."""
+    """{name: Split} for each of splits ('train', 'test') from root/cifar-10-batches-py, on the CPU."""
     root = Path(root)
     folder = root / FOLDER
     if not folder.is_dir():

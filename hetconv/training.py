@@ -7,6 +7,7 @@ set-up. bench.py times exactly `train_step`, so its throughput is the throughput
 import contextlib
 import ctypes
 import logging
+import math
 import os
 
 import torch
@@ -50,9 +51,11 @@ def check_settings(cfg) -> None:
     for key, zero_allowed in (("optim.lr", False), ("schedule.gamma", False), ("optim.momentum", True),
                               ("optim.weight_decay", True)):
         value = OmegaConf.select(cfg, key)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if not number or value < 0 or (value == 0 and not zero_allowed):
-            raise ValueError(f"{key} must be a number {'>=' if zero_allowed else '>'} 0, got {value!r}")
+            raise ValueError(f"{key} must be a finite number {'>=' if zero_allowed else '>'} 0, got {value!r}")
+    if cfg.optim.nesterov and cfg.optim.momentum == 0:
+        raise ValueError("optim.nesterov=true needs optim.momentum > 0: set a momentum, or optim.nesterov=false")
     # An unknown trainer.compile or trainer.hetconv fails here, before a GPU is claimed.
     compile_mode(cfg.trainer.compile, torch.device("cpu"))
     check_impl(cfg.trainer.hetconv, "trainer.hetconv")

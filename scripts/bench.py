@@ -287,7 +287,7 @@ def part_one(rows: list[dict]) -> dict | None:
     return next((r for r in rows if r["part"] == 1), None)
 
 
-def model_section(rows: list[dict], recipe_compile: str | None) -> str:
+def model_section(rows: list[dict], recipe_modes: set) -> str:
     base = part_one(rows)
     speedup = lambda r, key: f"{r[key] / base[key]:.2f}x" if base else "-"  # noqa: E731
     text = "\n## Whole model: training step of train.py\n\n" + markdown_table(
@@ -301,21 +301,22 @@ def model_section(rows: list[dict], recipe_compile: str | None) -> str:
         if base and row:
             got = row["train_ips"] / base["train_ips"]
             text += f"\n- Training speed-up at P={part}: {got:.2f}x; goal {goal}x: {'met' if got >= goal else 'NOT met'}."
-    return text + sweep_projection(rows, None, recipe_compile) + "\n"
+    return text + sweep_projection(rows, None, recipe_modes) + "\n"
 
 
-def sweep_projection(rows: list[dict], compile_as: str | None, recipe_compile: str | None) -> str:
-    """The sweep's hours at these rows' speeds, stepped eager (compile_as None) or compiled; recipe_compile is
-    how trainer.compile=auto trains on this device, so the line says whether it projects the default recipe."""
+def sweep_projection(rows: list[dict], compile_as: str | None, recipe_modes: set) -> str:
+    """The sweep's hours at these rows' speeds, stepped eager (compile_as None) or compiled. recipe_modes holds the
+    mode (None: eager) the default recipe trains with on this device, if these rows compute HetConv in its form:
+    the line then says that it projects the default recipe."""
     epochs = rows[0]["epochs"]
     trained = CIFAR10_TRAIN // BATCH * BATCH  # the last partial batch is dropped
     hours = sum(epochs * (trained / r["train_ips"] + CIFAR10_TEST / r["infer_ips"]) for r in rows) / 3600
     how = "eager" if compile_as is None else f"compiled ({compile_as})"
-    if compile_as == recipe_compile:
-        how += ", as trainer.compile=auto trains here"
-    return (f"\n- Projected time of the sweep over P = {', '.join(str(r['part']) for r in rows)} under the "
-            f"default recipe ({epochs} epochs of {trained:,} training and {CIFAR10_TEST:,} test images, "
-            f"one job at a time on this device), {how}: {hours:.1f} hours.")
+    if compile_as in recipe_modes:
+        how += ", the default recipe's step here"
+    return (f"\n- Projected time of the sweep over P = {', '.join(str(r['part']) for r in rows)} ({epochs} epochs "
+            f"of {trained:,} training and {CIFAR10_TEST:,} test images each, as the recipe on record, one job at a "
+            f"time on this device), {how}: {hours:.1f} hours.")
 
 
 def breakdown_section(rows: list[dict]) -> str:
@@ -343,7 +344,7 @@ def breakdown_section(rows: list[dict]) -> str:
                                                                    "measured"], body))
 
 
-def compile_section(compiled: list[dict], eager: list[dict], setting: str, recipe_compile: str | None) -> str:
+def compile_section(compiled: list[dict], eager: list[dict], setting: str, recipe_modes: set) -> str:
     eager_by_part = {r["part"]: r for r in eager}
     base = part_one(compiled)
     gain = lambda r, key: f"{r[key] / eager_by_part[r['part']][key]:.2f}x"  # noqa: E731
@@ -358,7 +359,7 @@ def compile_section(compiled: list[dict], eager: list[dict], setting: str, recip
                   f"{eager_by_part[r['part']]['infer_ips']:.0f}", f"{r['infer_ips']:.0f}", gain(r, "infer_ips"),
                   f"{r['spread']:.0%}"] for r in compiled if r["part"] in eager_by_part]))
     if {r["part"] for r in compiled} == set(eager_by_part):
-        text += sweep_projection(compiled, setting, recipe_compile) + "\n"
+        text += sweep_projection(compiled, setting, recipe_modes) + "\n"
     return text
 
 
@@ -391,15 +392,15 @@ def layer_section(rows: list[dict]) -> str:
 
 
 def render(device_label: str, setup: str, layer_rows, model_rows, compile_rows, compile_setting: str,
-           recipe_compile: str | None, command: str) -> str:
+           recipe_modes: set, command: str) -> str:
     versions = library_versions()
     return (f"# Speed of HetConv on {device_label}\n\n"
             f"Made by `{command}` on {now()}, commit {git_commit()}, torch {versions['torch']}. Batch {BATCH}, "
             f"{setup}, optimizer as in configs/. Median of repeats; *spread* = (max - min) / median over the "
             "repeats of a figure: how far to trust it.\n"
-            + model_section(model_rows, recipe_compile)
+            + model_section(model_rows, recipe_modes)
             + breakdown_section(model_rows)
-            + (compile_section(compile_rows, model_rows, compile_setting, recipe_compile) if compile_rows else "")
+            + (compile_section(compile_rows, model_rows, compile_setting, recipe_modes) if compile_rows else "")
             + (layer_section(layer_rows) if layer_rows else ""))
 
 
@@ -462,8 +463,10 @@ def main(argv: list[str] | None = None) -> None:
              f"{'channels_last' if cfg.trainer.channels_last else 'NCHW'}, {torch.get_num_threads()} CPU threads, "
              f"HetConv layers computed {resolved_impl(args.impl, device)} (trainer.hetconv={args.impl})")
     command = "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = render(label, setup, layer_rows, model_rows, compile_rows, args.compile, compile_mode("auto", device),
-                    command.strip())
+    # The step the default recipe (trainer.compile and trainer.hetconv auto) trains with, if this report times its form.
+    default_form = resolved_impl(args.impl, device) == resolved_impl("auto", device)
+    recipe_modes = {compile_mode("auto", device)} if default_form else set()
+    report = render(label, setup, layer_rows, model_rows, compile_rows, args.compile, recipe_modes, command.strip())
     impl_suffix = "" if args.impl == "auto" else f"-{args.impl}"
     path = args.out / f"bench-{'cpu' if device.type == 'cpu' else slug(label)}{impl_suffix}.md"
     args.out.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,8 @@ class Job:
 def held_by_a_process(run_dir: Path) -> bool:
     """Whether a process holds the run folder's lock, as train.py does while it trains (runfiles.exclusive).
 
-    metrics.json alone cannot tell: a job killed with SIGKILL, or on a lost node, still says "running".
+    metrics.json alone cannot tell: a job killed with SIGKILL, or on a lost node, still says "running". Where a
+    cluster filesystem keeps locks per node, a job training on another node looks unheld too (the README says so).
     """
     lock_path = run_dir / ".lock"
     if not lock_path.exists():  # train.py makes it before metrics.json: no lock file, no holder
@@ -64,7 +65,7 @@ def held_by_a_process(run_dir: Path) -> bool:
     with open(lock_path) as lock:  # closing the file at once releases the lock if we took it
         try:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError:  # held, or a filesystem without locks: do not call a job killed that may be running
             return True
     return False
 

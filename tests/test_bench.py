@@ -23,7 +23,8 @@ def test_bench_writes_a_report_with_every_section(tmp_path):
            "--out" in report
     assert "HetConv layers computed dense (trainer.hetconv=dense)" in report
     assert "## Whole model: training step of train.py" in report
-    assert "one job at a time on this device), eager, as trainer.compile=auto trains here:" in report
+    # the default recipe computes HetConv grouped on the CPU: a dense report does not project it
+    assert "one job at a time on this device), eager: " in report and "default recipe's step" not in report
     assert "## torch.compile" not in report
     assert "## Where the training step's time goes" in report
     # P=8's breakdown row: step ms, the 7 categories, HetConv convs / P=1 (R), ceiling, measured
@@ -92,15 +93,15 @@ def test_the_compiled_sweep_is_projected_only_when_every_part_was_compiled():
     row = lambda part, ips: {"part": part, "train_ips": ips, "infer_ips": 2 * ips, "spread": 0.1,  # noqa: E731
                              "epochs": 330}
     eager = [row(1, 100), row(4, 150)]
-    text = compile_section([row(1, 300), row(4, 360)], eager, "reduce-overhead", recipe_compile=None)
+    text = compile_section([row(1, 300), row(4, 360)], eager, "reduce-overhead", recipe_modes={None})
     assert "| 4 | 150 | 360 | 2.40x | 1.20x | 300 | 720 | 2.40x | 10% |" in text
     assert "one job at a time on this device), compiled (reduce-overhead):" in text
-    assert "Projected" not in compile_section([row(1, 300)], eager, "reduce-overhead", None)
+    assert "Projected" not in compile_section([row(1, 300)], eager, "reduce-overhead", {None})
     assert "on the CPU it compiles as the default mode" not in compile_section([row(1, 300)], eager, "max-autotune",
-                                                                                 None)
-    # on CUDA trainer.compile=auto trains reduce-overhead: that projection is the default recipe's
-    on_cuda = compile_section([row(1, 300), row(4, 360)], eager, "reduce-overhead", recipe_compile="reduce-overhead")
-    assert "compiled (reduce-overhead), as trainer.compile=auto trains here:" in on_cuda
+                                                                                 {None})
+    # on CUDA the default recipe trains reduce-overhead: that projection is the default recipe's
+    on_cuda = compile_section([row(1, 300), row(4, 360)], eager, "reduce-overhead", recipe_modes={"reduce-overhead"})
+    assert "compiled (reduce-overhead), the default recipe's step here:" in on_cuda
 
 
 def test_compile_parts_auto_compiles_every_part_where_the_default_recipe_compiles():

@@ -251,16 +251,18 @@ def test_resuming_on_another_device_type_is_refused(reference_run, fake_root, tm
     ("trainer.batch_size=0", "trainer.batch_size must be an int >= 1, got 0"),
     ("trainer.epochs=-1", "trainer.epochs must be an int >= 1, got -1"),
     ("data.crop_padding=-4", "data.crop_padding must be an int >= 0, got -4"),
-    ("optim.lr=-1", "optim.lr must be a number > 0, got -1"),
-    ("schedule.gamma=0", "schedule.gamma must be a number > 0, got 0"),
-    ("optim.momentum=-0.9", "optim.momentum must be a number >= 0, got -0.9"),
+    ("optim.lr=-1", "optim.lr must be a finite number > 0, got -1"),
+    ("optim.lr=nan", "optim.lr must be a finite number > 0, got nan"),
+    ("schedule.gamma=0", "schedule.gamma must be a finite number > 0, got 0"),
+    ("optim.momentum=-0.9", "optim.momentum must be a finite number >= 0, got -0.9"),
+    ("optim.nesterov=true optim.momentum=0", "optim.nesterov=true needs optim.momentum > 0"),
     ("trainer.jobs_per_gpu=0", "trainer.jobs_per_gpu must be >= 1"),
     ("trainer.compile=fast", "trainer.compile must be auto, true, false or a torch.compile mode"),
     ("trainer.hetconv=fast", "trainer.hetconv must be one of auto, grouped, dense, got 'fast'"),
 ])
 def test_settings_that_cannot_train_are_rejected_before_training(override, message, fake_root, tmp_path):
     with pytest.raises(ValueError, match=re.escape(message)):
-        train_module.train(train_config(*SMALL, override, f"data.root={fake_root}"), tmp_path)
+        train_module.train(train_config(*SMALL, *override.split(), f"data.root={fake_root}"), tmp_path)
     assert read_metrics(tmp_path)["status"] == "failed" and not last_checkpoint(tmp_path).exists()
 
 
@@ -403,6 +405,18 @@ def test_eval_builds_the_form_the_run_computed_on_that_device(setting, form, ref
     torch.save(state, tmp_path / "model.pt")
     model, _ = eval_module.load_model(tmp_path / "model.pt", torch.device("cuda"))  # built on the CPU either way
     assert {m.impl for m in model.modules() if isinstance(m, HetConv2d)} == {form}
+
+
+def test_a_start_without_a_checkpoint_records_its_failure_over_an_old_record(reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    copy_stopped_after_epoch_2(reference_run, run_dir)
+    shutil.rmtree(run_dir / "checkpoints")  # a damaged last.pt moved away: nothing left to resume
+    (run_dir / "model.pt").unlink()
+    metrics = read_metrics(run_dir)
+    (run_dir / "metrics.json").write_text(json.dumps({**metrics, "status": "interrupted"}))
+    with pytest.raises(DatasetError):
+        train_module.train(train_config(*SMALL, f"data.root={tmp_path / 'nowhere'}", "data.download=false"), run_dir)
+    assert read_metrics(run_dir)["status"] == "failed" and "DatasetError" in read_metrics(run_dir)["reason"]
 
 
 def test_a_resume_that_fails_on_bad_input_keeps_the_record_and_logs_why(reference_run, tmp_path):
