@@ -1,10 +1,12 @@
 """Evaluate a trained checkpoint on the CIFAR-10 test set.
 
     python eval.py checkpoint=outputs/.../model.pt [data.root=data] [output=eval.json]
+    (a run folder names its model.pt; checkpoints/last.pt evaluates an unfinished run)
 
-Prints test accuracy (%, two decimals, as in metrics.json) and loss, FLOPs in both conventions,
-parameters and per-class accuracy. The model, its preprocessing and the evaluation batch size come
-from the checkpoint's config, so the run's final test_acc is reproduced exactly on the same device type.
+Prints how far the run had trained, test accuracy (%, two decimals, as in metrics.json) and loss,
+FLOPs in both conventions, parameters and per-class accuracy, and a note when data.root is not where
+the run trained. The model, its preprocessing and the evaluation batch size come from the checkpoint's
+config, so the run's final test_acc is reproduced exactly on the same device type.
 """
 
 from pathlib import Path
