@@ -11,24 +11,26 @@ it replaces (the P=1 reference), beside the FLOP ratio R(P) = 1/P + (1 - 1/P)/9;
 graph replays, which time the GPU's work alone.
 Model level: training throughput with train.py's own step (same precision, memory format, optimizer
 and input pipeline, composed from configs/), inference throughput and peak memory, each part in a
-fresh process, eager and, for --compile-parts, compiled (auto: every part on CUDA, where the default
-recipe compiles, so that the report projects the sweep as it trains there; 1, 4 and 64 on the CPU,
-which trains eager); on the CPU, also where the training step's time goes, op by op, and how fast the
-step could be at most if HetConv's layers ran at their FLOP-proportional share of the dense layers'
-time. The model runs its layers as --impl says (trainer.hetconv; auto: dense on CUDA, grouped on
-the CPU). Median of repeats (a layer's ratios are medians of per-repeat ratios, and on the CPU its
-row is timed in turns); the spread (max - min) / median says how noisy each figure is. Writes
+process of its own, the parts timed in turns (speed-ups are medians of per-turn ratios), eager and,
+for --compile-parts, compiled (auto: every part on CUDA, where the default recipe compiles, so that
+the report projects the sweep as it trains there; 1, 4 and 64 on the CPU, which trains eager); on
+the CPU, also where the training step's time goes, op by op, and how fast the step could be at most
+if HetConv's layers ran at their FLOP-proportional share of the dense layers' time. The model runs
+its layers as --impl says (trainer.hetconv; auto: dense on CUDA, grouped on the CPU). Median of
+repeats (a layer's ratios are medians of per-repeat ratios, and on the CPU its row is timed in
+turns); the spread (max - min) / median says how noisy each figure is. Writes
 results/bench-<device>.md, or bench-<device>-<impl>.md for an --impl other than auto.
 """
 
 import argparse
-import concurrent.futures
+import functools
 import multiprocessing
 import re
 import resource
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -57,6 +59,7 @@ CUDA_CALLS = 20
 # the sum of HetConv's two branches, the mask and memory management.
 CATEGORIES = ("3x3 convs", "1x1 convs", "first conv", "BatchNorm", "ReLU", "max pool", "other")
 PROFILED_STEPS = 5  # the breakdown is the median over this many profiled steps
+MODEL_TIMINGS = ("train", "infer")  # what the model level times: train.py's training step, and inference
 # --compile-parts auto on the CPU: the default recipe trains eager there, and three parts show what compiling
 # would gain for a third of the compile time of all seven.
 CPU_COMPILE_PARTS = (1, 4, 64)
@@ -81,12 +84,6 @@ def seconds_per_call(fn, device: torch.device, calls: int = 1) -> float:
 def median_and_spread(times: list[float]) -> tuple[float, float]:
     median = statistics.median(times)
     return median, (max(times) - min(times)) / median
-
-
-def timed(fn, device: torch.device, repeats: int, warmup: int = 2, calls: int = 1) -> tuple[float, float]:
-    """(median seconds per call, spread = (max - min) / median) over `repeats` timings, after warm-up."""
-    warmed_up(fn, warmup)
-    return median_and_spread([seconds_per_call(fn, device, calls) for _ in range(repeats)])
 
 
 def in_turns(timers: dict, repeats: int) -> dict[object, list[float]]:
@@ -233,53 +230,133 @@ def cpu_step_breakdown(step, first_conv_weight: list[int], steps: int = PROFILED
     return {category: statistics.median(ms[category] for ms in per_step) for category in CATEGORIES}
 
 
-def bench_model(part: int, overrides: list[str], repeats: int) -> dict:
-    """One part's model-level figures; runs in a fresh process so that peak memory is its own."""
-    cfg = train_config(*overrides)  # what training runs
-    device = select_device(cfg.trainer.device)
-    configure_backend(device)
-    compile_as = compile_mode(cfg.trainer.compile, device)
-    torch.manual_seed(0)
-    model = vgg16(part, impl=cfg.trainer.hetconv).to(device, memory_format=memory_format(cfg.trainer.channels_last))
-    optimizer = build_optimizer(model, cfg.optim)
-    preprocess = Preprocess(cfg.data, cfg.trainer.channels_last, device)
-    forward_model = compiled(model, compile_as)
-    images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, 10, (BATCH,), device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    step = lambda: train_step(forward_model, optimizer, preprocess(images), labels, cfg.trainer.amp)  # noqa: E731
-    calls = CUDA_CALLS if device.type == "cuda" else 1
-    train_s, train_spread = timed(step, device, repeats, warmup=3, calls=calls)
-    rss_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
-    peak_mb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_unit) / 2**20
-    # The profiler names eager ops only; on CUDA it would need kernel-level attribution, which this script lacks.
-    breakdown = (cpu_step_breakdown(step, list(model.features[0].weight.shape))
-                 if device.type == "cpu" and not compile_as else None)
-    model.eval()
+class ModelBench:
+    """One part's model with train.py's training step and with inference, built as training builds it (from
+    configs/ and the overrides) and warmed up, ready to be timed one timing at a time."""
 
-    @torch.no_grad()
-    def infer():
-        with autocast(device, cfg.trainer.amp):
-            forward_model(preprocess(images))
+    def __init__(self, part: int, overrides: list[str]):
+        self.cfg = cfg = train_config(*overrides)
+        self.device = device = select_device(cfg.trainer.device)
+        configure_backend(device)
+        self.compile_as = compile_mode(cfg.trainer.compile, device)
+        torch.manual_seed(0)
+        layout = memory_format(cfg.trainer.channels_last)
+        self.model = vgg16(part, impl=cfg.trainer.hetconv).to(device, memory_format=layout)
+        optimizer = build_optimizer(self.model, cfg.optim)
+        preprocess = Preprocess(cfg.data, cfg.trainer.channels_last, device)
+        forward_model = compiled(self.model, self.compile_as)
+        images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8, device=device)
+        labels = torch.randint(0, 10, (BATCH,), device=device)
 
-    infer_s, infer_spread = timed(infer, device, repeats, warmup=3, calls=calls)
-    return {"part": part, "train_ips": BATCH / train_s, "infer_ips": BATCH / infer_s,
-            "peak_mb": peak_mb, "spread": max(train_spread, infer_spread), "breakdown": breakdown,
-            "device_name": device_name(device),
-            "paper_flops": count_flops(model, "paper"), "epochs": cfg.trainer.epochs}
+        def train():
+            train_step(forward_model, optimizer, preprocess(images), labels, cfg.trainer.amp)
+
+        @torch.no_grad()
+        def infer():
+            with autocast(device, cfg.trainer.amp):
+                forward_model(preprocess(images))
+
+        self.steps = {"train": train, "infer": infer}
+        self.calls = CUDA_CALLS if device.type == "cuda" else 1
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for kind in MODEL_TIMINGS:
+            self.model.train(kind == "train")
+            warmed_up(self.steps[kind], 3)
+
+    def timing(self, kind: str) -> float:
+        """One timing of the training step ("train") or of inference ("infer"), in seconds per call."""
+        self.model.train(kind == "train")
+        return seconds_per_call(self.steps[kind], self.device, self.calls)
+
+    def summary(self) -> dict:
+        """Peak memory, where the training step's time goes (eager on the CPU), paper FLOPs and the recipe's epochs."""
+        rss_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+        peak_mb = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_unit) / 2**20
+        self.model.train()
+        # The profiler names eager ops only; on CUDA it would need kernel-level attribution, which this script lacks.
+        breakdown = (cpu_step_breakdown(self.steps["train"], list(self.model.features[0].weight.shape))
+                     if self.device.type == "cpu" and not self.compile_as else None)
+        return {"peak_mb": peak_mb, "breakdown": breakdown, "device_name": device_name(self.device),
+                "paper_flops": count_flops(self.model, "paper"), "epochs": self.cfg.trainer.epochs}
+
+
+def serve(conn, part: int, overrides: list[str]) -> None:
+    """A worker process: builds the part's ModelBench, then answers "train" and "infer" with one timing each and
+    "summary" with the rest; an error goes back to the parent, which raises it."""
+    try:
+        bench = ModelBench(part, overrides)
+        conn.send("ready")
+        for request in iter(conn.recv, "summary"):
+            conn.send(bench.timing(request))
+        conn.send(bench.summary())
+    except Exception:  # noqa: BLE001 - whatever it is, the parent raises it
+        conn.send(RuntimeError(f"benchmarking P={part} ({' '.join(overrides)}) failed:\n{traceback.format_exc()}"))
+
+
+class Worker:
+    """The parent's end of a `serve` process."""
+
+    def __init__(self, spawn, part: int, overrides: list[str]):
+        self.part = part
+        self.conn, their_end = spawn.Pipe()
+        self.process = spawn.Process(target=serve, args=(their_end, part, overrides), daemon=True)
+        self.process.start()
+        self.reply()  # built and warmed up
+
+    def ask(self, request: str):
+        self.conn.send(request)
+        return self.reply()
+
+    def reply(self):
+        try:
+            answer = self.conn.recv()
+        except EOFError:
+            self.process.join()
+            raise RuntimeError(f"the process benchmarking P={self.part} died (exit code {self.process.exitcode}); "
+                               "out of memory?") from None
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
 
 def bench_models(parts, overrides: list[str], repeats) -> list[dict]:
-    rows = []
+    """Every part's model-level figures. Each part has a process of its own, so that its peak memory is its own;
+    all stay up and are timed in turns, so that a drift of the machine hits every part alike and cancels in the
+    speed-ups over P=1, which are medians of per-turn ratios."""
     spawn = multiprocessing.get_context("spawn")
-    for part in parts:
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-            rows.append(pool.submit(bench_model, part, overrides, repeats).result())
-        print(f"model P={part} {' '.join(overrides)}: {rows[-1]['train_ips']:.0f} img/s training, "
-              f"{rows[-1]['infer_ips']:.0f} img/s inference", file=sys.stderr)
+    workers = {}
+    try:
+        for part in parts:
+            workers[part] = Worker(spawn, part, overrides)
+        times = in_turns({(part, kind): functools.partial(worker.ask, kind)
+                          for part, worker in workers.items() for kind in MODEL_TIMINGS}, repeats)
+        summaries = {part: worker.ask("summary") for part, worker in workers.items()}
+    finally:
+        for worker in workers.values():
+            worker.process.kill()
+            worker.process.join()
+    rows = [model_row(part, times, summaries[part]) for part in parts]
+    for row in rows:
+        print(f"model P={row['part']} {' '.join(overrides)}: {row['train_ips']:.0f} img/s training, "
+              f"{row['infer_ips']:.0f} img/s inference", file=sys.stderr)
     return rows
+
+
+def model_row(part: int, times: dict[tuple, list[float]], summary: dict) -> dict:
+    """A part's throughputs (medians), their spread, and its speed-ups over P=1 as medians of per-turn ratios
+    (None without P=1)."""
+    row = {"part": part, **summary}
+    spreads = []
+    for kind in MODEL_TIMINGS:
+        seconds, spread = median_and_spread(times[part, kind])
+        row[f"{kind}_ips"] = BATCH / seconds
+        row[f"{kind}_speedup"] = (statistics.median(one / t for one, t in zip(times[1, kind], times[part, kind]))
+                                  if (1, kind) in times else None)
+        spreads.append(spread)
+    row["spread"] = max(spreads)
+    return row
 
 
 def part_one(rows: list[dict]) -> dict | None:
@@ -289,17 +366,19 @@ def part_one(rows: list[dict]) -> dict | None:
 
 def model_section(rows: list[dict], recipe_modes: set) -> str:
     base = part_one(rows)
-    speedup = lambda r, key: f"{r[key] / base[key]:.2f}x" if base else "-"  # noqa: E731
-    text = "\n## Whole model: training step of train.py\n\n" + markdown_table(
+    speedup = lambda r, kind: f"{r[kind + '_speedup']:.2f}x" if base else "-"  # noqa: E731
+    text = ("\n## Whole model: training step of train.py\n\n"
+            "Each part runs in a process of its own; the parts are timed in turns, and a speed-up is the median of "
+            "the per-turn ratios to P=1, so that a drift of the machine cancels in it.\n\n") + markdown_table(
         ["P", "FLOPs reduction (P=1 / P)", "train img/s", "speed-up", "inference img/s", "speed-up", "peak memory MB",
          "spread"],
         [[r["part"], f"{base['paper_flops'] / r['paper_flops']:.2f}x" if base else "-", f"{r['train_ips']:.0f}",
-          speedup(r, "train_ips"), f"{r['infer_ips']:.0f}", speedup(r, "infer_ips"), f"{r['peak_mb']:.0f}",
+          speedup(r, "train"), f"{r['infer_ips']:.0f}", speedup(r, "infer"), f"{r['peak_mb']:.0f}",
           f"{r['spread']:.0%}"] for r in rows])
     for part, goal in MODEL_TARGETS.items():
         row = next((r for r in rows if r["part"] == part), None)
         if base and row:
-            got = row["train_ips"] / base["train_ips"]
+            got = row["train_speedup"]
             text += f"\n- Training speed-up at P={part}: {got:.2f}x; goal {goal}x: {'met' if got >= goal else 'NOT met'}."
     return text + sweep_projection(rows, None, recipe_modes) + "\n"
 
@@ -333,7 +412,7 @@ def breakdown_section(rows: list[dict]) -> str:
         ceiling = base_total / (base_total - base_convs * (1 - paper_ratio(r["part"])))
         body.append([r["part"], f"{sum(ms.values()):.0f}"] + [f"{ms[c]:.0f}" for c in CATEGORIES]
                     + [f"{convs / base_convs:.2f} ({paper_ratio(r['part']):.3f})", f"{ceiling:.2f}x",
-                       f"{r['train_ips'] / base['train_ips']:.2f}x"])
+                       f"{r['train_speedup']:.2f}x"])
     return ("\n## Where the training step's time goes\n\n"
             f"Milliseconds per step under the profiler, by op (self time, median over {PROFILED_STEPS} steps). "
             "*3x3 convs* and *1x1 convs* are the convolutions of the 12 HetConv layers; *HetConv convs / P=1* "
@@ -355,7 +434,7 @@ def compile_section(compiled: list[dict], eager: list[dict], setting: str, recip
                 ["P", "eager train img/s", "compiled train img/s", "gain", "speed-up over compiled P=1",
                  "eager inference img/s", "compiled inference img/s", "gain", "spread"],
                 [[r["part"], f"{eager_by_part[r['part']]['train_ips']:.0f}", f"{r['train_ips']:.0f}",
-                  gain(r, "train_ips"), f"{r['train_ips'] / base['train_ips']:.2f}x" if base else "-",
+                  gain(r, "train_ips"), f"{r['train_speedup']:.2f}x" if base else "-",
                   f"{eager_by_part[r['part']]['infer_ips']:.0f}", f"{r['infer_ips']:.0f}", gain(r, "infer_ips"),
                   f"{r['spread']:.0%}"] for r in compiled if r["part"] in eager_by_part]))
     if {r["part"] for r in compiled} == set(eager_by_part):

@@ -11,7 +11,7 @@ from torch.profiler import profile
 from hetconv.training import build_optimizer, train_config, train_step
 from models import vgg16
 from scripts.bench import (CATEGORIES, compile_section, conv_weight, cpu_step_breakdown, in_turns, layer_rows, main,
-                           parse_compile_parts)
+                           bench_models, model_row, parse_compile_parts)
 
 
 def test_bench_writes_a_report_with_every_section(tmp_path):
@@ -62,6 +62,23 @@ def test_a_drift_that_hits_a_whole_turn_cancels_in_the_layer_ratios():
     assert layer_rows("64->64 @32x32", [4], times)[0]["spread"] == pytest.approx(0.5)
 
 
+def test_a_drift_that_hits_a_whole_turn_cancels_in_the_model_speedups():
+    # every part is timed once per turn; the machine runs 3x slower in the second turn and 2x in the third
+    drift = [1.0, 3.0, 2.0]
+    times = {(1, "train"): [1.0 * d for d in drift], (4, "train"): [0.5 * d for d in drift],
+             (1, "infer"): [0.2 * d for d in drift], (4, "infer"): [0.125 * d for d in drift]}
+    row = model_row(4, times, {"peak_mb": 1.0})
+    assert (row["train_speedup"], row["infer_speedup"]) == pytest.approx((2.0, 1.6))
+    assert row["train_ips"] == pytest.approx(128 / 1.0)  # the median time, drift and all
+    assert row["spread"] == pytest.approx(1.0) and row["peak_mb"] == 1.0  # (3 - 1) / 2: the drift shows here
+    assert model_row(4, {k: v for k, v in times.items() if k[0] == 4}, {})["train_speedup"] is None  # no P=1
+
+
+def test_an_error_in_a_parts_process_is_raised_naming_the_part():
+    with pytest.raises(RuntimeError, match=r"(?s)benchmarking P=3 \(trainer.device=cpu\) failed.*part=3 must divide"):
+        bench_models([3], ["trainer.device=cpu"], repeats=1)
+
+
 def small_training_step(part: int):
     torch.manual_seed(0)
     model = vgg16(part, width=0.25)
@@ -90,17 +107,18 @@ def test_every_profiled_convolution_is_traced_to_one_of_the_models_weights():
 
 
 def test_the_compiled_sweep_is_projected_only_when_every_part_was_compiled():
-    row = lambda part, ips: {"part": part, "train_ips": ips, "infer_ips": 2 * ips, "spread": 0.1,  # noqa: E731
-                             "epochs": 330}
+    row = lambda part, ips, speedup=None: {"part": part, "train_ips": ips, "infer_ips": 2 * ips,  # noqa: E731
+                                           "train_speedup": speedup, "spread": 0.1, "epochs": 330}
     eager = [row(1, 100), row(4, 150)]
-    text = compile_section([row(1, 300), row(4, 360)], eager, "reduce-overhead", recipe_modes={None})
+    text = compile_section([row(1, 300, 1.0), row(4, 360, 1.2)], eager, "reduce-overhead", recipe_modes={None})
     assert "| 4 | 150 | 360 | 2.40x | 1.20x | 300 | 720 | 2.40x | 10% |" in text
     assert "one job at a time on this device), compiled (reduce-overhead):" in text
-    assert "Projected" not in compile_section([row(1, 300)], eager, "reduce-overhead", {None})
-    assert "on the CPU it compiles as the default mode" not in compile_section([row(1, 300)], eager, "max-autotune",
-                                                                                 {None})
+    assert "Projected" not in compile_section([row(1, 300, 1.0)], eager, "reduce-overhead", {None})
+    other_mode = compile_section([row(1, 300, 1.0)], eager, "max-autotune", {None})
+    assert "on the CPU it compiles as the default mode" not in other_mode
     # on CUDA the default recipe trains reduce-overhead: that projection is the default recipe's
-    on_cuda = compile_section([row(1, 300), row(4, 360)], eager, "reduce-overhead", recipe_modes={"reduce-overhead"})
+    on_cuda = compile_section([row(1, 300, 1.0), row(4, 360, 1.2)], eager, "reduce-overhead",
+                              recipe_modes={"reduce-overhead"})
     assert "compiled (reduce-overhead), the default recipe's step here:" in on_cuda
 
 
