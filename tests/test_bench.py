@@ -23,6 +23,8 @@ def test_bench_writes_a_report_with_every_section(tmp_path):
            "--out" in report
     assert "HetConv layers computed dense (trainer.hetconv=dense)" in report
     assert "## Whole model: training step of train.py" in report
+    # P=8's model row: FLOPs reduction, train img/s, speed-up, inference img/s, speed-up, peak MB, both spreads
+    assert re.search(r"\| 8 \| 4\.40x \| \d+ \| [\d.]+x \| \d+ \| [\d.]+x \| \d+ \| \d+% \| \d+% \|", report)
     # the default recipe computes HetConv grouped on the CPU: a dense report does not project it
     assert "one job at a time on this device), eager: " in report and "default recipe's step" not in report
     assert "## torch.compile" not in report
@@ -71,7 +73,9 @@ def test_a_drift_that_hits_a_whole_turn_cancels_in_the_model_speedups():
     assert (row["train_speedup"], row["infer_speedup"]) == pytest.approx((2.0, 1.6))
     assert row["train_ips"] == pytest.approx(128 / 1.0)  # the median time, drift and all
     assert row["spread"] == pytest.approx(1.0) and row["peak_mb"] == 1.0  # (3 - 1) / 2: the drift shows here
-    assert model_row(4, {k: v for k, v in times.items() if k[0] == 4}, {})["train_speedup"] is None  # no P=1
+    assert row["speedup_spread"] == pytest.approx(0.0)  # and not here
+    alone = model_row(4, {k: v for k, v in times.items() if k[0] == 4}, {})  # no P=1
+    assert alone["train_speedup"] is None and alone["speedup_spread"] is None
 
 
 def test_an_error_in_a_parts_process_is_raised_naming_the_part():
