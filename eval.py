@@ -18,9 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from hetconv.data import CLASSES, load_cifar10, memory_format
 from hetconv.flops import model_costs
-from hetconv.layer import resolved_impl
 from hetconv.provenance import device_name
-from hetconv.runfiles import hetconv_setting, load, write_json
+from hetconv.runfiles import hetconv_form, load, write_json
 from hetconv.training import Preprocess, configure_backend, evaluate, select_device
 from models import vgg16
 
@@ -29,8 +28,8 @@ def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]
     """The run's model on the CPU, its HetConv layers in the form the run's setting gives on `device`, and the
     checkpoint it came from."""
     state = load(path)
-    spec, form = state["config"]["model"], resolved_impl(hetconv_setting(state["config"]), device)
-    model = vgg16(spec["part"], spec["num_classes"], spec["width"], form)
+    spec = state["config"]["model"]
+    model = vgg16(spec["part"], spec["num_classes"], spec["width"], hetconv_form(state["config"], device))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:

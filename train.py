@@ -34,7 +34,7 @@ from hetconv.flops import model_costs
 from hetconv.gpus import claim_gpu
 from hetconv.layer import resolved_impl
 from hetconv.provenance import device_name
-from hetconv.runfiles import (RunRecord, config_differences, exclusive, hetconv_setting, last_checkpoint, load,
+from hetconv.runfiles import (RunRecord, config_differences, exclusive, hetconv_form, last_checkpoint, load,
                               read_metrics, save)
 from hetconv.training import (Preprocess, build_optimizer, build_scheduler, check_settings, configure_backend,
                               compile_mode, compiled, evaluate, select_device, train_step)
@@ -123,7 +123,7 @@ def refuse_other_execution(run_dir: Path, state: dict, device: torch.device, com
     if started_as != compile_as:
         raise Refused(f"{run_dir} was trained {how_it_runs(started_as)} and cannot resume {how_it_runs(compile_as)}: "
                       f"compiled and eager kernels round differently. Use trainer.compile={str(started_with).lower()}.")
-    started_form = resolved_impl(hetconv_setting(state["config"]), device)
+    started_form = hetconv_form(state["config"], device)
     if started_form != hetconv:
         raise Refused(f"{run_dir} was trained with its HetConv layers computed {started_form} and cannot resume "
                       f"{hetconv}: the two forms round differently. Use trainer.hetconv={started_form}.")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from hetconv.layer import resolved_impl
 from hetconv.provenance import git_commit, library_versions, now
 
 # Config keys that may change when a run is resumed without changing what it computes (trainer.device,
@@ -85,9 +86,10 @@ def config_differences(saved: dict, current: dict) -> list[str]:
             if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key)]
 
 
-def hetconv_setting(config: dict) -> str:
-    """A run's trainer.hetconv. Runs from before the key existed (e483228) computed every HetConv layer grouped."""
-    return config["trainer"].get("hetconv", "grouped")
+def hetconv_form(config: dict, device: torch.device) -> str:
+    """How a run's HetConv layers compute on `device`, "grouped" or "dense". Runs from before trainer.hetconv
+    existed (e483228) computed them grouped."""
+    return resolved_impl(config["trainer"].get("hetconv", "grouped"), device)
 
 
 def last_checkpoint(run_dir: Path) -> Path:
@@ -143,11 +145,15 @@ def read_metrics(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def lock_path(run_dir: Path) -> Path:
+    return run_dir / ".lock"
+
+
 @contextlib.contextmanager
 def exclusive(run_dir: Path):
     """Hold the run folder for this process: a second process on the same folder is refused."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as lock:
+    with open(lock_path(run_dir), "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -156,3 +162,19 @@ def exclusive(run_dir: Path):
         for stale in run_dir.rglob(".*.tmp"):  # left by a writer killed mid-write; no writer can be running now
             stale.unlink()
         yield
+
+
+def held_by_a_process(run_dir: Path) -> bool:
+    """Whether a process holds the run folder, as `exclusive` does while train.py trains.
+
+    metrics.json alone cannot tell: a job killed with SIGKILL, or on a lost node, still says "running". Where a
+    cluster filesystem keeps locks per node, a job training on another node looks unheld too (the README says so).
+    """
+    if not lock_path(run_dir).exists():  # exclusive makes it before metrics.json: no lock file, no holder
+        return False
+    with open(lock_path(run_dir)) as lock:  # closing the file at once releases the lock if we took it
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:  # held, or a filesystem without locks: do not call a job killed that may be running
+            return True
+    return False

@@ -10,7 +10,6 @@ official CIFAR-10 files can only be written outside the repository's results/.
 """
 
 import argparse
-import fcntl
 import statistics
 import sys
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from hetconv.flops import count_flops, count_params, truncate_millions  # noqa: E402
 from hetconv.provenance import git_commit, now  # noqa: E402
 from hetconv.report import PAPER_PARTS, RESULTS_DIR, load_published, markdown_table, write_csv  # noqa: E402
-from hetconv.runfiles import config_differences, read_metrics  # noqa: E402
+from hetconv.runfiles import config_differences, held_by_a_process, read_metrics  # noqa: E402
 from models import vgg16  # noqa: E402
 
 
@@ -51,23 +50,6 @@ class Job:
                     "lock: killed? rerun the sweep command to resume)")
         return f"{self.path.name}: {m['status']} at epoch {m['epochs_done']}/{m['epochs']}" + (
             f" ({m['reason']})" if m.get("reason") else "")
-
-
-def held_by_a_process(run_dir: Path) -> bool:
-    """Whether a process holds the run folder's lock, as train.py does while it trains (runfiles.exclusive).
-
-    metrics.json alone cannot tell: a job killed with SIGKILL, or on a lost node, still says "running". Where a
-    cluster filesystem keeps locks per node, a job training on another node looks unheld too (the README says so).
-    """
-    lock_path = run_dir / ".lock"
-    if not lock_path.exists():  # train.py makes it before metrics.json: no lock file, no holder
-        return False
-    with open(lock_path) as lock:  # closing the file at once releases the lock if we took it
-        try:
-            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:  # held, or a filesystem without locks: do not call a job killed that may be running
-            return True
-    return False
 
 
 def find_jobs(sweep_dirs: list[Path]) -> list[Job]:

@@ -1,7 +1,6 @@
 """The P sweep through every launcher, on generated data, and the table it regenerates."""
 
 import csv
-import fcntl
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ from tensorboard.backend.event_processing.plugin_event_multiplexer import EventM
 from conftest import REPO, read_metrics, script
 from hetconv import gpus
 from hetconv.report import PAPER_PARTS
+from hetconv.runfiles import exclusive
 
 # experiment=demo, shrunk further: two epochs, CPU.
 TINY = ["experiment=demo", "trainer.epochs=2", "trainer.device=cpu"]
@@ -117,8 +117,7 @@ def test_table_compares_only_full_width_rows_and_tells_a_killed_job_from_a_runni
     fake_job(sweep_dir, 4, 1.0, "running", epochs_done=1)  # killed: metrics.json still says running
     alive = fake_job(sweep_dir, 8, 1.0, "running", epochs_done=1)
     out = tmp_path / "table"
-    with open(alive / ".lock", "w") as lock:  # as train.py holds it while it trains
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with exclusive(alive):  # held as train.py holds it while it trains
         script("scripts/make_table.py", str(sweep_dir), "--out", str(out))
 
     table = csv.DictReader((out / "table.csv").read_text().splitlines())
