@@ -35,7 +35,7 @@ reproduce: install
 table: install
 	$(PY) scripts/make_table.py $(SWEEP)
 
-# The whole pipeline on generated data, on any CPU, in a few minutes: results land in demo/.
+# The whole pipeline on generated data, on any CPU, in about a minute: results land in demo/.
 demo: install
 	$(PY) scripts/make_fake_cifar.py demo/data
 	$(PY) train.py -m experiment=demo $(ARGS); status=$$?; \

@@ -1,12 +1,14 @@
 """Evaluate a trained checkpoint on the CIFAR-10 test set.
 
-    python eval.py checkpoint=outputs/.../model.pt [data.root=data] [output=eval.json]
-    (a run folder names its model.pt; checkpoints/last.pt evaluates an unfinished run)
+    python eval.py checkpoint=outputs/.../model.pt [data.root=...] [output=eval.json]
+    (a run folder names its model.pt; checkpoints/last.pt evaluates an unfinished run; data.root defaults
+    to the folder the run trained on)
 
 Prints how far the run had trained, test accuracy (%, two decimals, as in metrics.json) and loss,
 FLOPs in both conventions, parameters and per-class accuracy, and a note when data.root is not where
-the run trained. The model, its preprocessing and the evaluation batch size come from the checkpoint's
-config, so the run's final test_acc is reproduced exactly on the same device type.
+the run trained or holds other test images than the run was tested on. The model, its preprocessing and
+the evaluation batch size come from the checkpoint's config, so the run's final test_acc is reproduced
+exactly on the same device type. The output file also records the commit, library versions and date.
 """
 
 from pathlib import Path
@@ -16,11 +18,11 @@ import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from hetconv.data import CLASSES, load_cifar10, memory_format
+from hetconv.data import CLASSES, FOLDER, DatasetError, fingerprint, is_official, load_cifar10, memory_format
 from hetconv.flops import model_costs
-from hetconv.provenance import device_name
-from hetconv.runfiles import hetconv_form, load, write_json
-from hetconv.training import Preprocess, configure_backend, evaluate, select_device
+from hetconv.provenance import device_name, git_commit, library_versions, now
+from hetconv.runfiles import command_line_override, hetconv_form, last_checkpoint, load, write_json
+from hetconv.training import Preprocess, check_flags, configure_backend, evaluate, select_device
 from models import vgg16
 
 
@@ -46,6 +48,30 @@ def training_point(state: dict) -> str:
     return f"after epoch {epoch} of {epochs}" + ("" if epoch == epochs else ": the run had not finished")
 
 
+def checkpoint_path(setting: str) -> Path:
+    """The checkpoint file `checkpoint=` names: a run folder names its final weights, model.pt."""
+    path = Path(to_absolute_path(setting))
+    if not path.is_dir():
+        return path
+    if not (path / "model.pt").exists() and last_checkpoint(path).exists():
+        raise FileNotFoundError(f"{path} has no model.pt: its run has not finished. To evaluate the weights it "
+                                f"has so far: {command_line_override('checkpoint', last_checkpoint(path))}")
+    return path / "model.pt"
+
+
+def data_root(setting: str | None, state: dict) -> Path:
+    """data.root as given, else the folder the run recorded its data in (else its own data.root setting), which
+    must still hold the data: a run folder copied from another machine names that machine's folder."""
+    if setting is not None:
+        return Path(to_absolute_path(setting))
+    run_data = trained_on(state)
+    root = Path(run_data["root"]) if run_data else Path(to_absolute_path(state["config"]["data"]["root"]))
+    if not (root / FOLDER).is_dir():
+        raise DatasetError(f"the run trained on the data in {root}, and there is no {FOLDER}/ there now: say where "
+                           f"CIFAR-10 is with data.root=...")
+    return root
+
+
 def trained_on(state: dict) -> dict | None:
     """The data the run recorded (model.pt carries it; last.pt in its record); None for older files."""
     return state.get("data") or state.get("record", {}).get("info", {}).get("data")
@@ -53,15 +79,16 @@ def trained_on(state: dict) -> dict | None:
 
 @hydra.main(config_path="configs", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
-    path = Path(to_absolute_path(cfg.checkpoint))
-    if path.is_dir():  # a run folder: its final weights
-        path = path / "model.pt"
-    device = select_device(cfg.device)
+    check_flags(cfg, ("data.download",))
+    path = checkpoint_path(cfg.checkpoint)
+    device = select_device(cfg.device, key="device")
     model, state = load_model(path, device)
     run_cfg = OmegaConf.create(state["config"])
     configure_backend(device)
-    data_root = Path(to_absolute_path(cfg.data.root))
-    test = load_cifar10(data_root, cfg.data.download, splits=("test",))["test"].to(device)
+    root = data_root(cfg.data.root, state)
+    test = load_cifar10(root, cfg.data.download, splits=("test",))["test"]
+    test_fingerprint = fingerprint({"test": test})
+    test = test.to(device)
     costs = model_costs(model)
     model = model.to(device, memory_format=memory_format(run_cfg.trainer.channels_last))
     preprocess = Preprocess(run_cfg.data, run_cfg.trainer.channels_last, device)
@@ -69,15 +96,21 @@ def main(cfg: DictConfig) -> dict:
                       run_cfg.model.num_classes)
     run_data = trained_on(state)
     report = {"checkpoint": str(path), "trained": training_point(state), "part": run_cfg.model.part,
-              "width": run_cfg.model.width, "data_root": str(data_root), "trained_on": run_data and run_data["root"],
+              "width": run_cfg.model.width, "data_root": str(root), "trained_on": run_data and run_data["root"],
+              "test_fingerprint": test_fingerprint, "official_cifar10": is_official(root),
               "test_acc": result["acc"], "test_loss": round(result["loss"], 6), "images": len(test), **costs,
-              "per_class_acc": dict(zip(CLASSES, result["per_class_acc"])), "device": device_name(device)}
+              "per_class_acc": dict(zip(CLASSES, result["per_class_acc"])), "device": device_name(device),
+              "git_commit": git_commit(), "versions": library_versions(), "evaluated": now()}
 
     print(f"{path}  (VGG-16, part={report['part']}, width={report['width']}, on {report['device']}), weights "
           f"{report['trained']}")
-    if run_data and Path(run_data["root"]) != data_root:
-        print(f"note: the run trained on the data in {run_data['root']}; this evaluates the data in {data_root} "
+    if run_data and Path(run_data["root"]) != root:
+        print(f"note: the run trained on the data in {run_data['root']}; this evaluates the data in {root} "
               f"(data.root={cfg.data.root})")
+    tested_on = run_data and run_data.get("test_fingerprint")  # older runs did not record it
+    if tested_on and tested_on != test_fingerprint:
+        print(f"note: these are not the test images the run was tested on (fingerprint {tested_on}; these: "
+              f"{test_fingerprint}), so this accuracy is not comparable with the run's")
     print(f"test accuracy {report['test_acc']:.2f}%   loss {report['test_loss']:.4f}   ({len(test)} images)")
     print(f"FLOPs {costs['flops'] / 1e6:.2f}M (paper convention), {costs['executed_flops'] / 1e6:.2f}M executed")
     print(f"parameters {costs['params'] / 1e6:.3f}M effective, {costs['stored_params'] / 1e6:.3f}M stored")

@@ -23,6 +23,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
@@ -34,8 +35,8 @@ from hetconv.flops import model_costs
 from hetconv.gpus import claim_gpu
 from hetconv.layer import resolved_impl
 from hetconv.provenance import device_name
-from hetconv.runfiles import (RunRecord, config_differences, exclusive, hetconv_form, last_checkpoint, load,
-                              read_metrics, save)
+from hetconv.runfiles import (RunRecord, config_differences, exclusive, hetconv_form, how_to_resume,
+                              last_checkpoint, load, read_metrics, save)
 from hetconv.training import (Preprocess, build_optimizer, build_scheduler, check_settings, configure_backend,
                               compile_mode, compiled, evaluate, select_device, train_step)
 from models import vgg16
@@ -46,6 +47,10 @@ log = logging.getLogger("train")
 OmegaConf.register_new_resolver(
     "job_name", lambda part, seed, others: f"part={part},seed={seed}" + (f",{others}" if others else ""),
     replace=True)
+
+
+# What a refused or failed run tells the user to do when its settings must change.
+ANOTHER_FOLDER = "train in another folder (hydra.run.dir=... for a run, hydra.sweep.dir=... for a sweep)"
 
 
 class Refused(ValueError):
@@ -95,8 +100,8 @@ def refuse_other_settings(run_dir: Path, saved: dict, config: dict) -> None:
     if differences:
         raise Refused(
             f"{run_dir} holds a run with other settings ({'; '.join(differences)}). Its checkpoint and "
-            f"metrics were left as they are. Rerun with the settings it was started with to resume it, or "
-            f"train in another folder (hydra.run.dir=... for a run, hydra.sweep.dir=... for a sweep).")
+            f"metrics were left as they are. To resume it (or see that it has finished), rerun with the settings "
+            f"it was started with; for other settings, {ANOTHER_FOLDER}.")
 
 
 def resume_point(run_dir: Path, config: dict) -> dict | None:
@@ -110,10 +115,10 @@ def resume_point(run_dir: Path, config: dict) -> dict | None:
 
 
 def refuse_other_execution(run_dir: Path, state: dict, device: torch.device, compile_as: str | None,
-                           hetconv: str) -> None:
+                           form: str) -> None:
     """A run resumes on the device type, in the compile mode and with the HetConv form it started with, so that it
-    ends exactly as an uninterrupted one (a device type's generator draws its own data order; compiled kernels and
-    the two forms round differently)."""
+    ends as an uninterrupted one would (exactly, on the CPU): a device type's generator draws its own data order,
+    and compiled kernels and the two forms round differently."""
     if state["device_type"] != device.type:
         raise Refused(f"{run_dir} was trained on {state['device_type']} and cannot resume on {device.type}: "
                       f"its data order comes from a {state['device_type']} generator. Use "
@@ -124,9 +129,9 @@ def refuse_other_execution(run_dir: Path, state: dict, device: torch.device, com
         raise Refused(f"{run_dir} was trained {how_it_runs(started_as)} and cannot resume {how_it_runs(compile_as)}: "
                       f"compiled and eager kernels round differently. Use trainer.compile={str(started_with).lower()}.")
     started_form = hetconv_form(state["config"], device)
-    if started_form != hetconv:
+    if started_form != form:
         raise Refused(f"{run_dir} was trained with its HetConv layers computed {started_form} and cannot resume "
-                      f"{hetconv}: the two forms round differently. Use trainer.hetconv={started_form}.")
+                      f"{form}: the two forms round differently. Use trainer.hetconv={started_form}.")
 
 
 def how_it_runs(compile_as: str | None) -> str:
@@ -139,20 +144,20 @@ def refuse_other_data(run_dir: Path, started_on: dict | None, data: dict) -> Non
         raise Refused(
             f"{run_dir} started training on the data in {started_on['root']} (fingerprint "
             f"{started_on['fingerprint']}), and data.root={data['root']} holds other data (fingerprint "
-            f"{data['fingerprint']}). Resume it with data.root={started_on['root']}, or train in another folder "
-            f"(hydra.run.dir=... for a run, hydra.sweep.dir=... for a sweep).")
+            f"{data['fingerprint']}). Resume it with data.root={started_on['root']}, or {ANOTHER_FOLDER}.")
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     try:
-        return train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        hydra_cfg = HydraConfig.get()
+        return train(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN)
     except Exception as error:
         log.error("%s: %s", type(error).__name__, error)  # into train.log too: under SLURM stderr is the launcher's
         raise
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
+def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     with exclusive(run_dir):
         state = resume_point(run_dir, config)
@@ -168,7 +173,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 save_final_weights(run_dir, state["model"], config, state["epoch"], record.info.get("data"))
             return metrics if metrics and metrics["status"] == "finished" else record.update("finished")
         try:
-            return run(cfg, config, run_dir, state, record)
+            return run(cfg, config, run_dir, state, record, how_to_resume(run_dir, in_sweep))
         except Exception as error:
             # A run with a checkpoint that this launch did not get to train (bad input on resume, say) keeps
             # the record it had: it is still resumable.
@@ -177,7 +182,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             raise
 
 
-def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record: RunRecord) -> dict:
+def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record: RunRecord, resume: str) -> dict:
     # Everything that bad input can break comes first, before any training.
     check_settings(cfg)
     check_part_fits(cfg.model.part, cfg.model.width)
@@ -185,24 +190,29 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         claim_gpu(cfg.trainer.jobs_per_gpu)  # before anything initialises CUDA
     device = select_device(cfg.trainer.device)
     compile_as = compile_mode(cfg.trainer.compile, device)
-    hetconv = resolved_impl(cfg.trainer.hetconv, device)
+    form = resolved_impl(cfg.trainer.hetconv, device)
     if state:
-        refuse_other_execution(run_dir, state, device, compile_as, hetconv)
+        refuse_other_execution(run_dir, state, device, compile_as, form)
     configure_backend(device)
     data_root = Path(to_absolute_path(cfg.data.root))
     splits = load_cifar10(data_root, cfg.data.download)
     data_info = {"root": str(data_root), "official_cifar10": is_official(data_root), "fingerprint": fingerprint(splits),
+                 "test_fingerprint": fingerprint({"test": splits["test"]}),  # what eval.py checks it evaluates
                  "train_images": len(splits["train"]), "test_images": len(splits["test"])}
     if state:
         refuse_other_data(run_dir, record.info.get("data"), data_info)
-    top_label = int(splits["train"].labels.max())
+    if not data_info["official_cifar10"]:  # a subset, generated data, an extra batch: said now, not after the sweep
+        log.warning("%s does not hold the official CIFAR-10 files (%d training and %d test images here): fine for "
+                    "trying the pipeline, but make_table.py keeps this run out of results/", data_root,
+                    data_info["train_images"], data_info["test_images"])
+    top_label = max(int(split.labels.max()) for split in splits.values())  # a test label too would fail in epoch 1
     if top_label >= cfg.model.num_classes:
-        raise ValueError(f"model.num_classes={cfg.model.num_classes}, but the training labels go up to "
+        raise ValueError(f"model.num_classes={cfg.model.num_classes}, but the data's labels go up to "
                          f"{top_label}: set model.num_classes to the data's class count")
     data = {name: split.to(device) for name, split in splits.items()}
 
     torch.manual_seed(cfg.seed)
-    model = vgg16(cfg.model.part, cfg.model.num_classes, cfg.model.width, hetconv)
+    model = vgg16(cfg.model.part, cfg.model.num_classes, cfg.model.width, form)
     costs = model_costs(model)  # on the CPU, in the form the device runs
     model = model.to(device, memory_format=memory_format(cfg.trainer.channels_last))
     optimizer = build_optimizer(model, cfg.optim)
@@ -222,12 +232,13 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         epoch, step, partial = state["epoch"], state["step"], state["partial"]
         log.info("resuming %s at epoch %d, step %d", run_dir, epoch + 1, step)
 
-    info = dict(**costs, device=device_name(device), torch_compile=compile_as, hetconv=hetconv,
-                cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), data=data_info)
+    where = {"device": device_name(device), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    record.launched(**where, data_root=data_info["root"])
+    info = dict(**costs, **where, torch_compile=compile_as, hetconv=form, data=data_info, resume=resume)
     record.update("running", **info)
     log.info("VGG-16 part=%d width=%s: %.2fM FLOPs (paper), %.2fM executed, %.3fM params, on %s, %s, HetConv %s",
              cfg.model.part, cfg.model.width, costs["flops"] / 1e6, costs["executed_flops"] / 1e6, costs["params"] / 1e6,
-             info["device"], how_it_runs(compile_as), hetconv)
+             info["device"], how_it_runs(compile_as), form)
     writer = SummaryWriter(run_dir, purge_step=epoch + 1 if state else None)
     hparam_values = {"part": cfg.model.part, "width": cfg.model.width, "seed": cfg.seed, "epochs": cfg.trainer.epochs,
                      "flops_m": costs["flops"] / 1e6, "params_m": costs["params"] / 1e6}
@@ -246,8 +257,8 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         record.wall_s = wall_before + time.perf_counter() - clock_started
 
     def interrupted(stop: StopSignals, reason: str) -> None:
-        record.update("interrupted", f"{reason}: rerun the same command to resume")
-        log.warning("%s: %s, state saved", run_dir, reason)
+        record.update("interrupted", f"{reason}: {resume} to resume")
+        log.warning("%s: %s, state saved: %s to resume", run_dir, reason, resume)
         stop.pass_on()
 
     with StopSignals() as stop:
@@ -255,10 +266,12 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
             model.train()
             epoch_rng = generator.get_state()  # the whole epoch's random draws follow from it
             partial = partial or {"loss": 0.0, "correct": 0, "seen": 0, "train_s": 0.0}
-            wall_at_start = record.wall_s - partial["train_s"]  # a resumed epoch counts what it trained before
+            # A resumed epoch counts what it trained before the interruption, on both clocks.
+            wall_at_start = record.wall_s - partial["train_s"]
+            started = time.perf_counter() - partial["train_s"]
             loss_sum = torch.tensor(partial["loss"], device=device)
             correct = torch.tensor(partial["correct"], device=device)
-            seen, started = partial["seen"], time.perf_counter()
+            seen = partial["seen"]
             progress = tqdm(batches.epoch(step), total=len(batches), initial=step, leave=False,
                             desc=f"epoch {epoch + 1}", disable=not sys.stderr.isatty())
             for images, labels in progress:
@@ -271,11 +284,11 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
                 if stop.received:
                     tick()
                     so_far = {"loss": loss_sum.item(), "correct": correct.item(), "seen": seen,
-                              "train_s": partial["train_s"] + time.perf_counter() - started}
+                              "train_s": time.perf_counter() - started}
                     save(last_checkpoint(run_dir), checkpoint(step, epoch_rng, so_far))
                     interrupted(stop, f"{stop.received.name} at epoch {epoch + 1}, step {step}")
             train_loss = loss_sum.item() / seen  # the epoch's one host synchronisation
-            train_s = partial["train_s"] + time.perf_counter() - started
+            train_s = time.perf_counter() - started
             test = evaluate(forward_model, data["test"], preprocess, cfg.trainer.eval_batch_size, cfg.trainer.amp,
                             cfg.model.num_classes)
             if not (math.isfinite(train_loss) and math.isfinite(test["loss"])):
@@ -283,8 +296,8 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
                         else "")
                 raise FloatingPointError(
                     f"the loss became {train_loss} (train) / {test['loss']} (test) in epoch {epoch + 1}: training "
-                    f"diverged. {kept}Check the data, or train with a lower optim.lr in another folder "
-                    f"(hydra.run.dir=...): a run resumes only with the settings it started with.")
+                    f"diverged. {kept}Check the data, or lower optim.lr and {ANOTHER_FOLDER}: a run resumes only "
+                    f"with the settings it started with.")
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             epoch += 1
@@ -292,7 +305,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
             record.history.append({
                 "epoch": epoch, "train_loss": round(train_loss, 6), "train_acc": round(100 * correct.item() / seen, 2),
                 "test_loss": round(test["loss"], 6), "test_acc": test["acc"], "lr": lr,
-                "epoch_s": round(partial["train_s"] + time.perf_counter() - started, 2),
+                "epoch_s": round(time.perf_counter() - started, 2),
                 "images_per_s": round(seen / train_s, 1)})
             step, partial = 0, None
             # Logged before the checkpoint: a kill in between resumes from the epoch before, which

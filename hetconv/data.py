@@ -36,11 +36,16 @@ class DatasetError(RuntimeError):
     """The dataset is missing, unreadable or inconsistent; the message says what to do."""
 
 
-def how_to_get(root: Path, download_failed: bool = False) -> str:
-    first = "rerun where the download can reach it" if download_failed else "run with data.download=true"
+def how_to_get(root: Path, first: str = "run with data.download=true") -> str:
+    """What to do about missing data; `first` is the way that fits the case."""
     return (f"To get it: {first}, or download {URL} (md5 {ARCHIVE_MD5}) and "
             f"extract it into {root}, or point data.root at a folder holding {FOLDER}/. To try the "
-            f"pipeline offline: python scripts/make_fake_cifar.py {root}")
+            f"pipeline offline on generated data: python scripts/make_fake_cifar.py data/fake, then data.root=data/fake")
+
+
+def how_to_replace(folder: Path) -> str:
+    """What to do about an incomplete folder: a download does not touch one that exists."""
+    return how_to_get(folder.parent, f"move {folder} away and run with data.download=true")
 
 
 @dataclass
@@ -83,7 +88,7 @@ def batch_files(folder: Path) -> dict[str, list[Path]]:
     gaps = sorted(set(range(1, max(numbered, default=0) + 1)) - numbered.keys())
     if gaps:
         raise DatasetError(f"CIFAR-10 in {folder} is missing {', '.join(f'data_batch_{k}' for k in gaps)} while "
-                           f"data_batch_{max(numbered)} is there. " + how_to_get(folder.parent))
+                           f"data_batch_{max(numbered)} is there. " + how_to_replace(folder))
     return {"train": [numbered[k] for k in sorted(numbered)], "test": [folder / "test_batch"]}
 
 
@@ -97,9 +102,16 @@ def fingerprint(splits: dict[str, Split]) -> str:
 
 
 def is_official(root: Path | str) -> bool:
-    """Whether root holds the official CIFAR-10 batch files, byte for byte (md5 of each file)."""
+    """Whether root holds the official CIFAR-10 batch files, byte for byte (md5 of each file), and no other
+    data_batch_N, which load_cifar10 would train on too."""
     folder = Path(root) / FOLDER
-    return all(check_integrity(str(folder / name), md5) for name, md5 in CIFAR10.train_list + CIFAR10.test_list)
+    official = CIFAR10.train_list + CIFAR10.test_list
+    try:
+        loaded = sorted(path.name for paths in batch_files(folder).values() for path in paths)
+    except (OSError, DatasetError):  # no folder, or a gap in the training batches (eval reads the test split only)
+        return False
+    return (loaded == sorted(name for name, _ in official)
+            and all(check_integrity(str(folder / name), md5) for name, md5 in official))
 
 
 def download(root: Path) -> None:
@@ -123,7 +135,7 @@ def download(root: Path) -> None:
             partial.unlink(missing_ok=True)
             if isinstance(error, (OSError, http.client.HTTPException)):
                 raise DatasetError(f"CIFAR-10 is not in {root / FOLDER} and downloading it failed ({error}). "
-                                   + how_to_get(root, download_failed=True)) from error
+                                   + how_to_get(root, "rerun where the download can reach it")) from error
             raise
         if not check_integrity(str(partial), ARCHIVE_MD5):
             partial.unlink()
@@ -139,6 +151,9 @@ def load_cifar10(root: Path | str, download_if_missing: bool = True,
     """{name: Split} for each of splits ('train', 'test') from root/cifar-10-batches-py, on the CPU."""
     root = Path(root)
     folder = root / FOLDER
+    if root.name == FOLDER and not folder.is_dir():
+        raise DatasetError(f"data.root={root} is the dataset folder itself; data.root names the folder that holds "
+                           f"{FOLDER}/: data.root={root.parent}")
     if not folder.is_dir():
         if not download_if_missing:
             raise DatasetError(f"CIFAR-10 not found: {folder} does not exist (expected data_batch_1..5 and "
@@ -148,7 +163,7 @@ def load_cifar10(root: Path | str, download_if_missing: bool = True,
     files["train"] = files["train"] or [folder / "data_batch_1..5"]  # none at all: named as missing below
     missing = [str(p) for name in splits for p in files[name] if not p.is_file()]
     if missing:
-        raise DatasetError(f"CIFAR-10 in {folder} is incomplete: missing {', '.join(missing)}. " + how_to_get(root))
+        raise DatasetError(f"CIFAR-10 in {folder} is incomplete: missing {', '.join(missing)}. " + how_to_replace(folder))
     loaded = {}
     for name in splits:
         parts = [read_batch(p) for p in files[name]]

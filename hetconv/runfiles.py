@@ -9,6 +9,8 @@ import contextlib
 import fcntl
 import json
 import os
+import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -92,6 +94,25 @@ def hetconv_form(config: dict, device: torch.device) -> str:
     return resolved_impl(config["trainer"].get("hetconv", "grouped"), device)
 
 
+def command_line_override(key: str, path: Path) -> str:
+    """key=path as it is typed in a shell: quoted for Hydra's grammar where the path has other characters than
+    letters, digits and _ . / - (a sweep job's folder, part=4,seed=0, has = and ,), then for the shell."""
+    if re.fullmatch(r"[A-Za-z0-9_./-]+", str(path)):
+        return f"{key}={path}"
+    # Hydra reads a backslash as an escape only before a quote or at the end of a quoted value.
+    quoted = re.sub(r"(\\+)(?='|$)", r"\1\1", str(path)).replace("'", "\\'")
+    hydra_text = f"{key}='{quoted}'"
+    return f'"{hydra_text}"' if not re.search(r'[$`"\\!]', hydra_text) else shlex.quote(hydra_text)
+
+
+def how_to_resume(run_dir: Path, in_sweep: bool) -> str:
+    """The command that resumes the run: the one that started it, pointed at its folder, which by default is
+    named after the time of the launch."""
+    if in_sweep:
+        return f"rerun the sweep command with {command_line_override('hydra.sweep.dir', run_dir.parent)}"
+    return f"rerun the same command with {command_line_override('hydra.run.dir', run_dir)}"
+
+
 def last_checkpoint(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / "last.pt"
 
@@ -112,15 +133,20 @@ class RunRecord:
         self.written = False  # whether this launch has written metrics.json yet
         if saved:
             self.info, self.history, self.wall_s = dict(saved["info"]), list(saved["history"]), saved["wall_s"]
-            commit = git_commit()
-            if commit != self.info["git_commit"] and commit not in self.info["resumed_at_commits"]:
-                self.info["resumed_at_commits"].append(commit)
+            self.info["launches"] = launches(self.info)
+            self.info.pop("resumed_at_commits", None)  # a record from before launches were kept: now in them
             return
         versions = library_versions()
         self.info = {"part": config["model"]["part"], "width": config["model"]["width"], "seed": config["seed"],
                      "epochs": config["trainer"]["epochs"], "torch": versions["torch"], "git_commit": git_commit(),
-                     "resumed_at_commits": [], "versions": versions, "started": now(), "config": config}
+                     "versions": versions, "started": now(), "config": config, "launches": []}
         self.history, self.wall_s = [], 0.0
+
+    def launched(self, **where) -> None:
+        """Adds this launch to the record: when, at which commit, with which libraries, and where (device, data).
+        The run's own git_commit, versions and started are its first launch's."""
+        self.info["launches"].append({"started": now(), "git_commit": git_commit(), "versions": library_versions(),
+                                      **where})
 
     def state(self) -> dict:
         return {"info": self.info, "history": self.history, "wall_s": self.wall_s}
@@ -138,6 +164,15 @@ class RunRecord:
         write_json(self.path, metrics)
         self.written = True
         return metrics
+
+
+def launches(record: dict) -> list[dict]:
+    """Every launch of a run, each with its device, commit and library versions. A record from before launches
+    were kept gives its first commit and those it resumed at, each with its last device and first versions."""
+    if "launches" in record:
+        return list(record["launches"])
+    return [{"device": record.get("device"), "git_commit": commit, "versions": record["versions"]}
+            for commit in [record["git_commit"], *record["resumed_at_commits"]]]
 
 
 def read_metrics(run_dir: Path) -> dict | None:

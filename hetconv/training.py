@@ -23,8 +23,8 @@ from hetconv.provenance import REPO_ROOT
 log = logging.getLogger(__name__)
 
 
-def select_device(name: str) -> torch.device:
-    """'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'."""
+def select_device(name: str, key: str = "trainer.device") -> torch.device:
+    """'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'; errors name the setting `key`."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -33,16 +33,31 @@ def select_device(name: str) -> torch.device:
                         "hydra/launcher=submitit_local, set hydra.launcher.gpus_per_node to the host's GPUs.")
         return torch.device("cpu")
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"trainer.device must be auto, cpu or cuda, got {name!r}")
+        raise ValueError(f"{key} must be auto, cpu or cuda, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("trainer.device=cuda but torch sees no CUDA device: use trainer.device=cpu or auto, "
+        raise ValueError(f"{key}=cuda but torch sees no CUDA device: use {key}=cpu or auto, "
                          "or check the GPU driver and the CUDA build of torch (torch.version.cuda="
                          f"{torch.version.cuda})")
     return torch.device(name)
 
 
+# The true/false settings. Hydra reads `off` or `no` as a string, which Python would take for true.
+FLAGS = ("data.download", "data.flip", "data.normalize", "optim.nesterov", "trainer.amp", "trainer.channels_last")
+
+
+def is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_flags(cfg, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+
+
 def check_settings(cfg) -> None:
-    """Reject numbers that cannot train, naming the key, before anything starts."""
+    """Reject settings that cannot train, naming the key, before anything starts."""
     for key, least in (("trainer.epochs", 1), ("trainer.batch_size", 1), ("trainer.eval_batch_size", 1),
                        ("schedule.reference_epochs", 1), ("data.crop_padding", 0)):
         value = OmegaConf.select(cfg, key)
@@ -51,9 +66,15 @@ def check_settings(cfg) -> None:
     for key, zero_allowed in (("optim.lr", False), ("schedule.gamma", False), ("optim.momentum", True),
                               ("optim.weight_decay", True)):
         value = OmegaConf.select(cfg, key)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not number or value < 0 or (value == 0 and not zero_allowed):
+        if not is_finite_number(value) or value < 0 or (value == 0 and not zero_allowed):
             raise ValueError(f"{key} must be a finite number {'>=' if zero_allowed else '>'} 0, got {value!r}")
+    check_flags(cfg, FLAGS)
+    for key, positive in (("data.mean", False), ("data.std", True)):
+        values = OmegaConf.select(cfg, key)
+        if not (OmegaConf.is_list(values) and len(values) == 3
+                and all(is_finite_number(v) and (v > 0 or not positive) for v in values)):
+            raise ValueError(f"{key} must be 3 finite numbers{' > 0' if positive else ''}, one per RGB channel, "
+                             f"got {values}")
     if cfg.optim.nesterov and cfg.optim.momentum == 0:
         raise ValueError("optim.nesterov=true needs optim.momentum > 0: set a momentum, or optim.nesterov=false")
     # An unknown trainer.compile or trainer.hetconv fails here, before a GPU is claimed.

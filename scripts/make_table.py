@@ -24,7 +24,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from hetconv.flops import count_flops, count_params, truncate_millions  # noqa: E402
 from hetconv.provenance import git_commit, now  # noqa: E402
 from hetconv.report import PAPER_PARTS, RESULTS_DIR, load_published, markdown_table, write_csv  # noqa: E402
-from hetconv.runfiles import config_differences, held_by_a_process, read_metrics  # noqa: E402
+from hetconv.runfiles import config_differences, held_by_a_process, launches, read_metrics  # noqa: E402
 from models import vgg16  # noqa: E402
 
 
@@ -47,7 +47,7 @@ class Job:
             return f"{self.path.name}: finished"
         if m["status"] == "running" and not held_by_a_process(self.path):
             return (f"{self.path.name}: stopped at epoch {m['epochs_done']}/{m['epochs']} (no process holds its "
-                    "lock: killed? rerun the sweep command to resume)")
+                    f"lock: killed? {m.get('resume', 'rerun the command that started it')} to resume)")
         return f"{self.path.name}: {m['status']} at epoch {m['epochs_done']}/{m['epochs']}" + (
             f" ({m['reason']})" if m.get("reason") else "")
 
@@ -147,20 +147,26 @@ def fmt(value, std=None, n=None, digits=2) -> str:
     return text
 
 
+def augmentation(data_cfg: dict) -> str:
+    crop = f"random crop (pad {data_cfg['crop_padding']})" if data_cfg["crop_padding"] else "no crop"
+    return crop + (" + flip" if data_cfg["flip"] else ", no flip")
+
+
 def provenance(jobs: list[Job]) -> dict:
     configs = [j.config for j in jobs]
     metrics = [j.metrics for j in jobs if j.metrics]
     first = configs[0]
     optim, schedule, trainer, data_cfg = first["optim"], first["schedule"], first["trainer"], first["data"]
     return {
-        "recipe": (f"SGD lr {optim['lr']}, momentum {optim['momentum']}, weight decay {optim['weight_decay']}, "
-                   f"batch {trainer['batch_size']}; lr x{schedule['gamma']} at epochs {schedule['milestones']} of "
-                   f"{schedule['reference_epochs']}, scaled to the run's epochs; random crop (pad "
-                   f"{data_cfg['crop_padding']}) + flip; {'mean/std' if data_cfg['normalize'] else 'no'} normalisation"),
+        "recipe": (f"SGD lr {optim['lr']}, momentum {optim['momentum']}{' (Nesterov)' if optim['nesterov'] else ''}, "
+                   f"weight decay {optim['weight_decay']}, batch {trainer['batch_size']}; lr x{schedule['gamma']} at "
+                   f"epochs {schedule['milestones']} of {schedule['reference_epochs']}, scaled to the run's epochs; "
+                   f"{augmentation(data_cfg)}; {'mean/std' if data_cfg['normalize'] else 'no'} normalisation"),
         "epochs": sorted({c["trainer"]["epochs"] for c in configs}),
         "seeds": sorted({c["seed"] for c in configs}),
-        "devices": sorted({m["device"] for m in metrics if m.get("device")}),
-        "commits": sorted({c for m in metrics for c in [m["git_commit"], *m["resumed_at_commits"]]}),
+        "devices": sorted({launch["device"] for m in metrics for launch in launches(m) if launch["device"]}),
+        "commits": sorted({launch["git_commit"] for m in metrics for launch in launches(m)}),
+        "torch": sorted({launch["versions"]["torch"] for m in metrics for launch in launches(m)}),
         "not_cifar10": [str(j.path) for j in jobs
                         if j.metrics and "data" in j.metrics and not j.metrics["data"]["official_cifar10"]],
         "run_dates": sorted({m["started"][:10] for m in metrics}),
@@ -186,7 +192,8 @@ def render_markdown(rows: list[dict], info: dict, command: str) -> str:
         f"- Recipe: {info['recipe']}.\n"
         f"- Epochs: {', '.join(map(str, info['epochs']))}; seeds: {', '.join(map(str, info['seeds']))}; "
         f"runs started {', '.join(info['run_dates']) or '-'}.\n"
-        f"- Devices: {'; '.join(info['devices']) or '-'}. Code: {', '.join(info['commits']) or '-'}.\n\n"
+        f"- Devices: {'; '.join(info['devices']) or '-'}. Code: {', '.join(info['commits']) or '-'}; torch "
+        f"{', '.join(info['torch']) or '-'}.\n\n"
         + markdown_table(header, body) +
         "\nFinal-epoch accuracy is the test accuracy after the last epoch, mean ± sample std over seeds. "
         "*Best-epoch accuracy is the highest test accuracy over all epochs: it is selected on the test set, "
@@ -202,8 +209,11 @@ def plot(rows: list[dict], path: Path, official: bool) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ours = [r for r in rows if r["test_acc"] is not None and r["flops_m"]]
     paper = [r for r in rows if r["published_test_acc"] is not None and r["published_flops_m"]]
-    ax.errorbar([r["flops_m"] for r in ours], [r["test_acc"] for r in ours],
-                yerr=[r["test_acc_std"] for r in ours], fmt="o-", capsize=4, label="ours (final epoch, mean ± std)")
+    for width in sorted({r["width"] for r in ours}, reverse=True):  # one curve per width: P moves along it
+        curve = [r for r in ours if r["width"] == width]
+        ax.errorbar([r["flops_m"] for r in curve], [r["test_acc"] for r in curve],
+                    yerr=[r["test_acc_std"] for r in curve], fmt="o-", capsize=4,
+                    label=f"ours{'' if width == 1 else f', width {width}'} (final epoch, mean ± std)")
     if paper:  # no legend entry for a curve that width-scaled rows leave empty
         ax.plot([r["published_flops_m"] for r in paper], [r["published_test_acc"] for r in paper], "s--",
                 label="HetConv paper")

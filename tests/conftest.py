@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 # The users' configs, shrunk: narrow model, few epochs, small batches of a small generated dataset.
 SMALL = ["model.part=4", "model.width=0.25", "trainer.epochs=3", "trainer.batch_size=100",
          "trainer.eval_batch_size=250", "trainer.device=cpu"]
-# Fields of metrics.json that depend on the wall clock or on the process, not on the computation.
-TIMING = {"wall_s", "started", "updated", "epoch_s", "images_per_s", "status", "reason"}
+# Fields of metrics.json that depend on the wall clock, the process or the run's folder, not on the computation.
+INCIDENTAL = {"wall_s", "started", "updated", "epoch_s", "images_per_s", "status", "reason", "launches", "resume"}
 
 
 @pytest.fixture(scope="session")
@@ -45,9 +45,9 @@ def read_metrics(run_dir: Path) -> dict:
 
 
 def comparable(metrics: dict) -> dict:
-    """metrics.json without what depends on the wall clock."""
-    return {k: ([{kk: vv for kk, vv in h.items() if kk not in TIMING} for h in v] if k == "history" else v)
-            for k, v in metrics.items() if k not in TIMING}
+    """metrics.json without what depends on the wall clock, the process or the folder."""
+    return {k: ([{kk: vv for kk, vv in h.items() if kk not in INCIDENTAL} for h in v] if k == "history" else v)
+            for k, v in metrics.items() if k not in INCIDENTAL}
 
 
 @pytest.fixture(scope="session")

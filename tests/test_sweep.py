@@ -3,8 +3,10 @@
 import csv
 import json
 import os
+import shlex
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -14,7 +16,8 @@ from tensorboard.backend.event_processing.plugin_event_multiplexer import EventM
 from conftest import REPO, read_metrics, script
 from hetconv import gpus
 from hetconv.report import PAPER_PARTS
-from hetconv.runfiles import exclusive
+from hetconv.runfiles import RESUMABLE_CHANGES, command_line_override, exclusive, how_to_resume
+from scripts import make_table
 
 # experiment=demo, shrunk further: two epochs, CPU.
 TINY = ["experiment=demo", "trainer.epochs=2", "trainer.device=cpu"]
@@ -45,6 +48,7 @@ def test_sweep_keeps_going_past_a_failed_job_and_the_table_shows_it(fake_root, t
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [JOB.format(4), JOB.format(64)]
     assert read_metrics(sweep_dir / JOB.format(4))["status"] == "finished"
     assert read_metrics(sweep_dir / JOB.format(64))["status"] == "failed"
+    assert read_metrics(sweep_dir / JOB.format(4))["resume"] == f"rerun the sweep command with hydra.sweep.dir={sweep_dir}"
     assert (sweep_dir / JOB.format(4) / ".hydra" / "config.yaml").is_file()
 
     out = tmp_path / "table"
@@ -93,8 +97,9 @@ def test_table_refuses_to_put_generated_data_or_no_result_into_results(fake_root
     assert {p.name: p.read_bytes() for p in (REPO / "results").iterdir()} == results
 
 
-def fake_job(sweep_dir, part, width, status, epochs_done=2):
-    """A job folder as train.py leaves it, without training: .hydra/config.yaml and metrics.json."""
+def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, legacy=None):
+    """A job folder as train.py leaves it, without training: .hydra/config.yaml and metrics.json (with `legacy`'s
+    fields instead of launches, as train.py wrote it before it kept them)."""
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=demo", "trainer.epochs=2", f"model.part={part}",
                                           f"model.width={width}"])
@@ -104,8 +109,13 @@ def fake_job(sweep_dir, part, width, status, epochs_done=2):
     finished = status == "finished"
     metrics = {"status": status, "reason": None, "epochs": 2, "epochs_done": epochs_done,
                "test_acc": 90.0 if finished else None, "best_test_acc": 91.0 if finished else None,
-               "device": "cpu", "git_commit": "abc", "resumed_at_commits": [], "started": "2024-01-01T00:00:00",
+               "device": "cpu", "git_commit": "abc", "started": "2024-01-01T00:00:00",
+               "launches": launches or [{"device": "cpu", "git_commit": "abc", "versions": {"torch": "2.14.1"}}],
+               "resume": how_to_resume(run_dir, in_sweep=True),
                "config": OmegaConf.to_container(cfg, resolve=True)}
+    if legacy:
+        del metrics["launches"]
+        metrics.update(legacy)
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     return run_dir
 
@@ -126,7 +136,8 @@ def test_table_compares_only_full_width_rows_and_tells_a_killed_job_from_a_runni
     assert (full["published_flops_m"], full["published_test_acc"], full["diff"]) == ("313.74", "94.06", "-4.06")
     assert narrow["test_acc"] == "90.0"
     assert narrow["published_flops_m"] == narrow["published_test_acc"] == narrow["diff"] == ""
-    assert "stopped at epoch 1/2 (no process holds its lock: killed?" in rows[(4, 1.0)]["status"]
+    assert rows[(4, 1.0)]["status"] == ("part=4,width=1.0: stopped at epoch 1/2 (no process holds its lock: killed? "
+                                        f"rerun the sweep command with hydra.sweep.dir={sweep_dir} to resume)")
     assert rows[(8, 1.0)]["status"] == "part=8,width=1.0: running at epoch 1/2"
 
     markdown = (out / "table.md").read_text()
@@ -136,6 +147,27 @@ def test_table_compares_only_full_width_rows_and_tells_a_killed_job_from_a_runni
     paper_cells = {cells[1]: [cells[3], cells[7], cells[8]] for cells in part_1}  # FLOPs, acc, diff of the paper
     assert paper_cells == {"1.0": ["313.74M", "94.06", "-4.06"], "0.25": ["-", "-", "-"]}
     assert "Rows of width != 1 have no paper figures" in markdown
+
+
+def test_the_table_names_every_launch_and_plots_one_curve_per_width(tmp_path, monkeypatch):
+    sweep_dir = tmp_path / "sweep"
+    fake_job(sweep_dir, 1, 1.0, "finished", launches=[  # started on one machine, resumed on another
+        {"device": "CPU A", "git_commit": "abc", "versions": {"torch": "2.14.1"}},
+        {"device": "GPU B", "git_commit": "def", "versions": {"torch": "2.14.2"}}])
+    fake_job(sweep_dir, 4, 1.0, "finished", legacy={
+        "device": "GPU C", "resumed_at_commits": ["old"], "versions": {"torch": "2.11.0"}})
+    fake_job(sweep_dir, 1, 0.25, "finished")
+    figures = []
+    monkeypatch.setattr(make_table.plt, "close", figures.append)
+    out = tmp_path / "table"
+    make_table.main([str(sweep_dir), "--out", str(out)])
+
+    markdown = (out / "table.md").read_text()
+    assert "- Devices: CPU A; GPU B; GPU C; cpu. Code: abc, def, old; torch 2.11.0, 2.14.1, 2.14.2." in markdown
+    assert "momentum 0.9, weight decay 0.0005, batch 100;" in markdown and "; random crop (pad 4) + flip;" in markdown
+    assert make_table.augmentation({"crop_padding": 0, "flip": False}) == "no crop, no flip"
+    legend = [text.get_text() for text in figures[0].axes[0].get_legend().get_texts()]
+    assert legend == ["HetConv paper", "ours (final epoch, mean ± std)", "ours, width 0.25 (final epoch, mean ± std)"]
 
 
 @pytest.mark.parametrize("launcher", [
@@ -163,6 +195,31 @@ def test_gpu_slots_fill_every_gpu_before_doubling_up(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="jobs_per_gpu must be >= 1"):
         monkeypatch.setattr(gpus, "_held", [])
         gpus.claim_gpu(jobs_per_gpu=0, lock_dir=tmp_path)
+
+
+def test_job_folders_are_named_by_every_override_that_changes_what_the_job_computes():
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True)
+    unnamed = set(cfg.hydra.job.config.override_dirname.exclude_keys)
+    # What may change on a resume must not rename the job: a relaunch would train it again in a new folder.
+    assert unnamed == {"model.part", "seed", "experiment", *RESUMABLE_CHANGES}
+
+
+def test_the_resume_hint_names_the_folder():
+    assert how_to_resume(Path("outputs/2026-11-26/13-17-50"), in_sweep=False) == (
+        "rerun the same command with hydra.run.dir=outputs/2026-11-26/13-17-50")  # the default is a new folder
+    assert how_to_resume(Path("multirun/paper/part=4,seed=0"), in_sweep=True) == (
+        "rerun the sweep command with hydra.sweep.dir=multirun/paper")
+
+
+@pytest.mark.parametrize("folder", ["multirun/paper/part=4,seed=0", "/tmp/~x", "/home/josé/runs", "/home/o'brien/run",
+                                    "/tmp/a\\b", "/tmp/x\\", "/tmp/$HOME/x", "/tmp/a b"])
+def test_a_folder_in_a_printed_command_reaches_hydra_as_it_is(folder):
+    typed = command_line_override("hydra.run.dir", Path(folder))
+    [argument] = shlex.split(typed)  # as the shell passes it on
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[argument], return_hydra_config=True)
+    assert cfg.hydra.run.dir == folder
 
 
 def test_slurm_launcher_asks_for_one_gpu_per_job():

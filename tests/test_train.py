@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import pickle
 import re
 import resource
 import shutil
@@ -24,7 +25,8 @@ from hetconv import data as data_module
 from hetconv import HetConv2d
 from hetconv.data import DatasetError, load_cifar10
 from hetconv.flops import count_flops
-from hetconv.runfiles import atomic_write, exclusive, last_checkpoint
+from hetconv.provenance import git_commit
+from hetconv.runfiles import RunRecord, atomic_write, exclusive, last_checkpoint
 from hetconv.training import compile_mode, train_config
 from models import vgg16
 from scripts.make_fake_cifar import make_fake_cifar
@@ -50,6 +52,9 @@ def test_a_small_run_learns_and_leaves_every_artefact(reference_run):
                 "wall_s", "device", "torch", "git_commit"):
         assert metrics[key] is not None, key
     assert metrics["part"] == 4 and metrics["seed"] == 0 and metrics["torch"] == torch.__version__
+    [launch] = metrics["launches"]
+    assert launch["versions"]["torch"] == torch.__version__ and launch["git_commit"] == metrics["git_commit"]
+    assert launch["device"] == metrics["device"] and launch["data_root"] == metrics["data"]["root"]
     assert metrics["best_test_acc"] == max(h["test_acc"] for h in metrics["history"])
     # 6 milestones in 3 epochs, none at the end: the last epoch trains at the recipe's final lr, 0.1 * 0.2**6
     assert [h["lr"] for h in metrics["history"]] == pytest.approx([0.1, 0.004, 6.4e-6])
@@ -74,8 +79,8 @@ def test_a_small_run_learns_and_leaves_every_artefact(reference_run):
 
 def test_eval_reproduces_the_final_test_accuracy(reference_run, fake_root, tmp_path):
     output = tmp_path / "eval.json"
-    result = script("eval.py", f"checkpoint={reference_run}", f"data.root={fake_root}",  # the run folder: model.pt
-                    "device=cpu", f"output={output}", cwd=tmp_path)
+    # The run folder names its model.pt, and the run's data folder is the default data.root.
+    result = script("eval.py", f"checkpoint={reference_run}", "device=cpu", f"output={output}", cwd=tmp_path)
     report = json.loads(output.read_text())
     assert report["test_acc"] == read_metrics(reference_run)["test_acc"]
     assert f"test accuracy {report['test_acc']:.2f}%" in result.stdout
@@ -83,6 +88,9 @@ def test_eval_reproduces_the_final_test_accuracy(reference_run, fake_root, tmp_p
     assert report["trained_on"] == report["data_root"] == str(fake_root)
     assert report["checkpoint"] == str(reference_run / "model.pt")
     assert report["flops"] == read_metrics(reference_run)["flops"] and len(report["per_class_acc"]) == 10
+    assert report["test_fingerprint"] == read_metrics(reference_run)["data"]["test_fingerprint"]
+    assert report["official_cifar10"] is False and report["versions"]["torch"] == torch.__version__
+    assert report["git_commit"] == read_metrics(reference_run)["git_commit"] and report["evaluated"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]  # evaluation leaves no other files
 
 
@@ -100,7 +108,8 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(sig, refe
     if sig == signal.SIGTERM:  # preemption: the state of the current step is saved
         assert process.returncode == 128 + signal.SIGTERM, output
         metrics = read_metrics(run_dir)
-        assert metrics["status"] == "interrupted" and "rerun the same command" in metrics["reason"]
+        assert metrics["status"] == "interrupted"
+        assert metrics["reason"].endswith(f"rerun the same command with hydra.run.dir={run_dir} to resume")
         assert torch.load(last_checkpoint(run_dir), weights_only=False)["step"] >= 1
     else:
         assert process.returncode == -signal.SIGKILL
@@ -108,7 +117,7 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(sig, refe
     resumed = script("train.py", *command)
     assert "resuming" in resumed.stdout + resumed.stderr
     assert comparable(read_metrics(run_dir)) == comparable(read_metrics(reference_run))
-    assert read_metrics(run_dir)["status"] == "finished"
+    assert read_metrics(run_dir)["status"] == "finished" and len(read_metrics(run_dir)["launches"]) == 2
 
 
 def test_a_finished_run_is_left_alone(reference_run, fake_root):
@@ -191,7 +200,7 @@ def test_impossible_part_for_the_width_is_rejected_before_training(fake_root, tm
     assert not last_checkpoint(tmp_path).exists()
 
 
-def test_eval_says_when_weights_are_from_part_way_or_the_data_is_elsewhere(reference_run, fake_root, tmp_path):
+def test_eval_says_when_weights_are_from_part_way_or_the_data_is_elsewhere_or_other(reference_run, fake_root, tmp_path):
     run_dir = tmp_path / "run"
     copy_stopped_after_epoch_2(reference_run, run_dir, lambda state: state.update(step=7))
     moved = shutil.copytree(fake_root, tmp_path / "moved")
@@ -199,6 +208,11 @@ def test_eval_says_when_weights_are_from_part_way_or_the_data_is_elsewhere(refer
                     cwd=tmp_path)
     assert "weights at epoch 3 of 3, step 7: the run had not finished" in result.stdout
     assert f"note: the run trained on the data in {fake_root}; this evaluates the data in {moved}" in result.stdout
+    assert "not the test images" not in result.stdout  # moved, not changed
+
+    make_fake_cifar(tmp_path / "other", train=500, test=500, seed=1)  # as many test images, other ones
+    result = script("eval.py", f"checkpoint={run_dir}", f"data.root={tmp_path / 'other'}", "device=cpu", cwd=tmp_path)
+    assert "note: these are not the test images the run was tested on" in result.stdout
 
 
 def test_eval_rejects_missing_and_incompatible_checkpoints(reference_run, fake_root, tmp_path):
@@ -212,6 +226,23 @@ def test_eval_rejects_missing_and_incompatible_checkpoints(reference_run, fake_r
     incompatible = script("eval.py", f"checkpoint={tmp_path / 'other.pt'}", f"data.root={fake_root}", check=False,
                           cwd=tmp_path)
     assert incompatible.returncode != 0 and "do not fit the VGG-16 its own config describes" in incompatible.stderr
+
+    state = torch.load(reference_run / "model.pt", weights_only=False)
+    state["data"]["root"] = str(tmp_path / "elsewhere")  # a run folder copied from another machine
+    torch.save(state, tmp_path / "copied.pt")
+    result = script("eval.py", f"checkpoint={tmp_path / 'copied.pt'}", "device=cpu", check=False, cwd=tmp_path)
+    assert result.returncode != 0 and (f"the run trained on the data in {tmp_path / 'elsewhere'}, and there is no "
+                                       "cifar-10-batches-py/ there now") in result.stderr
+    assert not (tmp_path / "elsewhere").exists()  # no download into the recorded folder
+    result = script("eval.py", f"checkpoint={reference_run}", "data.download=off", check=False, cwd=tmp_path)
+    assert result.returncode != 0 and "data.download must be true or false, got 'off'" in result.stderr
+
+    unfinished = tmp_path / "unfinished"
+    copy_stopped_after_epoch_2(reference_run, unfinished)
+    (unfinished / "model.pt").unlink()
+    result = script("eval.py", f"checkpoint={unfinished}", "device=cpu", check=False, cwd=tmp_path)
+    assert result.returncode != 0 and (f"{unfinished} has no model.pt: its run has not finished. To evaluate the "
+                                       f"weights it has so far: checkpoint={last_checkpoint(unfinished)}") in result.stderr
 
 
 def test_a_launchers_own_signal_handler_runs_after_the_state_is_saved(reference_run, fake_root, tmp_path, monkeypatch):
@@ -256,6 +287,10 @@ def test_resuming_on_another_device_type_is_refused(reference_run, fake_root, tm
     ("schedule.gamma=0", "schedule.gamma must be a finite number > 0, got 0"),
     ("optim.momentum=-0.9", "optim.momentum must be a finite number >= 0, got -0.9"),
     ("optim.nesterov=true optim.momentum=0", "optim.nesterov=true needs optim.momentum > 0"),
+    ("data.flip=off", "data.flip must be true or false, got 'off'"),  # a string: Python would take it for true
+    ("optim.nesterov=no", "optim.nesterov must be true or false, got 'no'"),
+    ("data.mean=[0,0]", "data.mean must be 3 finite numbers, one per RGB channel, got [0, 0]"),
+    ("data.std=[0.2,0,0.2]", "data.std must be 3 finite numbers > 0, one per RGB channel, got [0.2, 0, 0.2]"),
     ("trainer.jobs_per_gpu=0", "trainer.jobs_per_gpu must be >= 1"),
     ("trainer.compile=fast", "trainer.compile must be auto, true, false or a torch.compile mode"),
     ("trainer.hetconv=fast", "trainer.hetconv must be one of auto, grouped, dense, got 'fast'"),
@@ -342,8 +377,13 @@ def test_the_test_split_loads_without_the_training_batches(tmp_path):
     for batch in (tmp_path / "cifar-10-batches-py").glob("data_batch_*"):
         batch.unlink()
     assert len(load_cifar10(tmp_path, download_if_missing=False, splits=("test",))["test"]) == 100  # what eval reads
-    with pytest.raises(DatasetError, match="incomplete: missing .*data_batch_1..5"):
+    with pytest.raises(DatasetError, match="incomplete: missing .*data_batch_1..5") as error:
         load_cifar10(tmp_path, download_if_missing=False)
+    # the download would skip the folder that is there: it has to go first
+    assert f"move {tmp_path / 'cifar-10-batches-py'} away and run with data.download=true" in str(error.value)
+    with pytest.raises(DatasetError, match=f"data.root={tmp_path}/cifar-10-batches-py is the dataset folder itself; "
+                                           f".*: data.root={tmp_path}$"):
+        load_cifar10(tmp_path / "cifar-10-batches-py")
 
 
 def test_a_gap_in_the_training_batches_is_named(tmp_path):
@@ -353,9 +393,17 @@ def test_a_gap_in_the_training_batches_is_named(tmp_path):
         load_cifar10(tmp_path, download_if_missing=False)
 
 
-def test_too_few_classes_for_the_labels_is_rejected_naming_the_key(fake_root, tmp_path):
-    with pytest.raises(ValueError, match="model.num_classes=5, but the training labels go up to 9"):
-        train_module.train(train_config(*SMALL, "model.num_classes=5", f"data.root={fake_root}"), tmp_path)
+def test_too_few_classes_for_the_labels_is_rejected_naming_the_key(tmp_path, caplog):
+    make_fake_cifar(tmp_path / "data", train=500, test=100, seed=0)
+    for path in (tmp_path / "data" / "cifar-10-batches-py").glob("data_batch_*"):  # 5 classes to train on
+        batch = pickle.loads(path.read_bytes())
+        path.write_bytes(pickle.dumps({**batch, b"labels": [label % 5 for label in batch[b"labels"]]}))
+    cfg = train_config(*SMALL, "model.num_classes=5", "trainer.batch_size=50", f"data.root={tmp_path / 'data'}")
+    with pytest.raises(ValueError, match="model.num_classes=5, but the data's labels go up to 9"):  # the test split's
+        train_module.train(cfg, tmp_path / "run")
+    assert read_metrics(tmp_path / "run")["epochs_done"] == 0  # refused before training
+    assert (f"{tmp_path / 'data'} does not hold the official CIFAR-10 files (500 training and 100 test images "
+            "here)") in caplog.text  # said at the start, as for any data but the official files
 
 
 @pytest.mark.parametrize("setting,device,mode", [
@@ -405,6 +453,15 @@ def test_eval_builds_the_form_the_run_computed_on_that_device(setting, form, ref
     torch.save(state, tmp_path / "model.pt")
     model, _ = eval_module.load_model(tmp_path / "model.pt", torch.device("cuda"))  # built on the CPU either way
     assert {m.impl for m in model.modules() if isinstance(m, HetConv2d)} == {form}
+
+
+def test_a_record_from_before_launches_were_kept_keeps_its_history_when_resumed(tmp_path):
+    old = {"git_commit": "first", "resumed_at_commits": ["second"], "device": "GPU", "versions": {"torch": "2.11.0"}}
+    record = RunRecord(tmp_path, {}, saved={"info": old, "history": [], "wall_s": 0.0})
+    record.launched(device="CPU", data_root="data")
+    assert [(launch["git_commit"], launch["device"]) for launch in record.info["launches"]] == [
+        ("first", "GPU"), ("second", "GPU"), (git_commit(), "CPU")]
+    assert "resumed_at_commits" not in record.info
 
 
 def test_a_start_without_a_checkpoint_records_its_failure_over_an_old_record(reference_run, tmp_path):

@@ -1,0 +1,67 @@
+"""The data pipeline against plain references: augmentation, epochs, and what counts as the official CIFAR-10."""
+
+import hashlib
+import pickle
+import shutil
+
+import torch
+import torch.nn.functional as F
+
+from hetconv import data as data_module
+from hetconv.data import FOLDER, Split, TrainBatches, augment, fingerprint, is_official, load_cifar10
+from scripts.make_fake_cifar import make_fake_cifar
+
+
+def test_augment_is_a_crop_of_the_zero_padded_image_mirrored_where_asked():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    shifts = torch.randint(0, 9, (16, 2), generator=generator)
+    flips = torch.rand(16, generator=generator) < 0.5
+    expected = []
+    for image, (row, col), flip in zip(images, shifts.tolist(), flips):
+        crop = F.pad(image, (4, 4, 4, 4))[:, row:row + 32, col:col + 32]
+        expected.append(crop.flip(-1) if flip else crop)
+    assert flips.any() and not flips.all()
+    assert torch.equal(augment(images, shifts, flips, padding=4), torch.stack(expected))
+
+
+def test_an_epoch_shows_every_image_once_in_full_batches_and_replays_from_its_start_state():
+    split = Split(torch.zeros(250, 3, 32, 32, dtype=torch.uint8), torch.arange(250))  # a label names its image
+    batches = TrainBatches(split, 100, torch.Generator().manual_seed(0), crop_padding=4, flip=True)
+    start = batches.generator.get_state()
+    seen = torch.cat([labels for _, labels in batches.epoch()])
+    assert len(seen) == 200 and len(set(seen.tolist())) == 200  # the last, partial batch is dropped
+    batches.generator.set_state(start)
+    assert torch.equal(torch.cat([labels for _, labels in batches.epoch(start_step=1)]), seen[100:])
+
+
+def official_copy(tmp_path, monkeypatch):
+    """A generated data folder that is_official takes for the release: the md5s on record are its own."""
+    make_fake_cifar(tmp_path, train=500, test=100, seed=0)
+    folder = tmp_path / FOLDER
+    for listing in ("train_list", "test_list"):
+        names = [name for name, _ in getattr(data_module.CIFAR10, listing)]
+        monkeypatch.setattr(data_module.CIFAR10, listing,
+                            [[name, hashlib.md5((folder / name).read_bytes()).hexdigest()] for name in names])
+    return folder
+
+
+def test_an_extra_training_batch_is_not_the_official_cifar10(tmp_path, monkeypatch):
+    folder = official_copy(tmp_path, monkeypatch)
+    assert is_official(tmp_path)
+    shutil.copy(folder / "test_batch", folder / "data_batch_6")  # loaded, so trained on: the test set leaks in
+    assert len(load_cifar10(tmp_path, download_if_missing=False)["train"]) == 600
+    assert not is_official(tmp_path)
+    (folder / "data_batch_1").unlink()  # a gap: eval, which reads the test split only, still asks
+    assert not is_official(tmp_path) and not is_official(tmp_path / "nowhere")
+
+
+def test_a_changed_pixel_changes_the_fingerprint_and_the_official_verdict(tmp_path, monkeypatch):
+    folder = official_copy(tmp_path, monkeypatch)
+    before = fingerprint(load_cifar10(tmp_path, download_if_missing=False))
+    batch_file = folder / "data_batch_3"
+    batch = pickle.loads(batch_file.read_bytes())
+    batch[b"data"][7, 1000] ^= 1  # one pixel of one image, one bit
+    batch_file.write_bytes(pickle.dumps(batch))
+    assert fingerprint(load_cifar10(tmp_path, download_if_missing=False)) != before
+    assert not is_official(tmp_path)
