@@ -11,6 +11,7 @@ slow (scripts/bench.py measures both).
 """
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,13 @@ def pointwise_mask(in_channels: int, out_channels: int, part: int) -> torch.Tens
 
 
 def _zero_masked_weights_after_load(module: "HetConv2d", incompatible_keys) -> None:
+    if module.weight1x1 is not None:
+        filled = int(torch.count_nonzero(module.weight1x1.detach()[~module.mask1x1]))
+        if filled:  # weights trained without the mask, say: the layer they came from is not this one
+            warnings.warn(f"{module.__class__.__name__}({module.extra_repr()}): the loaded weight1x1 has {filled} "
+                          "nonzero weights on the structural zeros (each filter's own input group), which HetConv "
+                          "does not have; they are set to zero, so the layer computes another function than the "
+                          "one they were trained in", stacklevel=2)
     module._zero_masked_weights()
 
 
