@@ -1,6 +1,6 @@
 """FLOPs and parameter counts, measured with fvcore on the model itself.
 
-Two FLOPs conventions, both from one fvcore trace of a single input (a 32x32 image) in eval mode:
+Two FLOPs conventions, each from an fvcore trace of a single input (a 32x32 image) in eval mode:
 
 - ``paper``: the convention of the HetConv paper's VGG-16 table. A standard convolution costs its
   multiply-adds plus one operation per output; a HetConv layer costs R(P) = 1/P + (1 - 1/P)/9 of

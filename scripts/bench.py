@@ -373,8 +373,9 @@ def model_section(rows: list[dict], recipe_modes: set) -> str:
     text = ("\n## Whole model: training step of train.py\n\n"
             "Each part runs in a process of its own; the parts are timed in turns, and a speed-up is the median of "
             "the per-turn ratios to P=1, so that a drift of the machine cancels in it: *spread* is that of the "
-            "throughputs, drift and all, *speed-up spread* that of the ratios.\n\n") + markdown_table(
-        ["P", "FLOPs reduction (P=1 / P)", "train img/s", "speed-up", "inference img/s", "speed-up", "peak memory MB",
+            "step times, drift and all, *speed-up spread* that of the ratios. The FLOPs are the paper's "
+            "convention, what the layer needs whichever form computes it.\n\n") + markdown_table(
+        ["P", "paper FLOPs, P=1 / P", "train img/s", "speed-up", "inference img/s", "speed-up", "peak memory MB",
          "spread", "speed-up spread"],
         [[r["part"], f"{base['paper_flops'] / r['paper_flops']:.2f}x" if base else "-", f"{r['train_ips']:.0f}",
           speedup(r, "train"), f"{r['infer_ips']:.0f}", speedup(r, "infer"), f"{r['peak_mb']:.0f}",

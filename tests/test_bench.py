@@ -10,8 +10,8 @@ from torch.profiler import profile
 
 from hetconv.training import build_optimizer, train_config, train_step
 from models import vgg16
-from scripts.bench import (CATEGORIES, compile_section, conv_weight, cpu_step_breakdown, in_turns, layer_rows, main,
-                           bench_models, model_row, parse_compile_parts)
+from scripts.bench import (CATEGORIES, breakdown_section, compile_section, conv_weight, cpu_step_breakdown, in_turns,
+                           layer_rows, main, bench_models, model_row, parse_compile_parts, sweep_projection)
 
 
 def test_bench_writes_a_report_with_every_section(tmp_path):
@@ -139,3 +139,20 @@ def test_a_bad_compile_parts_fails_before_any_timing(tmp_path, capsys, monkeypat
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--compile-parts", "1,four", "--out", str(tmp_path)])
     assert "parts must be comma-separated integers such as 1,4,64, got '1,four'" in capsys.readouterr().err
+
+
+def test_the_sweep_projection_adds_every_parts_training_and_test_epochs():
+    # 49,920 training images (the last partial batch dropped) in 30 minutes, and 10,000 test images in 30 minutes
+    row = {"epochs": 2, "train_ips": 49_920 / 1800, "infer_ips": 10_000 / 1800}
+    projection = sweep_projection([{**row, "part": 1}, {**row, "part": 4}], None, set())
+    assert projection.endswith("(2 epochs of 49,920 training and 10,000 test images each, as the recipe on record, "
+                               "one job at a time on this device), eager: 4.0 hours.")
+
+
+def test_the_ceiling_puts_the_hetconv_convolutions_at_their_flop_share():
+    def row(part, convs):
+        return {"part": part, "train_speedup": 1.0, "breakdown": {**dict.fromkeys(CATEGORIES, 0.0),
+                                                                 "3x3 convs": convs, "other": 200.0}}
+    # P=1: 800 ms of convolutions and 200 of the rest; at P=4 the convolutions would take 800 / 3: 1000 / 466.7
+    section = breakdown_section([row(1, 800.0), row(4, 400.0)])
+    assert "| 4 | 600 | 400 | 0 | 0 | 0 | 0 | 0 | 200 | 0.50 (0.333) | 2.14x | 1.00x |" in section
