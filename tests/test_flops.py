@@ -90,10 +90,13 @@ def test_truncation_is_not_rounding():
 
 
 def test_committed_flops_table_is_current():
-    from scripts.flops_table import flops_rows
+    from scripts.flops_table import flops_rows, render_markdown
 
     with open(RESULTS_DIR / "flops.csv", newline="") as f:
         committed = list(csv.DictReader(f))
     regenerated = flops_rows()
     assert [{k: str(v) for k, v in row.items()} for row in regenerated] == committed
+    committed_md, regenerated_md = (RESULTS_DIR / "flops.md").read_text(), render_markdown(regenerated)
+    after_date_and_commit = [text.split("\n| P |", 1)[1] for text in (committed_md, regenerated_md)]
+    assert after_date_and_commit[0] == after_date_and_commit[1]
     assert all(math.isclose(row["flops_diff_m"], 0) for row in regenerated)
