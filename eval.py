@@ -59,13 +59,12 @@ def checkpoint_path(setting: str) -> Path:
     return path / "model.pt"
 
 
-def data_root(setting: str | None, state: dict) -> Path:
+def data_root(setting: str | None, run_data: dict | None, run_config: dict) -> Path:
     """data.root as given, else the folder the run recorded its data in (else its own data.root setting), which
     must still hold the data: a run folder copied from another machine names that machine's folder."""
     if setting is not None:
         return Path(to_absolute_path(setting))
-    run_data = trained_on(state)
-    root = Path(run_data["root"]) if run_data else Path(to_absolute_path(state["config"]["data"]["root"]))
+    root = Path(run_data["root"]) if run_data else Path(to_absolute_path(run_config["data"]["root"]))
     if not (root / FOLDER).is_dir():
         raise DatasetError(f"the run trained on the data in {root}, and there is no {FOLDER}/ there now: say where "
                            f"CIFAR-10 is with data.root=...")
@@ -85,7 +84,8 @@ def main(cfg: DictConfig) -> dict:
     model, state = load_model(path, device)
     run_cfg = OmegaConf.create(state["config"])
     configure_backend(device)
-    root = data_root(cfg.data.root, state)
+    run_data = trained_on(state)
+    root = data_root(cfg.data.root, run_data, state["config"])
     test = load_cifar10(root, cfg.data.download, splits=("test",))["test"]
     test_fingerprint = fingerprint({"test": test})
     test = test.to(device)
@@ -94,7 +94,6 @@ def main(cfg: DictConfig) -> dict:
     preprocess = Preprocess(run_cfg.data, run_cfg.trainer.channels_last, device)
     result = evaluate(model, test, preprocess, run_cfg.trainer.eval_batch_size, run_cfg.trainer.amp,
                       run_cfg.model.num_classes)
-    run_data = trained_on(state)
     report = {"checkpoint": str(path), "trained": training_point(state), "part": run_cfg.model.part,
               "width": run_cfg.model.width, "data_root": str(root), "trained_on": run_data and run_data["root"],
               "test_fingerprint": test_fingerprint, "official_cifar10": is_official(root),

@@ -33,7 +33,6 @@ from tqdm import tqdm
 from hetconv.data import TrainBatches, fingerprint, is_official, load_cifar10, memory_format
 from hetconv.flops import model_costs
 from hetconv.gpus import claim_gpu
-from hetconv.layer import resolved_impl
 from hetconv.provenance import device_name
 from hetconv.runfiles import (RunRecord, config_differences, exclusive, hetconv_form, how_to_resume,
                               last_checkpoint, load, read_metrics, save)
@@ -190,7 +189,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         claim_gpu(cfg.trainer.jobs_per_gpu)  # before anything initialises CUDA
     device = select_device(cfg.trainer.device)
     compile_as = compile_mode(cfg.trainer.compile, device)
-    form = resolved_impl(cfg.trainer.hetconv, device)
+    form = hetconv_form(config, device)
     if state:
         refuse_other_execution(run_dir, state, device, compile_as, form)
     configure_backend(device)

@@ -362,9 +362,14 @@ def model_row(part: int, times: dict[tuple, list[float]], summary: dict) -> dict
     return row
 
 
+def row_of(rows: list[dict], part: int) -> dict | None:
+    """The row of that part; None when it was not measured."""
+    return next((r for r in rows if r["part"] == part), None)
+
+
 def part_one(rows: list[dict]) -> dict | None:
-    """The P=1 row, every speed-up's reference; None when P=1 was not measured."""
-    return next((r for r in rows if r["part"] == 1), None)
+    """The P=1 row, every speed-up's reference."""
+    return row_of(rows, 1)
 
 
 def model_section(rows: list[dict], recipe_modes: set) -> str:
@@ -381,7 +386,7 @@ def model_section(rows: list[dict], recipe_modes: set) -> str:
           speedup(r, "train"), f"{r['infer_ips']:.0f}", speedup(r, "infer"), f"{r['peak_mb']:.0f}",
           f"{r['spread']:.0%}", "-" if r["speedup_spread"] is None else f"{r['speedup_spread']:.0%}"] for r in rows])
     for part, goal in MODEL_TARGETS.items():
-        row = next((r for r in rows if r["part"] == part), None)
+        row = row_of(rows, part)
         if base and row:
             got = row["train_speedup"]
             text += f"\n- Training speed-up at P={part}: {got:.2f}x; goal {goal}x: {'met' if got >= goal else 'NOT met'}."

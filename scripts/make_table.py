@@ -155,6 +155,7 @@ def augmentation(data_cfg: dict) -> str:
 def provenance(jobs: list[Job]) -> dict:
     configs = [j.config for j in jobs]
     metrics = [j.metrics for j in jobs if j.metrics]
+    every_launch = [launch for m in metrics for launch in launches(m)]
     first = configs[0]
     optim, schedule, trainer, data_cfg = first["optim"], first["schedule"], first["trainer"], first["data"]
     return {
@@ -164,9 +165,9 @@ def provenance(jobs: list[Job]) -> dict:
                    f"{augmentation(data_cfg)}; {'mean/std' if data_cfg['normalize'] else 'no'} normalisation"),
         "epochs": sorted({c["trainer"]["epochs"] for c in configs}),
         "seeds": sorted({c["seed"] for c in configs}),
-        "devices": sorted({launch["device"] for m in metrics for launch in launches(m) if launch["device"]}),
-        "commits": sorted({launch["git_commit"] for m in metrics for launch in launches(m)}),
-        "torch": sorted({launch["versions"]["torch"] for m in metrics for launch in launches(m)}),
+        "devices": sorted({launch["device"] for launch in every_launch if launch["device"]}),
+        "commits": sorted({launch["git_commit"] for launch in every_launch}),
+        "torch": sorted({launch["versions"]["torch"] for launch in every_launch}),
         "not_cifar10": [str(j.path) for j in jobs
                         if j.metrics and "data" in j.metrics and not j.metrics["data"]["official_cifar10"]],
         "run_dates": sorted({m["started"][:10] for m in metrics}),
