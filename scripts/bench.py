@@ -23,6 +23,7 @@ results/bench-<device>.md, or bench-<device>-<impl>.md for an --impl other than 
 """
 
 import argparse
+import contextlib
 import functools
 import multiprocessing
 import re
@@ -216,18 +217,20 @@ def enclosing_category(event, first_conv_weight: list[int]) -> str:
     return "other"
 
 
-def cpu_step_breakdown(step, first_conv_weight: list[int], steps: int = PROFILED_STEPS) -> dict[str, float]:
-    """Milliseconds in each of CATEGORIES, the median over `steps` profiled steps (a step under the profiler
-    is a little slower than without): the self time of every op, charged to its enclosing category."""
-    per_step = []
-    for _ in range(steps):
-        with profile(record_shapes=True) as profiler:
-            step()
-        ms = dict.fromkeys(CATEGORIES, 0.0)
-        for event in profiler.events():
-            ms[enclosing_category(event, first_conv_weight)] += event.self_cpu_time_total / 1e3
-        per_step.append(ms)
-    return {category: statistics.median(ms[category] for ms in per_step) for category in CATEGORIES}
+def step_breakdown(step, first_conv_weight: list[int]) -> dict[str, float]:
+    """Milliseconds in each of CATEGORIES in one profiled step (a step under the profiler is a little slower than
+    without): the self time of every op, charged to its enclosing category."""
+    with profile(record_shapes=True) as profiler:
+        step()
+    ms = dict.fromkeys(CATEGORIES, 0.0)
+    for event in profiler.events():
+        ms[enclosing_category(event, first_conv_weight)] += event.self_cpu_time_total / 1e3
+    return ms
+
+
+def median_breakdown(steps: list[dict[str, float]]) -> dict[str, float]:
+    """Each category's median over the profiled steps."""
+    return {category: statistics.median(ms[category] for ms in steps) for category in CATEGORIES}
 
 
 class ModelBench:
@@ -258,6 +261,8 @@ class ModelBench:
 
         self.steps = {"train": train, "infer": infer}
         self.calls = CUDA_CALLS if device.type == "cuda" else 1
+        # The profiler names eager ops only; on CUDA it would need kernel-level attribution, which this script lacks.
+        self.profiled = device.type == "cpu" and not self.compile_as
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for kind in MODEL_TIMINGS:
@@ -269,27 +274,28 @@ class ModelBench:
         self.model.train(kind == "train")
         return seconds_per_call(self.steps[kind], self.device, self.calls)
 
+    def breakdown(self) -> dict[str, float]:
+        """Where one training step's time goes, op by op (where self.profiled)."""
+        self.model.train()
+        return step_breakdown(self.steps["train"], list(self.model.features[0].weight.shape))
+
     def summary(self) -> dict:
-        """Peak memory, where the training step's time goes (eager on the CPU), paper FLOPs and the recipe's epochs."""
+        """Peak memory, whether the step can be profiled, paper FLOPs and the recipe's epochs."""
         rss_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
         peak_mb = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_unit) / 2**20
-        self.model.train()
-        # The profiler names eager ops only; on CUDA it would need kernel-level attribution, which this script lacks.
-        breakdown = (cpu_step_breakdown(self.steps["train"], list(self.model.features[0].weight.shape))
-                     if self.device.type == "cpu" and not self.compile_as else None)
-        return {"peak_mb": peak_mb, "breakdown": breakdown, "device_name": device_name(self.device),
+        return {"peak_mb": peak_mb, "profiled": self.profiled, "device_name": device_name(self.device),
                 "paper_flops": count_flops(self.model, "paper"), "epochs": self.cfg.trainer.epochs}
 
 
 def serve(conn, part: int, overrides: list[str]) -> None:
-    """A worker process: builds the part's ModelBench, then answers "train" and "infer" with one timing each and
-    "summary" with the rest; an error goes back to the parent, which raises it."""
+    """A worker process: builds the part's ModelBench, then answers "train" and "infer" with one timing each,
+    "breakdown" with one profiled step and "summary" with the rest; an error goes back to the parent, which raises it."""
     try:
         bench = ModelBench(part, overrides)
         conn.send("ready")
         for request in iter(conn.recv, "summary"):
-            conn.send(bench.timing(request))
+            conn.send(bench.breakdown() if request == "breakdown" else bench.timing(request))
         conn.send(bench.summary())
     except Exception:  # noqa: BLE001 - whatever it is, the parent raises it
         conn.send(RuntimeError(f"benchmarking P={part} ({' '.join(overrides)}) failed:\n{traceback.format_exc()}"))
@@ -321,27 +327,44 @@ class Worker:
         return answer
 
 
+@contextlib.contextmanager
+def workers(spawn, parts, overrides: list[str]):
+    """{part: its Worker}, each process up until the block ends."""
+    started = {}
+    try:
+        for part in parts:
+            started[part] = Worker(spawn, part, overrides)
+        yield started
+    finally:
+        for worker in started.values():
+            worker.process.kill()
+            worker.process.join()
+
+
 def bench_models(parts, overrides: list[str], repeats) -> list[dict]:
     """Every part's model-level figures. Each part has a process of its own, so that its peak memory is its own;
     all stay up and are timed in turns, so that a drift of the machine hits every part alike and cancels in the
     speed-ups over P=1, which are medians of per-turn ratios."""
     spawn = multiprocessing.get_context("spawn")
-    workers = {}
-    try:
-        for part in parts:
-            workers[part] = Worker(spawn, part, overrides)
+    with workers(spawn, parts, overrides) as up:
         times = in_turns({(part, kind): functools.partial(worker.ask, kind)
-                          for part, worker in workers.items() for kind in MODEL_TIMINGS}, repeats)
-        summaries = {part: worker.ask("summary") for part, worker in workers.items()}
-    finally:
-        for worker in workers.values():
-            worker.process.kill()
-            worker.process.join()
+                          for part, worker in up.items() for kind in MODEL_TIMINGS}, repeats)
+        summaries = {part: worker.ask("summary") for part, worker in up.items()}
+    for part, summary in summaries.items():
+        summary["breakdown"] = profiled_alone(spawn, part, overrides) if summary.pop("profiled") else None
     rows = [model_row(part, times, summaries[part]) for part in parts]
     for row in rows:
         print(f"model P={row['part']} {' '.join(overrides)}: {row['train_ips']:.0f} img/s training, "
               f"{row['infer_ips']:.0f} img/s inference", file=sys.stderr)
     return rows
+
+
+def profiled_alone(spawn, part: int, overrides: list[str]) -> dict[str, float]:
+    """The part's step breakdown, in a process of its own with no other part's up. Under the profiler, with all
+    seven parts' processes up, this machine ran the memory-bound ops (BatchNorm, ReLU) 2-10x slower than alone
+    (unprofiled steps were not slowed), and P=1's breakdown sets every part's ceiling."""
+    with workers(spawn, [part], overrides) as alone:
+        return median_breakdown([alone[part].ask("breakdown") for _ in range(PROFILED_STEPS)])
 
 
 def model_row(part: int, times: dict[tuple, list[float]], summary: dict) -> dict:
@@ -424,7 +447,8 @@ def breakdown_section(rows: list[dict]) -> str:
                     + [f"{convs / base_convs:.2f} ({paper_ratio(r['part']):.3f})", f"{ceiling:.2f}x",
                        f"{r['train_speedup']:.2f}x"])
     return ("\n## Where the training step's time goes\n\n"
-            f"Milliseconds per step under the profiler, by op (self time, median over {PROFILED_STEPS} steps). "
+            f"Milliseconds per step under the profiler, by op (self time, median over {PROFILED_STEPS} steps, each part "
+            "profiled alone). "
             "*3x3 convs* and *1x1 convs* are the convolutions of the 12 HetConv layers; *HetConv convs / P=1* "
             "is their time against P=1's, beside the FLOP ratio R(P). *Ceiling* is the speed-up over P=1 if those "
             "convolutions took exactly R(P) of P=1's time and everything else stayed as at P=1; *measured* is the "

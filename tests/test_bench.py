@@ -10,8 +10,9 @@ from torch.profiler import profile
 
 from hetconv.training import build_optimizer, train_config, train_step
 from models import vgg16
-from scripts.bench import (CATEGORIES, breakdown_section, compile_section, conv_weight, cpu_step_breakdown, in_turns,
-                           layer_rows, main, bench_models, model_row, parse_compile_parts, sweep_projection)
+from scripts.bench import (CATEGORIES, breakdown_section, compile_section, conv_weight, in_turns, layer_rows,
+                           main, bench_models, median_breakdown, model_row, parse_compile_parts, step_breakdown,
+                           sweep_projection)
 
 
 def test_bench_writes_a_report_with_every_section(tmp_path):
@@ -94,10 +95,16 @@ def small_training_step(part: int):
 @pytest.mark.parametrize("part", [1, 4])
 def test_step_breakdown_sorts_each_convolution_into_its_category(part):
     model, step = small_training_step(part)
-    ms = cpu_step_breakdown(step, list(model.features[0].weight.shape), steps=1)
+    ms = step_breakdown(step, list(model.features[0].weight.shape))
     assert list(ms) == list(CATEGORIES)
     assert all(ms[c] > 0 for c in ("3x3 convs", "first conv", "BatchNorm", "ReLU", "max pool", "other"))
     assert (ms["1x1 convs"] > 0) == (part > 1)  # P=1 has no 1x1 kernels
+
+
+def test_the_breakdown_is_each_categorys_median_over_the_profiled_steps():
+    steps = [dict.fromkeys(CATEGORIES, 1.0), dict.fromkeys(CATEGORIES, 9.0), dict.fromkeys(CATEGORIES, 2.0)]
+    steps[1]["BatchNorm"] = 0.5  # a category takes its own median, not the one of the median step
+    assert median_breakdown(steps) == {**dict.fromkeys(CATEGORIES, 2.0), "BatchNorm": 1.0}
 
 
 def test_every_profiled_convolution_is_traced_to_one_of_the_models_weights():
