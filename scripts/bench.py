@@ -4,10 +4,10 @@
                             [--out results]
     (also: make bench)
 
-Layer level: for every distinct HetConv shape of VGG-16 (batch 128), forward + backward time of
-HetConv2d computed grouped (impl="grouped"), of its 1x1 branch alone, and of the naive implementation
-(impl="dense": one dense conv over the assembled weight, zeros and all), against the dense 3x3 conv
-it replaces (the P=1 reference), beside the FLOP ratio R(P) = 1/P + (1 - 1/P)/9; on CUDA as CUDA
+Layer level: for every distinct HetConv shape of VGG-16 (at the training batch of configs/), forward +
+backward time of HetConv2d computed grouped (impl="grouped"), of its 1x1 branch alone, and of the naive
+implementation (impl="dense": one dense conv over the assembled weight, zeros and all), against the dense
+3x3 conv it replaces (the P=1 reference), beside the FLOP ratio R(P) = 1/P + (1 - 1/P)/9; on CUDA as CUDA
 graph replays, which time the GPU's work alone.
 Model level: training throughput with train.py's own step (same precision, memory format, optimizer
 and input pipeline, composed from configs/), inference throughput and peak memory, each part in a
@@ -49,7 +49,6 @@ from hetconv.training import (COMPILE_MODES, Preprocess, autocast, build_optimiz
 from models import vgg16
 from models.vgg import conv_channels, conv_sides
 
-BATCH = 128
 CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000
 LAYER_TARGET = 1.5    # a HetConv layer should take at most 1.5x its FLOP-proportional share of the dense conv
 MODEL_TARGETS = {4: 2.3, 64: 4.0}  # training-throughput speed-up over P=1 asked for (issue "Speed")
@@ -154,7 +153,7 @@ def bench_layers(device, cfg, parts, repeats) -> list[dict]:
 
     rows = []
     for in_ch, out_ch, side in layer_shapes():
-        x = torch.randn(BATCH, in_ch, side, side, device=device).contiguous(memory_format=layout)
+        x = torch.randn(cfg.trainer.batch_size, in_ch, side, side, device=device).contiguous(memory_format=layout)
         x.requires_grad_()
         timers = {"dense": timer(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), x),
                   # the 1x1 branch that every P > 1 runs in full, whatever its grouped 3x3 conv costs
@@ -248,8 +247,8 @@ class ModelBench:
         optimizer = build_optimizer(self.model, cfg.optim)
         preprocess = Preprocess(cfg.data, cfg.trainer.channels_last, device)
         forward_model = compiled(self.model, self.compile_as)
-        images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8, device=device)
-        labels = torch.randint(0, 10, (BATCH,), device=device)
+        images = torch.randint(0, 256, (cfg.trainer.batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
+        labels = torch.randint(0, 10, (cfg.trainer.batch_size,), device=device)
 
         def train():
             train_step(forward_model, optimizer, preprocess(images), labels, cfg.trainer.amp)
@@ -280,12 +279,13 @@ class ModelBench:
         return step_breakdown(self.steps["train"], list(self.model.features[0].weight.shape))
 
     def summary(self) -> dict:
-        """Peak memory, whether the step can be profiled, paper FLOPs and the recipe's epochs."""
+        """Peak memory, whether the step can be profiled, paper FLOPs and the recipe's batch and epochs."""
         rss_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
         peak_mb = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_unit) / 2**20
         return {"peak_mb": peak_mb, "profiled": self.profiled, "device_name": device_name(self.device),
-                "paper_flops": count_flops(self.model, "paper"), "epochs": self.cfg.trainer.epochs}
+                "paper_flops": count_flops(self.model, "paper"),
+                "batch": self.cfg.trainer.batch_size, "epochs": self.cfg.trainer.epochs}
 
 
 def serve(conn, part: int, overrides: list[str]) -> None:
@@ -374,7 +374,7 @@ def model_row(part: int, times: dict[tuple, list[float]], summary: dict) -> dict
     spreads, speedup_spreads = [], []
     for kind in MODEL_TIMINGS:
         seconds, spread = median_and_spread(times[part, kind])
-        row[f"{kind}_ips"] = BATCH / seconds
+        row[f"{kind}_ips"] = summary["batch"] / seconds
         spreads.append(spread)
         row[f"{kind}_speedup"] = None
         if (1, kind) in times:
@@ -420,8 +420,8 @@ def sweep_projection(rows: list[dict], compile_as: str | None, recipe_modes: set
     """The sweep's hours at these rows' speeds, stepped eager (compile_as None) or compiled. recipe_modes holds the
     mode (None: eager) the default recipe trains with on this device, if these rows compute HetConv in its form:
     the line then says that it projects the default recipe."""
-    epochs = rows[0]["epochs"]
-    trained = CIFAR10_TRAIN // BATCH * BATCH  # the last partial batch is dropped
+    epochs, batch = rows[0]["epochs"], rows[0]["batch"]
+    trained = CIFAR10_TRAIN // batch * batch  # the last partial batch is dropped
     hours = sum(epochs * (trained / r["train_ips"] + CIFAR10_TEST / r["infer_ips"]) for r in rows) / 3600
     how = "eager" if compile_as is None else f"compiled ({compile_as})"
     if compile_as in recipe_modes:
@@ -504,11 +504,11 @@ def layer_section(rows: list[dict]) -> str:
               "FLOP-proportional share.\n")
 
 
-def render(device_label: str, setup: str, layer_rows, model_rows, compile_rows, compile_setting: str,
+def render(device_label: str, batch: int, setup: str, layer_rows, model_rows, compile_rows, compile_setting: str,
            recipe_modes: set, command: str) -> str:
     versions = library_versions()
     return (f"# Speed of HetConv on {device_label}\n\n"
-            f"Made by `{command}` on {now()}, commit {git_commit()}, torch {versions['torch']}. Batch {BATCH}, "
+            f"Made by `{command}` on {now()}, commit {git_commit()}, torch {versions['torch']}. Batch {batch}, "
             f"{setup}, optimizer as in configs/. Median of repeats; *spread* = (max - min) / median over the "
             "repeats of a figure: how far to trust it.\n"
             + model_section(model_rows, recipe_modes)
@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> None:
     # The step the default recipe (trainer.compile and trainer.hetconv auto) trains with, if this report times its form.
     default_form = resolved_impl(args.impl, device) == resolved_impl("auto", device)
     recipe_modes = {compile_mode("auto", device)} if default_form else set()
-    report = render(label, setup, layer_rows, model_rows, compile_rows, args.compile, recipe_modes, command.strip())
+    report = render(label, cfg.trainer.batch_size, setup, layer_rows, model_rows, compile_rows, args.compile, recipe_modes, command.strip())
     impl_suffix = "" if args.impl == "auto" else f"-{args.impl}"
     path = args.out / f"bench-{'cpu' if device.type == 'cpu' else slug(label)}{impl_suffix}.md"
     args.out.mkdir(parents=True, exist_ok=True)

@@ -70,12 +70,12 @@ def test_a_drift_that_hits_a_whole_turn_cancels_in_the_model_speedups():
     drift = [1.0, 3.0, 2.0]
     times = {(1, "train"): [1.0 * d for d in drift], (4, "train"): [0.5 * d for d in drift],
              (1, "infer"): [0.2 * d for d in drift], (4, "infer"): [0.125 * d for d in drift]}
-    row = model_row(4, times, {"peak_mb": 1.0})
+    row = model_row(4, times, {"peak_mb": 1.0, "batch": 128})
     assert (row["train_speedup"], row["infer_speedup"]) == pytest.approx((2.0, 1.6))
     assert row["train_ips"] == pytest.approx(128 / 1.0)  # the median time, drift and all
     assert row["spread"] == pytest.approx(1.0) and row["peak_mb"] == 1.0  # (3 - 1) / 2: the drift shows here
     assert row["speedup_spread"] == pytest.approx(0.0)  # and not here
-    alone = model_row(4, {k: v for k, v in times.items() if k[0] == 4}, {})  # no P=1
+    alone = model_row(4, {k: v for k, v in times.items() if k[0] == 4}, {"batch": 128})  # no P=1
     assert alone["train_speedup"] is None and alone["speedup_spread"] is None
 
 
@@ -119,7 +119,7 @@ def test_every_profiled_convolution_is_traced_to_one_of_the_models_weights():
 
 def test_the_compiled_sweep_is_projected_only_when_every_part_was_compiled():
     row = lambda part, ips, speedup=None: {"part": part, "train_ips": ips, "infer_ips": 2 * ips,  # noqa: E731
-                                           "train_speedup": speedup, "spread": 0.1, "epochs": 330}
+                                           "train_speedup": speedup, "spread": 0.1, "epochs": 330, "batch": 128}
     eager = [row(1, 100), row(4, 150)]
     text = compile_section([row(1, 300, 1.0), row(4, 360, 1.2)], eager, "reduce-overhead", recipe_modes={None})
     assert "| 4 | 150 | 360 | 2.40x | 1.20x | 300 | 720 | 2.40x | 10% |" in text
@@ -150,10 +150,12 @@ def test_a_bad_compile_parts_fails_before_any_timing(tmp_path, capsys, monkeypat
 
 def test_the_sweep_projection_adds_every_parts_training_and_test_epochs():
     # 49,920 training images (the last partial batch dropped) in 30 minutes, and 10,000 test images in 30 minutes
-    row = {"epochs": 2, "train_ips": 49_920 / 1800, "infer_ips": 10_000 / 1800}
+    row = {"epochs": 2, "batch": 128, "train_ips": 49_920 / 1800, "infer_ips": 10_000 / 1800}
     projection = sweep_projection([{**row, "part": 1}, {**row, "part": 4}], None, set())
     assert projection.endswith("(2 epochs of 49,920 training and 10,000 test images each, as the recipe on record, "
                                "one job at a time on this device), eager: 4.0 hours.")
+    # the batch is the config's: at 1000 no partial batch is left to drop
+    assert "(2 epochs of 50,000 training" in sweep_projection([{**row, "part": 1, "batch": 1000}], None, set())
 
 
 def test_the_ceiling_puts_the_hetconv_convolutions_at_their_flop_share():
