@@ -122,8 +122,8 @@ def fwd_bwd(module: nn.Module, x: torch.Tensor, amp: bool):
 
 
 def cuda_graphed(step):
-    """step captured in a CUDA graph, returned as the graph's replay. At batch 128 a layer's kernels on a big
-    GPU take less time than Python takes to launch them; replaying the graph times the GPU's work alone.
+    """step captured in a CUDA graph, returned as the graph's replay. At the training batch a layer's kernels on a
+    big GPU take less time than Python takes to launch them; replaying the graph times the GPU's work alone.
     (trainer.compile=reduce-overhead removes the launches in training too, and fuses elementwise ops besides.)"""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -290,7 +290,8 @@ class ModelBench:
 
 def serve(conn, part: int, overrides: list[str]) -> None:
     """A worker process: builds the part's ModelBench, then answers "train" and "infer" with one timing each,
-    "breakdown" with one profiled step and "summary" with the rest; an error goes back to the parent, which raises it."""
+    "breakdown" with one profiled step and "summary" with the rest; an error goes back to the parent, which
+    raises it."""
     try:
         bench = ModelBench(part, overrides)
         conn.send("ready")
@@ -344,14 +345,16 @@ def workers(spawn, parts, overrides: list[str]):
 def bench_models(parts, overrides: list[str], repeats) -> list[dict]:
     """Every part's model-level figures. Each part has a process of its own, so that its peak memory is its own;
     all stay up and are timed in turns, so that a drift of the machine hits every part alike and cancels in the
-    speed-ups over P=1, which are medians of per-turn ratios."""
+    speed-ups over P=1, which are medians of per-turn ratios. Then, eager on the CPU and with P=1 among the parts
+    (every ceiling is relative to P=1's step), each part's step is profiled alone (`profiled_alone`)."""
     spawn = multiprocessing.get_context("spawn")
     with workers(spawn, parts, overrides) as up:
         times = in_turns({(part, kind): functools.partial(worker.ask, kind)
                           for part, worker in up.items() for kind in MODEL_TIMINGS}, repeats)
         summaries = {part: worker.ask("summary") for part, worker in up.items()}
     for part, summary in summaries.items():
-        summary["breakdown"] = profiled_alone(spawn, part, overrides) if summary.pop("profiled") else None
+        profiled = summary.pop("profiled") and 1 in parts
+        summary["breakdown"] = profiled_alone(spawn, part, overrides) if profiled else None
     rows = [model_row(part, times, summaries[part]) for part in parts]
     for row in rows:
         print(f"model P={row['part']} {' '.join(overrides)}: {row['train_ips']:.0f} img/s training, "
@@ -447,8 +450,8 @@ def breakdown_section(rows: list[dict]) -> str:
                     + [f"{convs / base_convs:.2f} ({paper_ratio(r['part']):.3f})", f"{ceiling:.2f}x",
                        f"{r['train_speedup']:.2f}x"])
     return ("\n## Where the training step's time goes\n\n"
-            f"Milliseconds per step under the profiler, by op (self time, median over {PROFILED_STEPS} steps, each part "
-            "profiled alone). "
+            f"Milliseconds per step under the profiler, by op (self time, median over {PROFILED_STEPS} steps, each "
+            "part profiled alone). "
             "*3x3 convs* and *1x1 convs* are the convolutions of the 12 HetConv layers; *HetConv convs / P=1* "
             "is their time against P=1's, beside the FLOP ratio R(P). *Ceiling* is the speed-up over P=1 if those "
             "convolutions took exactly R(P) of P=1's time and everything else stayed as at P=1; *measured* is the "
@@ -504,9 +507,9 @@ def layer_section(rows: list[dict]) -> str:
               "FLOP-proportional share.\n")
 
 
-def render(device_label: str, batch: int, setup: str, layer_rows, model_rows, compile_rows, compile_setting: str,
+def render(device_label: str, setup: str, layer_rows, model_rows, compile_rows, compile_setting: str,
            recipe_modes: set, command: str) -> str:
-    versions = library_versions()
+    versions, batch = library_versions(), model_rows[0]["batch"]
     return (f"# Speed of HetConv on {device_label}\n\n"
             f"Made by `{command}` on {now()}, commit {git_commit()}, torch {versions['torch']}. Batch {batch}, "
             f"{setup}, optimizer as in configs/. Median of repeats; *spread* = (max - min) / median over the "
@@ -579,7 +582,7 @@ def main(argv: list[str] | None = None) -> None:
     # The step the default recipe (trainer.compile and trainer.hetconv auto) trains with, if this report times its form.
     default_form = resolved_impl(args.impl, device) == resolved_impl("auto", device)
     recipe_modes = {compile_mode("auto", device)} if default_form else set()
-    report = render(label, cfg.trainer.batch_size, setup, layer_rows, model_rows, compile_rows, args.compile, recipe_modes, command.strip())
+    report = render(label, setup, layer_rows, model_rows, compile_rows, args.compile, recipe_modes, command.strip())
     impl_suffix = "" if args.impl == "auto" else f"-{args.impl}"
     path = args.out / f"bench-{'cpu' if device.type == 'cpu' else slug(label)}{impl_suffix}.md"
     args.out.mkdir(parents=True, exist_ok=True)
