@@ -37,7 +37,7 @@ from hetconv.provenance import device_name
 from hetconv.runfiles import (RunRecord, config_differences, exclusive, hetconv_form, how_to_resume,
                               last_checkpoint, load, read_metrics, save)
 from hetconv.training import (Preprocess, build_optimizer, build_scheduler, check_settings, configure_backend,
-                              compile_mode, compiled, evaluate, select_device, train_step)
+                              compile_mode, compiled, evaluate, percent, select_device, train_step)
 from models import vgg16
 from models.vgg import check_part_fits
 
@@ -286,7 +286,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
                               "train_s": time.perf_counter() - started}
                     save(last_checkpoint(run_dir), checkpoint(step, epoch_rng, so_far))
                     interrupted(stop, f"{stop.received.name} at epoch {epoch + 1}, step {step}")
-            train_loss = loss_sum.item() / seen  # the epoch's one host synchronisation
+            train_loss = loss_sum.item() / seen  # the epoch's first host synchronisation: none between its steps
             train_s = time.perf_counter() - started
             test = evaluate(forward_model, data["test"], preprocess, cfg.trainer.eval_batch_size, cfg.trainer.amp,
                             cfg.model.num_classes)
@@ -302,7 +302,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
             epoch += 1
             tick()
             record.history.append({
-                "epoch": epoch, "train_loss": round(train_loss, 6), "train_acc": round(100 * correct.item() / seen, 2),
+                "epoch": epoch, "train_loss": round(train_loss, 6), "train_acc": percent(correct.item(), seen),
                 "test_loss": round(test["loss"], 6), "test_acc": test["acc"], "lr": lr,
                 "epoch_s": round(time.perf_counter() - started, 2),
                 "images_per_s": round(seen / train_s, 1)})

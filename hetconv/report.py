@@ -7,7 +7,6 @@ from hetconv.provenance import REPO_ROOT
 
 RESULTS_DIR = REPO_ROOT / "results"
 PUBLISHED_CSV = RESULTS_DIR / "published.csv"
-PAPER_PARTS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def load_published(path: Path = PUBLISHED_CSV) -> dict[int, dict[str, float]]:

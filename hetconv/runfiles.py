@@ -80,12 +80,12 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return flat
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """'key: saved -> current' for every setting that differs, but those resuming may change."""
+def config_differences(saved: dict, current: dict, also_ignored: set[str] = frozenset()) -> list[str]:
+    """'key: saved -> current' for every setting that differs, but those resuming may change and also_ignored."""
     old, new = flatten(saved), flatten(current)
     return [f"{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}"
             for key in sorted(old.keys() | new.keys())
-            if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key)]
+            if key not in RESUMABLE_CHANGES and key not in also_ignored and old.get(key) != new.get(key)]
 
 
 def hetconv_form(config: dict, device: torch.device) -> str:

@@ -6,10 +6,15 @@ from torch import nn
 
 from hetconv import HetConv2d
 from hetconv.layer import check_hetconv_args
-from hetconv.report import PAPER_PARTS
 
 # Conv widths in order, "M" = 2x2 max pool. 13 convs, five pools: 32x32 input -> 1x1 x 512.
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+HIDDEN = 512  # the classifier's hidden features
+PAPER_PARTS = (1, 2, 4, 8, 16, 32, 64)  # the P values of the paper's VGG-16 / CIFAR-10 table
+
+
+def scaled(channels: int, width: float) -> int:
+    return max(1, round(channels * width))
 
 
 def conv_channels(width: float = 1.0) -> list[tuple[int, int]]:
@@ -19,7 +24,7 @@ def conv_channels(width: float = 1.0) -> list[tuple[int, int]]:
     pairs, in_channels = [], 3
     for v in VGG16_LAYOUT:
         if v != "M":
-            out_channels = max(1, round(v * width))
+            out_channels = scaled(v, width)
             pairs.append((in_channels, out_channels))
             in_channels = out_channels
     return pairs
@@ -69,10 +74,10 @@ class VGG(nn.Module):
                     else HetConv2d(in_channels, out_channels, part, impl=impl))
             layers += [conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)
-        hidden = max(1, round(512 * width))
+        hidden = scaled(HIDDEN, width)
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(out_channels, hidden),
+            nn.Linear(conv_channels(width)[-1][1], hidden),
             nn.BatchNorm1d(hidden),
             nn.ReLU(inplace=True),
             nn.Linear(hidden, num_classes),

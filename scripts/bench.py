@@ -1,7 +1,7 @@
 """How fast HetConv trains, layer by layer and as the whole model, beside the dense convolution.
 
-    python scripts/bench.py [--device auto] [--parts 1,2,4,8,16,32,64] [--compile-parts auto] [--impl auto]
-                            [--out results]
+    python scripts/bench.py [--device auto] [--parts 1,2,4,8,16,32,64] [--compile-parts auto]
+                            [--compile reduce-overhead] [--impl auto] [--repeats 7] [--skip-layers] [--out results]
     (also: make bench)
 
 Layer level: for every distinct HetConv shape of VGG-16 (at the training batch of configs/), forward +
@@ -9,11 +9,12 @@ backward time of HetConv2d computed grouped (impl="grouped"), of its 1x1 branch 
 implementation (impl="dense": one dense conv over the assembled weight, zeros and all), against the dense
 3x3 conv it replaces (the P=1 reference), beside the FLOP ratio R(P) = 1/P + (1 - 1/P)/9; on CUDA as CUDA
 graph replays, which time the GPU's work alone.
-Model level: training throughput with train.py's own step (same precision, memory format, optimizer
-and input pipeline, composed from configs/), inference throughput and peak memory, each part in a
-process of its own, the parts timed in turns (speed-ups are medians of per-turn ratios), eager and,
-for --compile-parts, compiled (auto: every part on CUDA, where the default recipe compiles, so that
-the report projects the sweep as it trains there; 1, 4 and 64 on the CPU, which trains eager); on
+Model level: training throughput with train.py's own step (same precision, memory format, optimizer,
+and batches drawn and augmented as train.py draws them, composed from configs/), inference throughput
+and peak memory, each part in a process of its own, eager and, for --compile-parts, compiled (auto:
+every part on CUDA, where the default recipe compiles, so that the report projects the sweep as it
+trains there; 1, 4 and 64 on the CPU, which trains eager), all timed in turns (speed-ups over P=1
+and compiled-over-eager gains are medians of per-turn ratios); on
 the CPU, also where the training step's time goes, op by op, and how fast the step could be at most
 if HetConv's layers ran at their FLOP-proportional share of the dense layers' time. The model runs
 its layers as --impl says (trainer.hetconv; auto: dense on CUDA, grouped on the CPU). Median of
@@ -25,6 +26,7 @@ results/bench-<device>.md, or bench-<device>-<impl>.md for an --impl other than 
 import argparse
 import contextlib
 import functools
+import itertools
 import multiprocessing
 import re
 import resource
@@ -39,15 +41,15 @@ from torch import nn
 from torch.profiler import profile
 
 from hetconv import HetConv2d
-from hetconv.data import memory_format
+from hetconv.data import Split, TrainBatches, memory_format
 from hetconv.flops import count_flops, paper_ratio
 from hetconv.layer import IMPLS, resolved_impl
 from hetconv.provenance import device_name, git_commit, library_versions, now
-from hetconv.report import PAPER_PARTS, RESULTS_DIR, markdown_table
+from hetconv.report import RESULTS_DIR, markdown_table
 from hetconv.training import (COMPILE_MODES, Preprocess, autocast, build_optimizer, compile_mode, compiled,
                               configure_backend, select_device, train_config, train_step, uses_amp)
 from models import vgg16
-from models.vgg import conv_channels, conv_sides
+from models.vgg import PAPER_PARTS, conv_channels, conv_sides
 
 CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000
 LAYER_TARGET = 1.5    # a HetConv layer should take at most 1.5x its FLOP-proportional share of the dense conv
@@ -247,11 +249,17 @@ class ModelBench:
         optimizer = build_optimizer(self.model, cfg.optim)
         preprocess = Preprocess(cfg.data, cfg.trainer.channels_last, device)
         forward_model = compiled(self.model, self.compile_as)
-        images = torch.randint(0, 256, (cfg.trainer.batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
-        labels = torch.randint(0, 10, (cfg.trainer.batch_size,), device=device)
+        # Random images in CIFAR-10's training-set shape, drawn and augmented batch by batch as train.py does.
+        split = Split(torch.randint(0, 256, (CIFAR10_TRAIN, 3, 32, 32), dtype=torch.uint8, device=device),
+                      torch.randint(0, 10, (CIFAR10_TRAIN,), device=device))
+        batches = TrainBatches(split, cfg.trainer.batch_size, torch.Generator(device).manual_seed(0),
+                               cfg.data.crop_padding, cfg.data.flip)
+        batch_stream = itertools.chain.from_iterable(batches.epoch() for _ in itertools.count())
+        images = split.images[:cfg.trainer.batch_size]  # inference, as evaluate() runs it: no augmentation
 
         def train():
-            train_step(forward_model, optimizer, preprocess(images), labels, cfg.trainer.amp)
+            batch, labels = next(batch_stream)
+            train_step(forward_model, optimizer, preprocess(batch), labels, cfg.trainer.amp)
 
         @torch.no_grad()
         def infer():
@@ -329,12 +337,12 @@ class Worker:
 
 
 @contextlib.contextmanager
-def workers(spawn, parts, overrides: list[str]):
-    """{part: its Worker}, each process up until the block ends."""
+def workers(spawn, jobs: dict):
+    """{key: the Worker of jobs[key], a (part, overrides) pair}, each process up until the block ends."""
     started = {}
     try:
-        for part in parts:
-            started[part] = Worker(spawn, part, overrides)
+        for key, (part, overrides) in jobs.items():
+            started[key] = Worker(spawn, part, overrides)
         yield started
     finally:
         for worker in started.values():
@@ -342,23 +350,32 @@ def workers(spawn, parts, overrides: list[str]):
             worker.process.join()
 
 
-def bench_models(parts, overrides: list[str], repeats) -> list[dict]:
-    """Every part's model-level figures. Each part has a process of its own, so that its peak memory is its own;
-    all stay up and are timed in turns, so that a drift of the machine hits every part alike and cancels in the
-    speed-ups over P=1, which are medians of per-turn ratios. Then, eager on the CPU and with P=1 among the parts
-    (every ceiling is relative to P=1's step), each part's step is profiled alone (`profiled_alone`)."""
+def bench_models(setups: dict[str, tuple[list[int], list[str]]], repeats: int) -> dict[str, list[dict]]:
+    """Every setup's rows: {"eager": (parts, overrides), "compiled": ...} -> {"eager": [a row per part], ...}.
+    Each (setup, part) has a process of its own, so that its peak memory is its own; all stay up and are timed
+    in turns, so that a drift of the machine hits them alike and cancels in the ratios: the speed-ups over the
+    setup's P=1 and a compiled part's gain over its eager twin, medians of per-turn ratios. Then, eager on the
+    CPU and with P=1 among the parts (every ceiling is relative to P=1's step), each part's step is profiled
+    alone (`profiled_alone`)."""
     spawn = multiprocessing.get_context("spawn")
-    with workers(spawn, parts, overrides) as up:
-        times = in_turns({(part, kind): functools.partial(worker.ask, kind)
-                          for part, worker in up.items() for kind in MODEL_TIMINGS}, repeats)
-        summaries = {part: worker.ask("summary") for part, worker in up.items()}
-    for part, summary in summaries.items():
-        profiled = summary.pop("profiled") and 1 in parts
-        summary["breakdown"] = profiled_alone(spawn, part, overrides) if profiled else None
-    rows = [model_row(part, times, summaries[part]) for part in parts]
-    for row in rows:
-        print(f"model P={row['part']} {' '.join(overrides)}: {row['train_ips']:.0f} img/s training, "
-              f"{row['infer_ips']:.0f} img/s inference", file=sys.stderr)
+    jobs = {(setup, part): (part, overrides) for setup, (parts, overrides) in setups.items() for part in parts}
+    with workers(spawn, jobs) as up:
+        times = in_turns({(*key, kind): functools.partial(worker.ask, kind)
+                          for key, worker in up.items() for kind in MODEL_TIMINGS}, repeats)
+        summaries = {key: worker.ask("summary") for key, worker in up.items()}
+    by_setup = {setup: {(part, kind): t for (s, part, kind), t in times.items() if s == setup} for setup in setups}
+    rows = {setup: [] for setup in setups}
+    for setup, (parts, overrides) in setups.items():
+        for part in parts:
+            summary = summaries[setup, part]
+            profiled = summary.pop("profiled") and 1 in parts
+            summary["breakdown"] = profiled_alone(spawn, part, overrides) if profiled else None
+            row = model_row(part, by_setup[setup], summary)
+            if setup != "eager":
+                row.update(gains(part, by_setup[setup], by_setup["eager"]))
+            rows[setup].append(row)
+            print(f"model P={part} {' '.join(overrides)}: {row['train_ips']:.0f} img/s training, "
+                  f"{row['infer_ips']:.0f} img/s inference", file=sys.stderr)
     return rows
 
 
@@ -366,7 +383,7 @@ def profiled_alone(spawn, part: int, overrides: list[str]) -> dict[str, float]:
     """The part's step breakdown, in a process of its own with no other part's up. Under the profiler, with all
     seven parts' processes up, this machine ran the memory-bound ops (BatchNorm, ReLU) 2-10x slower than alone
     (unprofiled steps were not slowed), and P=1's breakdown sets every part's ceiling."""
-    with workers(spawn, [part], overrides) as alone:
+    with workers(spawn, {part: (part, overrides)}) as alone:
         return median_breakdown([alone[part].ask("breakdown") for _ in range(PROFILED_STEPS)])
 
 
@@ -386,6 +403,18 @@ def model_row(part: int, times: dict[tuple, list[float]], summary: dict) -> dict
             speedup_spreads.append(speedup_spread)
     row["spread"], row["speedup_spread"] = max(spreads), max(speedup_spreads, default=None)
     return row
+
+
+def gains(part: int, times: dict[tuple, list[float]], eager: dict[tuple, list[float]]) -> dict:
+    """A part's training and inference gains over its eager twin, medians of per-turn ratios, and their spread
+    (empty where eager did not time the part)."""
+    if (part, "train") not in eager:
+        return {}
+    row, spreads = {}, []
+    for kind in MODEL_TIMINGS:
+        row[f"{kind}_gain"], spread = median_and_spread([e / t for e, t in zip(eager[part, kind], times[part, kind])])
+        spreads.append(spread)
+    return {**row, "gain_spread": max(spreads)}
 
 
 def row_of(rows: list[dict], part: int) -> dict | None:
@@ -463,17 +492,19 @@ def breakdown_section(rows: list[dict]) -> str:
 def compile_section(compiled: list[dict], eager: list[dict], setting: str, recipe_modes: set) -> str:
     eager_by_part = {r["part"]: r for r in eager}
     base = part_one(compiled)
-    gain = lambda r, key: f"{r[key] / eager_by_part[r['part']][key]:.2f}x"  # noqa: E731
     text = (f"\n## torch.compile (trainer.compile={setting}) against eager\n\n"
-            + ("reduce-overhead adds CUDA graphs on CUDA only; on the CPU it compiles as the default mode.\n\n"
-               if setting == "reduce-overhead" else "")
+            "Timed in the same turns as the eager parts above: a *gain* is the median of the per-turn ratios of the "
+            "compiled part to its eager twin, *gain spread* that of the ratios, *spread* that of the compiled step "
+            "times."
+            + (" reduce-overhead adds CUDA graphs on CUDA only; on the CPU it compiles as the default mode."
+               if setting == "reduce-overhead" else "") + "\n\n"
             + markdown_table(
                 ["P", "eager train img/s", "compiled train img/s", "gain", "speed-up over compiled P=1",
-                 "eager inference img/s", "compiled inference img/s", "gain", "spread"],
+                 "eager inference img/s", "compiled inference img/s", "gain", "spread", "gain spread"],
                 [[r["part"], f"{eager_by_part[r['part']]['train_ips']:.0f}", f"{r['train_ips']:.0f}",
-                  gain(r, "train_ips"), f"{r['train_speedup']:.2f}x" if base else "-",
-                  f"{eager_by_part[r['part']]['infer_ips']:.0f}", f"{r['infer_ips']:.0f}", gain(r, "infer_ips"),
-                  f"{r['spread']:.0%}"] for r in compiled if r["part"] in eager_by_part]))
+                  f"{r['train_gain']:.2f}x", f"{r['train_speedup']:.2f}x" if base else "-",
+                  f"{eager_by_part[r['part']]['infer_ips']:.0f}", f"{r['infer_ips']:.0f}", f"{r['infer_gain']:.2f}x",
+                  f"{r['spread']:.0%}", f"{r['gain_spread']:.0%}"] for r in compiled if r["part"] in eager_by_part]))
     if {r["part"] for r in compiled} == set(eager_by_part):
         text += sweep_projection(compiled, setting, recipe_modes) + "\n"
     return text
@@ -570,9 +601,11 @@ def main(argv: list[str] | None = None) -> None:
     overrides = [f"trainer.device={args.device}", f"trainer.hetconv={args.impl}"]
     cfg = train_config(*overrides)
     compile_parts = parse_compile_parts(parser, args.compile_parts, parts, device)  # a typo fails before any timing
-    model_rows = bench_models(parts, [*overrides, "trainer.compile=false"], args.repeats)
-    compile_rows = (bench_models(compile_parts, [*overrides, f"trainer.compile={args.compile}"], args.repeats)
-                    if compile_parts else [])
+    setups = {"eager": (parts, [*overrides, "trainer.compile=false"])}
+    if compile_parts:
+        setups["compiled"] = (compile_parts, [*overrides, f"trainer.compile={args.compile}"])
+    rows = bench_models(setups, args.repeats)
+    model_rows, compile_rows = rows["eager"], rows.get("compiled", [])
     layer_rows = [] if args.skip_layers else bench_layers(device, cfg, parts, args.repeats)
     label = device_name(device)
     setup = (f"{'bf16 autocast' if uses_amp(device, cfg.trainer.amp) else 'float32'}, "

@@ -23,9 +23,10 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from hetconv.flops import count_flops, count_params, truncate_millions  # noqa: E402
 from hetconv.provenance import git_commit, now  # noqa: E402
-from hetconv.report import PAPER_PARTS, RESULTS_DIR, load_published, markdown_table, write_csv  # noqa: E402
+from hetconv.report import RESULTS_DIR, load_published, markdown_table, write_csv  # noqa: E402
 from hetconv.runfiles import config_differences, held_by_a_process, launches, read_metrics  # noqa: E402
 from models import vgg16  # noqa: E402
+from models.vgg import PAPER_PARTS  # noqa: E402
 
 
 @dataclass
@@ -74,7 +75,7 @@ def check_one_recipe(jobs: list[Job]) -> None:
     """A row pools seeds, so every job must share the recipe; only part, width and seed may vary."""
     varying = {"seed", "model.part", "model.width"}
     for job in jobs[1:]:
-        differences = [d for d in config_differences(jobs[0].config, job.config) if d.split(":")[0] not in varying]
+        differences = config_differences(jobs[0].config, job.config, also_ignored=varying)
         if differences:
             raise SystemExit(f"error: {jobs[0].path} and {job.path} ran different recipes ({'; '.join(differences)}); "
                              "make a table of each recipe's sweep folders separately")

@@ -11,7 +11,7 @@ from torch.profiler import profile
 from hetconv.training import build_optimizer, train_config, train_step
 from models import vgg16
 from scripts.bench import (CATEGORIES, breakdown_section, compile_section, conv_weight, in_turns, layer_rows,
-                           main, bench_models, median_breakdown, model_row, parse_compile_parts, step_breakdown,
+                           gains, main, bench_models, median_breakdown, model_row, parse_compile_parts, step_breakdown,
                            sweep_projection)
 
 
@@ -65,6 +65,24 @@ def test_a_drift_that_hits_a_whole_turn_cancels_in_the_layer_ratios():
     assert layer_rows("64->64 @32x32", [4], times)[0]["spread"] == pytest.approx(0.5)
 
 
+def test_a_compiled_parts_gain_over_eager_is_the_median_of_per_turn_ratios():
+    drift = [1.0, 3.0, 2.0]  # eager and compiled are timed in the same turns: the drift cancels
+    eager = {(4, "train"): [0.6 * d for d in drift], (4, "infer"): [0.2 * d for d in drift]}
+    compiled = {(4, "train"): [0.4 * d for d in drift], (4, "infer"): [0.25 * d for d in drift]}
+    assert gains(4, compiled, eager) == pytest.approx({"train_gain": 1.5, "infer_gain": 0.8, "gain_spread": 0.0})
+    assert gains(4, compiled, {}) == {}  # eager did not time P=4
+
+
+def test_every_setup_gets_its_rows_and_a_non_eager_one_its_gains_over_eager():
+    small = ["trainer.device=cpu", "trainer.batch_size=8"]
+    rows = bench_models({"eager": ([1, 4], [*small, "trainer.compile=false"]),
+                         "twin": ([4], [*small, "trainer.compile=false"])}, repeats=2)
+    assert [r["part"] for r in rows["eager"]] == [1, 4] and [r["part"] for r in rows["twin"]] == [4]
+    assert rows["twin"][0]["train_gain"] > 0 and rows["twin"][0]["train_speedup"] is None  # no P=1 in its setup
+    assert "train_gain" not in rows["eager"][1] and rows["eager"][1]["train_speedup"] > 0
+    assert rows["eager"][1]["breakdown"] is not None and rows["twin"][0]["breakdown"] is None  # profiled: with P=1
+
+
 def test_a_drift_that_hits_a_whole_turn_cancels_in_the_model_speedups():
     # every part is timed once per turn; the machine runs 3x slower in the second turn and 2x in the third
     drift = [1.0, 3.0, 2.0]
@@ -81,7 +99,7 @@ def test_a_drift_that_hits_a_whole_turn_cancels_in_the_model_speedups():
 
 def test_an_error_in_a_parts_process_is_raised_naming_the_part():
     with pytest.raises(RuntimeError, match=r"(?s)benchmarking P=3 \(trainer.device=cpu\) failed.*part=3 must divide"):
-        bench_models([3], ["trainer.device=cpu"], repeats=1)
+        bench_models({"eager": ([3], ["trainer.device=cpu"])}, repeats=1)
 
 
 def small_training_step(part: int):
@@ -119,10 +137,12 @@ def test_every_profiled_convolution_is_traced_to_one_of_the_models_weights():
 
 def test_the_compiled_sweep_is_projected_only_when_every_part_was_compiled():
     row = lambda part, ips, speedup=None: {"part": part, "train_ips": ips, "infer_ips": 2 * ips,  # noqa: E731
-                                           "train_speedup": speedup, "spread": 0.1, "epochs": 330, "batch": 128}
+                                           "train_speedup": speedup, "spread": 0.1, "epochs": 330, "batch": 128,
+                                           "train_gain": 2.5, "infer_gain": 2.25, "gain_spread": 0.05}
     eager = [row(1, 100), row(4, 150)]
     text = compile_section([row(1, 300, 1.0), row(4, 360, 1.2)], eager, "reduce-overhead", recipe_modes={None})
-    assert "| 4 | 150 | 360 | 2.40x | 1.20x | 300 | 720 | 2.40x | 10% |" in text
+    # the gains are the rows' per-turn medians, not the ratio of the medians (2.40x)
+    assert "| 4 | 150 | 360 | 2.50x | 1.20x | 300 | 720 | 2.25x | 10% | 5% |" in text
     assert "one job at a time on this device), compiled (reduce-overhead):" in text
     assert "Projected" not in compile_section([row(1, 300, 1.0)], eager, "reduce-overhead", {None})
     other_mode = compile_section([row(1, 300, 1.0)], eager, "max-autotune", {None})

@@ -9,9 +9,9 @@ import torch
 
 from hetconv import HetConv2d
 from hetconv.flops import count_flops, count_params, paper_ratio, truncate_millions
-from hetconv.report import PAPER_PARTS, RESULTS_DIR, load_published
+from hetconv.report import RESULTS_DIR, load_published
 from models import vgg16
-from models.vgg import conv_channels, conv_sides
+from models.vgg import PAPER_PARTS, conv_channels, conv_sides
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)

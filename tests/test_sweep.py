@@ -15,8 +15,8 @@ from tensorboard.backend.event_processing.plugin_event_multiplexer import EventM
 
 from conftest import REPO, read_metrics, script
 from hetconv import gpus
-from hetconv.report import PAPER_PARTS
 from hetconv.runfiles import RESUMABLE_CHANGES, command_line_override, exclusive, how_to_resume
+from models.vgg import PAPER_PARTS
 from scripts import make_table
 
 # experiment=demo, shrunk further: two epochs, CPU.
@@ -229,7 +229,7 @@ def test_slurm_launcher_asks_for_one_gpu_per_job():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.partition) == (1, 1, "gpu")
-    assert launcher.max_num_timeout > 0  # a job that hits the time limit is requeued and resumes
+    # what the README promises: 8 CPUs, 32 GB, 8 h per allocation, 5 requeues, 7 jobs at once
+    assert (launcher.cpus_per_task, launcher.mem_gb, launcher.timeout_min, launcher.max_num_timeout,
+            launcher.array_parallelism) == (8, 32, 480, 5, 7)
     assert cfg.hydra.sweeper.params["model.part"] == "1,2,4,8,16,32,64"
-    subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]
-    assert subdir == "${job_name:${model.part},${seed},${hydra:job.override_dirname}}"  # part=P,seed=S,...
