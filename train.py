@@ -30,12 +30,12 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
-from hetconv.data import TrainBatches, fingerprint, is_official, load_cifar10, memory_format
+from hetconv.data import Split, TrainBatches, fingerprint, is_official, load_cifar10, memory_format
 from hetconv.flops import model_costs
 from hetconv.gpus import claim_gpu
 from hetconv.provenance import device_name
-from hetconv.runfiles import (RunRecord, config_differences, exclusive, hetconv_form, how_to_resume,
-                              last_checkpoint, load, read_metrics, save)
+from hetconv.runfiles import (RunRecord, command_line_override, config_differences, exclusive, hetconv_form,
+                              how_to_resume, last_checkpoint, load, read_metrics, save)
 from hetconv.training import (Preprocess, build_optimizer, build_scheduler, check_settings, configure_backend,
                               compile_mode, compiled, evaluate, percent, select_device, train_step)
 from models import vgg16
@@ -133,6 +133,16 @@ def refuse_other_execution(run_dir: Path, state: dict, device: torch.device, com
                       f"{form}: the two forms round differently. Use trainer.hetconv={started_form}.")
 
 
+def warn_other_threads(run_dir: Path, state: dict, device: torch.device) -> None:
+    """On the CPU a sum split over another number of threads rounds differently: the resumed run trains on, but
+    not to the digit of an uninterrupted one. (A joblib launcher, say, gives each job fewer threads.)"""
+    started_with = state.get("cpu_threads")
+    if device.type == "cpu" and started_with and started_with != torch.get_num_threads():
+        log.warning("%s trained on %d CPU threads and resumes on %d: it will not end exactly as an uninterrupted run "
+                    "would (sums round differently). For that, resume with OMP_NUM_THREADS=%d.", run_dir,
+                    started_with, torch.get_num_threads(), started_with)
+
+
 def how_it_runs(compile_as: str | None) -> str:
     return f"with torch.compile mode {compile_as}" if compile_as else "eagerly"
 
@@ -143,7 +153,29 @@ def refuse_other_data(run_dir: Path, started_on: dict | None, data: dict) -> Non
         raise Refused(
             f"{run_dir} started training on the data in {started_on['root']} (fingerprint "
             f"{started_on['fingerprint']}), and data.root={data['root']} holds other data (fingerprint "
-            f"{data['fingerprint']}). Resume it with data.root={started_on['root']}, or {ANOTHER_FOLDER}.")
+            f"{data['fingerprint']}). Resume it with {command_line_override('data.root', started_on['root'])}, or "
+            f"{ANOTHER_FOLDER}.")
+
+
+def training_data(cfg: DictConfig, device: torch.device, run_dir: Path,
+                  started_on: dict | None) -> tuple[dict[str, Split], dict]:
+    """CIFAR-10's splits on the device, and what the run's record keeps of them; a resumed run refuses other data
+    than it started on (`started_on`, its record's)."""
+    data_root = Path(to_absolute_path(cfg.data.root))
+    splits = load_cifar10(data_root, cfg.data.download)
+    data_info = {"root": str(data_root), "official_cifar10": is_official(data_root), "fingerprint": fingerprint(splits),
+                 "test_fingerprint": fingerprint({"test": splits["test"]}),  # what eval.py checks it evaluates
+                 "train_images": len(splits["train"]), "test_images": len(splits["test"])}
+    refuse_other_data(run_dir, started_on, data_info)
+    if not data_info["official_cifar10"]:  # a subset, generated data, an extra batch: said now, not after the sweep
+        log.warning("%s does not hold the official CIFAR-10 files (%d training and %d test images here): fine for "
+                    "trying the pipeline, but make_table.py keeps this run out of results/", data_root,
+                    data_info["train_images"], data_info["test_images"])
+    top_label = max(int(split.labels.max()) for split in splits.values())  # a test label too would fail in epoch 1
+    if top_label >= cfg.model.num_classes:
+        raise ValueError(f"model.num_classes={cfg.model.num_classes}, but the data's labels go up to "
+                         f"{top_label}: set model.num_classes to the data's class count")
+    return {name: split.to(device) for name, split in splits.items()}, data_info
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
@@ -192,23 +224,9 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     form = hetconv_form(config, device)
     if state:
         refuse_other_execution(run_dir, state, device, compile_as, form)
+        warn_other_threads(run_dir, state, device)
     configure_backend(device)
-    data_root = Path(to_absolute_path(cfg.data.root))
-    splits = load_cifar10(data_root, cfg.data.download)
-    data_info = {"root": str(data_root), "official_cifar10": is_official(data_root), "fingerprint": fingerprint(splits),
-                 "test_fingerprint": fingerprint({"test": splits["test"]}),  # what eval.py checks it evaluates
-                 "train_images": len(splits["train"]), "test_images": len(splits["test"])}
-    if state:
-        refuse_other_data(run_dir, record.info.get("data"), data_info)
-    if not data_info["official_cifar10"]:  # a subset, generated data, an extra batch: said now, not after the sweep
-        log.warning("%s does not hold the official CIFAR-10 files (%d training and %d test images here): fine for "
-                    "trying the pipeline, but make_table.py keeps this run out of results/", data_root,
-                    data_info["train_images"], data_info["test_images"])
-    top_label = max(int(split.labels.max()) for split in splits.values())  # a test label too would fail in epoch 1
-    if top_label >= cfg.model.num_classes:
-        raise ValueError(f"model.num_classes={cfg.model.num_classes}, but the data's labels go up to "
-                         f"{top_label}: set model.num_classes to the data's class count")
-    data = {name: split.to(device) for name, split in splits.items()}
+    data, data_info = training_data(cfg, device, run_dir, record.info.get("data"))
 
     torch.manual_seed(cfg.seed)
     model = vgg16(cfg.model.part, cfg.model.num_classes, cfg.model.width, form)
@@ -238,7 +256,8 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     log.info("VGG-16 part=%d width=%s: %.2fM FLOPs (paper), %.2fM executed, %.3fM params, on %s, %s, HetConv %s",
              cfg.model.part, cfg.model.width, costs["flops"] / 1e6, costs["executed_flops"] / 1e6, costs["params"] / 1e6,
              info["device"], how_it_runs(compile_as), form)
-    writer = SummaryWriter(run_dir, purge_step=epoch + 1 if state else None)
+    # Scalars from after the checkpoint, or from a launch that left none, are written again: purge them.
+    writer = SummaryWriter(run_dir, purge_step=epoch + 1)
     hparam_values = {"part": cfg.model.part, "width": cfg.model.width, "seed": cfg.seed, "epochs": cfg.trainer.epochs,
                      "flops_m": costs["flops"] / 1e6, "params_m": costs["params"] / 1e6}
     for summary in hparams(hparam_values, {f"hparam/{k}": 0 for k in ("test_acc", "best_test_acc", "train_loss")}):
@@ -248,7 +267,8 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "config": config, "epoch": epoch, "step": step_in_epoch,
                 "data_rng": epoch_rng, "partial": partial_sums, "torch_rng": torch.get_rng_state(),
-                "device_type": device.type, "record": record.state()}
+                "device_type": device.type, "record": record.state(),
+                "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None}
 
     wall_before, clock_started = record.wall_s, time.perf_counter()
 
@@ -258,7 +278,9 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     def interrupted(stop: StopSignals, reason: str) -> None:
         record.update("interrupted", f"{reason}: {resume} to resume")
         log.warning("%s: %s, state saved: %s to resume", run_dir, reason, resume)
-        stop.pass_on()
+        stop.pass_on()  # returns where the launcher's own handler lets training go on (submitit's, for SIGTERM)
+        record.update("running")
+        log.info("%s: the launcher's own signal handler let training go on", run_dir)
 
     with StopSignals() as stop:
         while epoch < cfg.trainer.epochs:

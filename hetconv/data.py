@@ -154,6 +154,9 @@ def load_cifar10(root: Path | str, download_if_missing: bool = True,
     if root.name == FOLDER and not folder.is_dir():
         raise DatasetError(f"data.root={root} is the dataset folder itself; data.root names the folder that holds "
                            f"{FOLDER}/: data.root={root.parent}")
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"data.root={root} is a file; data.root names the folder that holds {FOLDER}/ (or will, "
+                           "once downloaded)")
     if not folder.is_dir():
         if not download_if_missing:
             raise DatasetError(f"CIFAR-10 not found: {folder} does not exist (expected data_batch_1..5 and "

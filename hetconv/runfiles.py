@@ -42,7 +42,7 @@ def atomic_write(path: Path, write) -> None:
             free_mb = shutil.disk_usage(path.parent).free / 2**20
             raise OSError(f"could not write {path} ({type(error).__name__}: {error}); {free_mb:.0f} MB are free "
                           f"there. Free space or fix the folder, then rerun the same command: the run resumes "
-                          f"from its last checkpoint.") from error
+                          f"from its last checkpoint, or starts over if it has none yet.") from error
         raise
 
 
@@ -177,7 +177,14 @@ def launches(record: dict) -> list[dict]:
 
 def read_metrics(run_dir: Path) -> dict | None:
     path = metrics_path(run_dir)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:  # written atomically by train.py, so damaged by something else
+        raise ValueError(f"{path} is not readable JSON ({error}). Move it away: the run's checkpoint holds its whole "
+                         "record, and the run's next launch writes it again (a run without a checkpoint starts "
+                         "over).") from error
 
 
 def lock_path(run_dir: Path) -> Path:

@@ -59,7 +59,7 @@ def check_flags(cfg, keys: tuple[str, ...]) -> None:
 def check_settings(cfg) -> None:
     """Reject settings that cannot train, naming the key, before anything starts."""
     for key, least in (("trainer.epochs", 1), ("trainer.batch_size", 1), ("trainer.eval_batch_size", 1),
-                       ("schedule.reference_epochs", 1), ("data.crop_padding", 0)):
+                       ("schedule.reference_epochs", 1), ("data.crop_padding", 0), ("seed", 0)):
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{key} must be an int >= {least}, got {value!r}")
@@ -68,6 +68,11 @@ def check_settings(cfg) -> None:
         value = OmegaConf.select(cfg, key)
         if not is_finite_number(value) or value < 0 or (value == 0 and not zero_allowed):
             raise ValueError(f"{key} must be a finite number {'>=' if zero_allowed else '>'} 0, got {value!r}")
+    milestones = OmegaConf.select(cfg, "schedule.milestones")
+    if not (OmegaConf.is_list(milestones) and all(isinstance(m, int) and not isinstance(m, bool) and m >= 0
+                                                  for m in milestones)):
+        raise ValueError(f"schedule.milestones must be a list of epochs (ints >= 0) at schedule.reference_epochs, "
+                         f"got {milestones}")
     check_flags(cfg, FLAGS)
     for key, positive in (("data.mean", False), ("data.std", True)):
         values = OmegaConf.select(cfg, key)

@@ -63,7 +63,10 @@ def find_jobs(sweep_dirs: list[Path]) -> list[Job]:
         paths += [c.parent.parent.resolve() for c in sorted(sweep.glob("**/.hydra/config.yaml"))]
     jobs = []
     for path in dict.fromkeys(paths):
-        metrics = read_metrics(path)
+        try:
+            metrics = read_metrics(path)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
         config = metrics["config"] if metrics else OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "config.yaml"))
         jobs.append(Job(path, config, metrics))
     if not jobs:
@@ -78,7 +81,8 @@ def check_one_recipe(jobs: list[Job]) -> None:
         differences = config_differences(jobs[0].config, job.config, also_ignored=varying)
         if differences:
             raise SystemExit(f"error: {jobs[0].path} and {job.path} ran different recipes ({'; '.join(differences)}); "
-                             "make a table of each recipe's sweep folders separately")
+                             "make a table of each recipe's jobs separately: give its sweep folders, or, where two "
+                             "recipes share a sweep folder, its job folders")
 
 
 def check_each_job_once(jobs: list[Job]) -> None:
@@ -234,7 +238,8 @@ def plot(rows: list[dict], path: Path, official: bool) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweeps", nargs="+", type=Path, help="sweep folders written by train.py -m")
+    parser.add_argument("sweeps", nargs="+", type=Path,
+                        help="sweep folders written by train.py -m, or job folders in them")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for table.md, table.csv, acc_vs_flops.png")
     args = parser.parse_args(argv)
     command = "python scripts/make_table.py " + " ".join(sys.argv[1:] if argv is None else argv)

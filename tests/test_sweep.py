@@ -120,6 +120,13 @@ def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, legac
     return run_dir
 
 
+def test_a_damaged_metrics_json_is_named_with_what_to_do(tmp_path):
+    job = fake_job(tmp_path / "sweep", 1, 1.0, "finished")
+    (job / "metrics.json").write_text('{"status": ')  # truncated by something other than train.py
+    with pytest.raises(SystemExit, match=r"metrics.json is not readable JSON .*Move it away"):
+        make_table.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "table")])
+
+
 def test_table_compares_only_full_width_rows_and_tells_a_killed_job_from_a_running_one(tmp_path):
     sweep_dir = tmp_path / "sweep"
     fake_job(sweep_dir, 1, 1.0, "finished")

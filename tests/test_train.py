@@ -251,12 +251,14 @@ def test_a_launchers_own_signal_handler_runs_after_the_state_is_saved(reference_
     launcher_calls = []
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: launcher_calls.append(
         torch.load(last_checkpoint(tmp_path), weights_only=True)["step"]))
-    real_step, steps = train_module.train_step, []
+    real_step, steps, status_after = train_module.train_step, [], []
 
     def step_then_signal(*args):
         steps.append(1)
         if len(steps) == 50:  # in epoch 2
             os.kill(os.getpid(), signal.SIGUSR2)
+        if len(steps) == 51:
+            status_after.append(read_metrics(tmp_path)["status"])
         return real_step(*args)
 
     monkeypatch.setattr(train_module, "train_step", step_then_signal)
@@ -265,6 +267,7 @@ def test_a_launchers_own_signal_handler_runs_after_the_state_is_saved(reference_
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert launcher_calls == [10]  # saved at epoch 2, step 10, before the launcher's handler ran
+    assert status_after == ["running"]  # not "interrupted" while it trains on
     assert metrics["status"] == "finished"
     assert comparable(metrics) == comparable(read_metrics(reference_run))
 
@@ -282,6 +285,8 @@ def test_resuming_on_another_device_type_is_refused(reference_run, fake_root, tm
     ("trainer.batch_size=0", "trainer.batch_size must be an int >= 1, got 0"),
     ("trainer.epochs=-1", "trainer.epochs must be an int >= 1, got -1"),
     ("data.crop_padding=-4", "data.crop_padding must be an int >= 0, got -4"),
+    ("seed=abc", "seed must be an int >= 0, got 'abc'"),
+    ("schedule.milestones=[50,a]", "schedule.milestones must be a list of epochs (ints >= 0)"),
     ("optim.lr=-1", "optim.lr must be a finite number > 0, got -1"),
     ("optim.lr=nan", "optim.lr must be a finite number > 0, got nan"),
     ("schedule.gamma=0", "schedule.gamma must be a finite number > 0, got 0"),
@@ -336,22 +341,24 @@ def test_a_finished_run_without_its_checkpoint_is_left_alone(reference_run, fake
     assert {name: (run_dir / name).read_bytes() for name in before} == before
 
 
-def test_an_epoch_is_logged_before_its_checkpoint_so_a_kill_between_loses_nothing(fake_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("killed_at", [1, 2])  # 1: no checkpoint yet, so the rerun starts the run over
+def test_an_epoch_is_logged_before_its_checkpoint_so_a_kill_between_loses_nothing(killed_at, fake_root, tmp_path,
+                                                                                  monkeypatch):
     cfg = train_config(*SMALL, f"data.root={fake_root}")
-    real_save, saves = train_module.save, []
+    real_save = train_module.save
 
-    def save_killed_at_epoch_2(path, state):
-        saves.append(state["epoch"])
-        if state["epoch"] == 2:
+    def save_killed(path, state):
+        if state["epoch"] == killed_at:
             raise KeyboardInterrupt  # stands in for SIGKILL between the epoch's log and its checkpoint
         real_save(path, state)
 
-    monkeypatch.setattr(train_module, "save", save_killed_at_epoch_2)
+    monkeypatch.setattr(train_module, "save", save_killed)
     with pytest.raises(KeyboardInterrupt):
         train_module.train(cfg, tmp_path)
-    assert [e.step for e in EventAccumulator(str(tmp_path)).Reload().Scalars("test/acc")] == [1, 2]
+    logged = [e.step for e in EventAccumulator(str(tmp_path)).Reload().Scalars("test/acc")]
+    assert logged == list(range(1, killed_at + 1))
     monkeypatch.setattr(train_module, "save", real_save)
-    train_module.train(cfg, tmp_path)  # resumes after epoch 1 and rewrites epoch 2's scalars
+    train_module.train(cfg, tmp_path)  # rewrites the scalars of every epoch after its checkpoint, each once
     assert [e.step for e in EventAccumulator(str(tmp_path)).Reload().Scalars("test/acc")] == [1, 2, 3]
 
 
@@ -384,6 +391,8 @@ def test_the_test_split_loads_without_the_training_batches(tmp_path):
     with pytest.raises(DatasetError, match=f"data.root={tmp_path}/cifar-10-batches-py is the dataset folder itself; "
                                            f".*: data.root={tmp_path}$"):
         load_cifar10(tmp_path / "cifar-10-batches-py")
+    with pytest.raises(DatasetError, match="is a file; data.root names the folder that holds cifar-10-batches-py/"):
+        load_cifar10(tmp_path / "cifar-10-batches-py" / "test_batch")
 
 
 def test_a_gap_in_the_training_batches_is_named(tmp_path):
@@ -453,6 +462,18 @@ def test_eval_builds_the_form_the_run_computed_on_that_device(setting, form, ref
     torch.save(state, tmp_path / "model.pt")
     model, _ = eval_module.load_model(tmp_path / "model.pt", torch.device("cuda"))  # built on the CPU either way
     assert {m.impl for m in model.modules() if isinstance(m, HetConv2d)} == {form}
+
+
+@pytest.mark.parametrize("other_threads", [False, True])
+def test_a_resume_on_another_cpu_thread_count_warns_that_it_will_not_end_exactly(other_threads, reference_run,
+                                                                                fake_root, tmp_path, caplog):
+    threads = torch.get_num_threads()
+    started_with = threads + 1 if other_threads else threads
+    run_dir = tmp_path / "run"
+    copy_stopped_after_epoch_2(reference_run, run_dir, lambda state: state.update(cpu_threads=started_with))
+    train_module.train(train_config(*SMALL, f"data.root={fake_root}"), run_dir)
+    warned = f"trained on {started_with} CPU threads and resumes on {threads}" in caplog.text
+    assert warned == other_threads and read_metrics(run_dir)["status"] == "finished"
 
 
 def test_a_record_from_before_launches_were_kept_keeps_its_history_when_resumed(tmp_path):
