@@ -66,9 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for flops.csv and flops.md")
     out = parser.parse_args(argv).out
     rows = flops_rows()
+    text = render_markdown(rows)  # before writing: the commit it names is not dirty with this run's own files
     write_csv(out / "flops.csv", rows)
-    (out / "flops.md").write_text(render_markdown(rows))
-    print((out / "flops.md").read_text())
+    (out / "flops.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

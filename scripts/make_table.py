@@ -257,10 +257,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "to list them: --out <folder>")
     rows = table_rows(jobs, load_published())
     args.out.mkdir(parents=True, exist_ok=True)
+    text = render_markdown(rows, info, command)  # before writing: the commit it names is not dirty with our files
     write_csv(args.out / "table.csv", rows)
-    (args.out / "table.md").write_text(render_markdown(rows, info, command))
+    (args.out / "table.md").write_text(text)
     plot(rows, args.out / "acc_vs_flops.png", official=not info["not_cifar10"])
-    print((args.out / "table.md").read_text())
+    print(text)
     print(f"wrote {args.out / 'table.md'}, table.csv and acc_vs_flops.png", file=sys.stderr)
     return rows
 
