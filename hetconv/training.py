@@ -59,7 +59,7 @@ def check_flags(cfg, keys: tuple[str, ...]) -> None:
 def check_settings(cfg) -> None:
     """Reject settings that cannot train, naming the key, before anything starts."""
     for key, least in (("trainer.epochs", 1), ("trainer.batch_size", 1), ("trainer.eval_batch_size", 1),
-                       ("schedule.reference_epochs", 1), ("data.crop_padding", 0), ("seed", 0)):
+                       ("schedule.reference_epochs", 1), ("data.crop_padding", 0)):
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{key} must be an int >= {least}, got {value!r}")
@@ -68,11 +68,13 @@ def check_settings(cfg) -> None:
         value = OmegaConf.select(cfg, key)
         if not is_finite_number(value) or value < 0 or (value == 0 and not zero_allowed):
             raise ValueError(f"{key} must be a finite number {'>=' if zero_allowed else '>'} 0, got {value!r}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not -2**63 <= cfg.seed < 2**64:
+        raise ValueError(f"seed must be an int from -2**63 to 2**64 - 1, as torch.manual_seed takes, got {cfg.seed!r}")
     milestones = OmegaConf.select(cfg, "schedule.milestones")
     if not (OmegaConf.is_list(milestones) and all(isinstance(m, int) and not isinstance(m, bool) and m >= 0
                                                   for m in milestones)):
         raise ValueError(f"schedule.milestones must be a list of epochs (ints >= 0) at schedule.reference_epochs, "
-                         f"got {milestones}")
+                         f"got {milestones!r}")
     check_flags(cfg, FLAGS)
     for key, positive in (("data.mean", False), ("data.std", True)):
         values = OmegaConf.select(cfg, key)

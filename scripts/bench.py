@@ -57,8 +57,8 @@ MODEL_TARGETS = {4: 2.3, 64: 4.0}  # training-throughput speed-up over P=1 asked
 # A layer's forward + backward, or a whole step, takes a few milliseconds or less on a big GPU, less than the
 # jitter of Python's kernel launches: on CUDA each timing covers 20 calls in a row.
 CUDA_CALLS = 20
-# Where a training step's time goes, by profiled op; "other" is the loss, the classifier, the optimizer,
-# the sum of HetConv's two branches, the mask and memory management.
+# Where a training step's time goes, by profiled op; "other" is drawing, augmenting and converting the batch,
+# the loss, the classifier, the optimizer, the sum of HetConv's two branches, the mask and memory management.
 CATEGORIES = ("3x3 convs", "1x1 convs", "first conv", "BatchNorm", "ReLU", "max pool", "other")
 PROFILED_STEPS = 5  # the breakdown is the median over this many profiled steps
 MODEL_TIMINGS = ("train", "infer")  # what the model level times: train.py's training step, and inference
@@ -255,7 +255,7 @@ class ModelBench:
         batches = TrainBatches(split, cfg.trainer.batch_size, torch.Generator(device).manual_seed(0),
                                cfg.data.crop_padding, cfg.data.flip)
         batch_stream = itertools.chain.from_iterable(batches.epoch() for _ in itertools.count())
-        images = split.images[:cfg.trainer.batch_size]  # inference, as evaluate() runs it: no augmentation
+        images = split.images[:cfg.trainer.eval_batch_size]  # inference as evaluate() runs it: its batch, no augmenting
 
         def train():
             batch, labels = next(batch_stream)
@@ -287,13 +287,14 @@ class ModelBench:
         return step_breakdown(self.steps["train"], list(self.model.features[0].weight.shape))
 
     def summary(self) -> dict:
-        """Peak memory, whether the step can be profiled, paper FLOPs and the recipe's batch and epochs."""
+        """Peak memory, whether the step can be profiled, paper FLOPs and the recipe's batches and epochs."""
         rss_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
         peak_mb = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_unit) / 2**20
         return {"peak_mb": peak_mb, "profiled": self.profiled, "device_name": device_name(self.device),
                 "paper_flops": count_flops(self.model, "paper"),
-                "batch": self.cfg.trainer.batch_size, "epochs": self.cfg.trainer.epochs}
+                "batch": {"train": self.cfg.trainer.batch_size, "infer": self.cfg.trainer.eval_batch_size},
+                "epochs": self.cfg.trainer.epochs}
 
 
 def serve(conn, part: int, overrides: list[str]) -> None:
@@ -354,9 +355,9 @@ def bench_models(setups: dict[str, tuple[list[int], list[str]]], repeats: int) -
     """Every setup's rows: {"eager": (parts, overrides), "compiled": ...} -> {"eager": [a row per part], ...}.
     Each (setup, part) has a process of its own, so that its peak memory is its own; all stay up and are timed
     in turns, so that a drift of the machine hits them alike and cancels in the ratios: the speed-ups over the
-    setup's P=1 and a compiled part's gain over its eager twin, medians of per-turn ratios. Then, eager on the
-    CPU and with P=1 among the parts (every ceiling is relative to P=1's step), each part's step is profiled
-    alone (`profiled_alone`)."""
+    setup's P=1 and, for every setup but "eager", a part's gain over its "eager" twin, medians of per-turn
+    ratios. Then, eager on the CPU and with P=1 among the setup's parts (every ceiling is relative to P=1's
+    step), each part's step is profiled alone (`profiled_alone`)."""
     spawn = multiprocessing.get_context("spawn")
     jobs = {(setup, part): (part, overrides) for setup, (parts, overrides) in setups.items() for part in parts}
     with workers(spawn, jobs) as up:
@@ -372,7 +373,7 @@ def bench_models(setups: dict[str, tuple[list[int], list[str]]], repeats: int) -
             summary["breakdown"] = profiled_alone(spawn, part, overrides) if profiled else None
             row = model_row(part, by_setup[setup], summary)
             if setup != "eager":
-                row.update(gains(part, by_setup[setup], by_setup["eager"]))
+                row.update(gains(part, by_setup[setup], by_setup.get("eager", {})))
             rows[setup].append(row)
             print(f"model P={part} {' '.join(overrides)}: {row['train_ips']:.0f} img/s training, "
                   f"{row['infer_ips']:.0f} img/s inference", file=sys.stderr)
@@ -380,8 +381,8 @@ def bench_models(setups: dict[str, tuple[list[int], list[str]]], repeats: int) -
 
 
 def profiled_alone(spawn, part: int, overrides: list[str]) -> dict[str, float]:
-    """The part's step breakdown, in a process of its own with no other part's up. Under the profiler, with all
-    seven parts' processes up, this machine ran the memory-bound ops (BatchNorm, ReLU) 2-10x slower than alone
+    """The part's step breakdown, in a process of its own with no other part's up. Under the profiler, with the
+    seven parts' processes of an earlier bench up, this machine ran the memory-bound ops (BatchNorm, ReLU) 2-10x slower than alone
     (unprofiled steps were not slowed), and P=1's breakdown sets every part's ceiling."""
     with workers(spawn, {part: (part, overrides)}) as alone:
         return median_breakdown([alone[part].ask("breakdown") for _ in range(PROFILED_STEPS)])
@@ -394,7 +395,7 @@ def model_row(part: int, times: dict[tuple, list[float]], summary: dict) -> dict
     spreads, speedup_spreads = [], []
     for kind in MODEL_TIMINGS:
         seconds, spread = median_and_spread(times[part, kind])
-        row[f"{kind}_ips"] = summary["batch"] / seconds
+        row[f"{kind}_ips"] = summary["batch"][kind] / seconds
         spreads.append(spread)
         row[f"{kind}_speedup"] = None
         if (1, kind) in times:
@@ -452,7 +453,7 @@ def sweep_projection(rows: list[dict], compile_as: str | None, recipe_modes: set
     """The sweep's hours at these rows' speeds, stepped eager (compile_as None) or compiled. recipe_modes holds the
     mode (None: eager) the default recipe trains with on this device, if these rows compute HetConv in its form:
     the line then says that it projects the default recipe."""
-    epochs, batch = rows[0]["epochs"], rows[0]["batch"]
+    epochs, batch = rows[0]["epochs"], rows[0]["batch"]["train"]
     trained = CIFAR10_TRAIN // batch * batch  # the last partial batch is dropped
     hours = sum(epochs * (trained / r["train_ips"] + CIFAR10_TEST / r["infer_ips"]) for r in rows) / 3600
     how = "eager" if compile_as is None else f"compiled ({compile_as})"
@@ -493,9 +494,9 @@ def compile_section(compiled: list[dict], eager: list[dict], setting: str, recip
     eager_by_part = {r["part"]: r for r in eager}
     base = part_one(compiled)
     text = (f"\n## torch.compile (trainer.compile={setting}) against eager\n\n"
-            "Timed in the same turns as the eager parts above: a *gain* is the median of the per-turn ratios of the "
-            "compiled part to its eager twin, *gain spread* that of the ratios, *spread* that of the compiled step "
-            "times."
+            "Timed in the same turns as the eager parts above: a *gain* is the median of the per-turn ratios eager "
+            "time / compiled time of the same part, *gain spread* that of the ratios, *spread* that of the compiled "
+            "step times."
             + (" reduce-overhead adds CUDA graphs on CUDA only; on the CPU it compiles as the default mode."
                if setting == "reduce-overhead" else "") + "\n\n"
             + markdown_table(
@@ -542,7 +543,8 @@ def render(device_label: str, setup: str, layer_rows, model_rows, compile_rows, 
            recipe_modes: set, command: str) -> str:
     versions, batch = library_versions(), model_rows[0]["batch"]
     return (f"# Speed of HetConv on {device_label}\n\n"
-            f"Made by `{command}` on {now()}, commit {git_commit()}, torch {versions['torch']}. Batch {batch}, "
+            f"Made by `{command}` on {now()}, commit {git_commit()}, torch {versions['torch']}. Batch {batch['train']} "
+            f"(inference: {batch['infer']}, train.py's evaluation batch), "
             f"{setup}, optimizer as in configs/. Median of repeats; *spread* = (max - min) / median over the "
             "repeats of a figure: how far to trust it.\n"
             + model_section(model_rows, recipe_modes)
@@ -560,6 +562,8 @@ def parse_parts(parser: argparse.ArgumentParser, text: str) -> list[int]:
         parts = [int(p) for p in text.split(",")]
     except ValueError:
         parser.error(f"parts must be comma-separated integers such as 1,4,64, got {text!r}")
+    if len(set(parts)) < len(parts):
+        parser.error(f"parts must each be given once, got {text!r}")
     for part in parts:
         try:
             vgg16(part)
@@ -574,7 +578,11 @@ def parse_compile_parts(parser: argparse.ArgumentParser, text: str, parts: list[
     if text == "none":
         return []
     if text != "auto":
-        return parse_parts(parser, text)
+        chosen = parse_parts(parser, text)
+        if outside := [str(p) for p in chosen if p not in parts]:
+            parser.error(f"--compile-parts {','.join(outside)} not among --parts: a compiled part's gain is measured "
+                         "against the same part eager; add them to --parts")
+        return chosen
     return parts if compile_mode("auto", device) else [p for p in parts if p in CPU_COMPILE_PARTS]
 
 

@@ -74,7 +74,7 @@ def test_a_compiled_parts_gain_over_eager_is_the_median_of_per_turn_ratios():
 
 
 def test_every_setup_gets_its_rows_and_a_non_eager_one_its_gains_over_eager():
-    small = ["trainer.device=cpu", "trainer.batch_size=8"]
+    small = ["trainer.device=cpu", "trainer.batch_size=8", "trainer.eval_batch_size=8"]
     rows = bench_models({"eager": ([1, 4], [*small, "trainer.compile=false"]),
                          "twin": ([4], [*small, "trainer.compile=false"])}, repeats=2)
     assert [r["part"] for r in rows["eager"]] == [1, 4] and [r["part"] for r in rows["twin"]] == [4]
@@ -88,12 +88,13 @@ def test_a_drift_that_hits_a_whole_turn_cancels_in_the_model_speedups():
     drift = [1.0, 3.0, 2.0]
     times = {(1, "train"): [1.0 * d for d in drift], (4, "train"): [0.5 * d for d in drift],
              (1, "infer"): [0.2 * d for d in drift], (4, "infer"): [0.125 * d for d in drift]}
-    row = model_row(4, times, {"peak_mb": 1.0, "batch": 128})
+    row = model_row(4, times, {"peak_mb": 1.0, "batch": {"train": 128, "infer": 1000}})
     assert (row["train_speedup"], row["infer_speedup"]) == pytest.approx((2.0, 1.6))
     assert row["train_ips"] == pytest.approx(128 / 1.0)  # the median time, drift and all
+    assert row["infer_ips"] == pytest.approx(1000 / 0.25)  # inference at its own batch
     assert row["spread"] == pytest.approx(1.0) and row["peak_mb"] == 1.0  # (3 - 1) / 2: the drift shows here
     assert row["speedup_spread"] == pytest.approx(0.0)  # and not here
-    alone = model_row(4, {k: v for k, v in times.items() if k[0] == 4}, {"batch": 128})  # no P=1
+    alone = model_row(4, {k: v for k, v in times.items() if k[0] == 4}, {"batch": {"train": 128, "infer": 128}})
     assert alone["train_speedup"] is None and alone["speedup_spread"] is None
 
 
@@ -137,7 +138,8 @@ def test_every_profiled_convolution_is_traced_to_one_of_the_models_weights():
 
 def test_the_compiled_sweep_is_projected_only_when_every_part_was_compiled():
     row = lambda part, ips, speedup=None: {"part": part, "train_ips": ips, "infer_ips": 2 * ips,  # noqa: E731
-                                           "train_speedup": speedup, "spread": 0.1, "epochs": 330, "batch": 128,
+                                           "train_speedup": speedup, "spread": 0.1, "epochs": 330,
+                                           "batch": {"train": 128, "infer": 1000},
                                            "train_gain": 2.5, "infer_gain": 2.25, "gain_spread": 0.05}
     eager = [row(1, 100), row(4, 150)]
     text = compile_section([row(1, 300, 1.0), row(4, 360, 1.2)], eager, "reduce-overhead", recipe_modes={None})
@@ -158,7 +160,7 @@ def test_compile_parts_auto_compiles_every_part_where_the_default_recipe_compile
     assert parse_compile_parts(parser, "auto", parts, torch.device("cuda")) == parts
     assert parse_compile_parts(parser, "auto", parts, torch.device("cpu")) == [1, 4, 64]
     assert parse_compile_parts(parser, "none", parts, torch.device("cpu")) == []
-    assert parse_compile_parts(parser, "2,8", parts, torch.device("cpu")) == [2, 8]
+    assert parse_compile_parts(parser, "2,64", parts, torch.device("cpu")) == [2, 64]
 
 
 def test_a_bad_compile_parts_fails_before_any_timing(tmp_path, capsys, monkeypatch):
@@ -166,16 +168,23 @@ def test_a_bad_compile_parts_fails_before_any_timing(tmp_path, capsys, monkeypat
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--compile-parts", "1,four", "--out", str(tmp_path)])
     assert "parts must be comma-separated integers such as 1,4,64, got '1,four'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--parts", "1,4", "--compile-parts", "4,64", "--out", str(tmp_path)])
+    assert "--compile-parts 64 not among --parts" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--parts", "1,4,4", "--out", str(tmp_path)])
+    assert "parts must each be given once, got '1,4,4'" in capsys.readouterr().err
 
 
 def test_the_sweep_projection_adds_every_parts_training_and_test_epochs():
     # 49,920 training images (the last partial batch dropped) in 30 minutes, and 10,000 test images in 30 minutes
-    row = {"epochs": 2, "batch": 128, "train_ips": 49_920 / 1800, "infer_ips": 10_000 / 1800}
+    row = {"epochs": 2, "batch": {"train": 128, "infer": 1000}, "train_ips": 49_920 / 1800, "infer_ips": 10_000 / 1800}
     projection = sweep_projection([{**row, "part": 1}, {**row, "part": 4}], None, set())
     assert projection.endswith("(2 epochs of 49,920 training and 10,000 test images each, as the recipe on record, "
                                "one job at a time on this device), eager: 4.0 hours.")
     # the batch is the config's: at 1000 no partial batch is left to drop
-    assert "(2 epochs of 50,000 training" in sweep_projection([{**row, "part": 1, "batch": 1000}], None, set())
+    at_1000 = {**row, "part": 1, "batch": {"train": 1000, "infer": 1000}}
+    assert "(2 epochs of 50,000 training" in sweep_projection([at_1000], None, set())
 
 
 def test_the_ceiling_puts_the_hetconv_convolutions_at_their_flop_share():
