@@ -255,7 +255,9 @@ class ModelBench:
         batches = TrainBatches(split, cfg.trainer.batch_size, torch.Generator(device).manual_seed(0),
                                cfg.data.crop_padding, cfg.data.flip)
         batch_stream = itertools.chain.from_iterable(batches.epoch() for _ in itertools.count())
-        images = split.images[:cfg.trainer.eval_batch_size]  # inference as evaluate() runs it: its batch, no augmenting
+        # Inference as evaluate() runs it, unaugmented, but at the training batch: at trainer.eval_batch_size every
+        # process would keep a second, larger set of activations (ten processes on the CPU outgrew 24 GB of RAM).
+        images = split.images[:cfg.trainer.batch_size]
 
         def train():
             batch, labels = next(batch_stream)
@@ -287,14 +289,13 @@ class ModelBench:
         return step_breakdown(self.steps["train"], list(self.model.features[0].weight.shape))
 
     def summary(self) -> dict:
-        """Peak memory, whether the step can be profiled, paper FLOPs and the recipe's batches and epochs."""
+        """Peak memory, whether the step can be profiled, paper FLOPs and the recipe's batch and epochs."""
         rss_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
         peak_mb = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_unit) / 2**20
         return {"peak_mb": peak_mb, "profiled": self.profiled, "device_name": device_name(self.device),
                 "paper_flops": count_flops(self.model, "paper"),
-                "batch": {"train": self.cfg.trainer.batch_size, "infer": self.cfg.trainer.eval_batch_size},
-                "epochs": self.cfg.trainer.epochs}
+                "batch": self.cfg.trainer.batch_size, "epochs": self.cfg.trainer.epochs}
 
 
 def serve(conn, part: int, overrides: list[str]) -> None:
@@ -322,7 +323,10 @@ class Worker:
         self.reply()  # built and warmed up
 
     def ask(self, request: str):
-        self.conn.send(request)
+        try:
+            self.conn.send(request)
+        except BrokenPipeError:  # the process is gone: reply() says how it ended
+            pass
         return self.reply()
 
     def reply(self):
@@ -395,7 +399,7 @@ def model_row(part: int, times: dict[tuple, list[float]], summary: dict) -> dict
     spreads, speedup_spreads = [], []
     for kind in MODEL_TIMINGS:
         seconds, spread = median_and_spread(times[part, kind])
-        row[f"{kind}_ips"] = summary["batch"][kind] / seconds
+        row[f"{kind}_ips"] = summary["batch"] / seconds
         spreads.append(spread)
         row[f"{kind}_speedup"] = None
         if (1, kind) in times:
@@ -453,7 +457,7 @@ def sweep_projection(rows: list[dict], compile_as: str | None, recipe_modes: set
     """The sweep's hours at these rows' speeds, stepped eager (compile_as None) or compiled. recipe_modes holds the
     mode (None: eager) the default recipe trains with on this device, if these rows compute HetConv in its form:
     the line then says that it projects the default recipe."""
-    epochs, batch = rows[0]["epochs"], rows[0]["batch"]["train"]
+    epochs, batch = rows[0]["epochs"], rows[0]["batch"]
     trained = CIFAR10_TRAIN // batch * batch  # the last partial batch is dropped
     hours = sum(epochs * (trained / r["train_ips"] + CIFAR10_TEST / r["infer_ips"]) for r in rows) / 3600
     how = "eager" if compile_as is None else f"compiled ({compile_as})"
@@ -543,8 +547,8 @@ def render(device_label: str, setup: str, layer_rows, model_rows, compile_rows, 
            recipe_modes: set, command: str) -> str:
     versions, batch = library_versions(), model_rows[0]["batch"]
     return (f"# Speed of HetConv on {device_label}\n\n"
-            f"Made by `{command}` on {now()}, commit {git_commit()}, torch {versions['torch']}. Batch {batch['train']} "
-            f"(inference: {batch['infer']}, train.py's evaluation batch), "
+            f"Made by `{command}` on {now()}, commit {git_commit()}, torch {versions['torch']}. Batch {batch} "
+            "(inference too), "
             f"{setup}, optimizer as in configs/. Median of repeats; *spread* = (max - min) / median over the "
             "repeats of a figure: how far to trust it.\n"
             + model_section(model_rows, recipe_modes)

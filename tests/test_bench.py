@@ -1,6 +1,7 @@
 """scripts/bench.py runs end to end and writes its report (figures are not checked: no timing in tests)."""
 
 import argparse
+import multiprocessing
 import re
 
 import pytest
@@ -11,7 +12,7 @@ from torch.profiler import profile
 from hetconv.training import build_optimizer, train_config, train_step
 from models import vgg16
 from scripts.bench import (CATEGORIES, breakdown_section, compile_section, conv_weight, in_turns, layer_rows,
-                           gains, main, bench_models, median_breakdown, model_row, parse_compile_parts, step_breakdown,
+                           gains, main, bench_models, workers, median_breakdown, model_row, parse_compile_parts, step_breakdown,
                            sweep_projection)
 
 
@@ -74,7 +75,7 @@ def test_a_compiled_parts_gain_over_eager_is_the_median_of_per_turn_ratios():
 
 
 def test_every_setup_gets_its_rows_and_a_non_eager_one_its_gains_over_eager():
-    small = ["trainer.device=cpu", "trainer.batch_size=8", "trainer.eval_batch_size=8"]
+    small = ["trainer.device=cpu", "trainer.batch_size=8"]
     rows = bench_models({"eager": ([1, 4], [*small, "trainer.compile=false"]),
                          "twin": ([4], [*small, "trainer.compile=false"])}, repeats=2)
     assert [r["part"] for r in rows["eager"]] == [1, 4] and [r["part"] for r in rows["twin"]] == [4]
@@ -88,14 +89,22 @@ def test_a_drift_that_hits_a_whole_turn_cancels_in_the_model_speedups():
     drift = [1.0, 3.0, 2.0]
     times = {(1, "train"): [1.0 * d for d in drift], (4, "train"): [0.5 * d for d in drift],
              (1, "infer"): [0.2 * d for d in drift], (4, "infer"): [0.125 * d for d in drift]}
-    row = model_row(4, times, {"peak_mb": 1.0, "batch": {"train": 128, "infer": 1000}})
+    row = model_row(4, times, {"peak_mb": 1.0, "batch": 128})
     assert (row["train_speedup"], row["infer_speedup"]) == pytest.approx((2.0, 1.6))
     assert row["train_ips"] == pytest.approx(128 / 1.0)  # the median time, drift and all
-    assert row["infer_ips"] == pytest.approx(1000 / 0.25)  # inference at its own batch
     assert row["spread"] == pytest.approx(1.0) and row["peak_mb"] == 1.0  # (3 - 1) / 2: the drift shows here
     assert row["speedup_spread"] == pytest.approx(0.0)  # and not here
-    alone = model_row(4, {k: v for k, v in times.items() if k[0] == 4}, {"batch": {"train": 128, "infer": 128}})
+    alone = model_row(4, {k: v for k, v in times.items() if k[0] == 4}, {"batch": 128})  # no P=1
     assert alone["train_speedup"] is None and alone["speedup_spread"] is None
+
+
+def test_a_part_whose_process_died_is_named_with_its_exit_code():
+    spawn = multiprocessing.get_context("spawn")
+    with workers(spawn, {4: (4, ["trainer.device=cpu", "trainer.batch_size=8"])}) as up:
+        up[4].process.kill()  # as the kernel's OOM killer would
+        up[4].process.join()
+        with pytest.raises(RuntimeError, match=r"the process benchmarking P=4 died \(exit code -9\); out of memory\?"):
+            up[4].ask("train")
 
 
 def test_an_error_in_a_parts_process_is_raised_naming_the_part():
@@ -138,8 +147,7 @@ def test_every_profiled_convolution_is_traced_to_one_of_the_models_weights():
 
 def test_the_compiled_sweep_is_projected_only_when_every_part_was_compiled():
     row = lambda part, ips, speedup=None: {"part": part, "train_ips": ips, "infer_ips": 2 * ips,  # noqa: E731
-                                           "train_speedup": speedup, "spread": 0.1, "epochs": 330,
-                                           "batch": {"train": 128, "infer": 1000},
+                                           "train_speedup": speedup, "spread": 0.1, "epochs": 330, "batch": 128,
                                            "train_gain": 2.5, "infer_gain": 2.25, "gain_spread": 0.05}
     eager = [row(1, 100), row(4, 150)]
     text = compile_section([row(1, 300, 1.0), row(4, 360, 1.2)], eager, "reduce-overhead", recipe_modes={None})
@@ -178,13 +186,12 @@ def test_a_bad_compile_parts_fails_before_any_timing(tmp_path, capsys, monkeypat
 
 def test_the_sweep_projection_adds_every_parts_training_and_test_epochs():
     # 49,920 training images (the last partial batch dropped) in 30 minutes, and 10,000 test images in 30 minutes
-    row = {"epochs": 2, "batch": {"train": 128, "infer": 1000}, "train_ips": 49_920 / 1800, "infer_ips": 10_000 / 1800}
+    row = {"epochs": 2, "batch": 128, "train_ips": 49_920 / 1800, "infer_ips": 10_000 / 1800}
     projection = sweep_projection([{**row, "part": 1}, {**row, "part": 4}], None, set())
     assert projection.endswith("(2 epochs of 49,920 training and 10,000 test images each, as the recipe on record, "
                                "one job at a time on this device), eager: 4.0 hours.")
     # the batch is the config's: at 1000 no partial batch is left to drop
-    at_1000 = {**row, "part": 1, "batch": {"train": 1000, "infer": 1000}}
-    assert "(2 epochs of 50,000 training" in sweep_projection([at_1000], None, set())
+    assert "(2 epochs of 50,000 training" in sweep_projection([{**row, "part": 1, "batch": 1000}], None, set())
 
 
 def test_the_ceiling_puts_the_hetconv_convolutions_at_their_flop_share():
