@@ -386,8 +386,8 @@ def bench_models(setups: dict[str, tuple[list[int], list[str]]], repeats: int) -
 
 def profiled_alone(spawn, part: int, overrides: list[str]) -> dict[str, float]:
     """The part's step breakdown, in a process of its own with no other part's up. Under the profiler, with the
-    seven parts' processes of an earlier bench up, this machine ran the memory-bound ops (BatchNorm, ReLU) 2-10x slower than alone
-    (unprofiled steps were not slowed), and P=1's breakdown sets every part's ceiling."""
+    seven parts' processes of an earlier bench up, this machine ran the memory-bound ops (BatchNorm, ReLU) 2-10x
+    slower than alone (unprofiled steps were not slowed), and P=1's breakdown sets every part's ceiling."""
     with workers(spawn, {part: (part, overrides)}) as alone:
         return median_breakdown([alone[part].ask("breakdown") for _ in range(PROFILED_STEPS)])
 

@@ -11,9 +11,9 @@ from torch.profiler import profile
 
 from hetconv.training import build_optimizer, train_config, train_step
 from models import vgg16
-from scripts.bench import (CATEGORIES, breakdown_section, compile_section, conv_weight, in_turns, layer_rows,
-                           gains, main, bench_models, workers, median_breakdown, model_row, parse_compile_parts, step_breakdown,
-                           sweep_projection)
+from scripts.bench import (CATEGORIES, bench_models, breakdown_section, compile_section, conv_weight, gains, in_turns,
+                           layer_rows, main, median_breakdown, model_row, parse_compile_parts, step_breakdown,
+                           sweep_projection, workers)
 
 
 def test_bench_writes_a_report_with_every_section(tmp_path):
