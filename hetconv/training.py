@@ -45,6 +45,10 @@ def select_device(name: str, key: str = "trainer.device") -> torch.device:
 FLAGS = ("data.download", "data.flip", "data.normalize", "optim.nesterov", "trainer.amp", "trainer.channels_last")
 
 
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -61,18 +65,17 @@ def check_settings(cfg) -> None:
     for key, least in (("trainer.epochs", 1), ("trainer.batch_size", 1), ("trainer.eval_batch_size", 1),
                        ("schedule.reference_epochs", 1), ("data.crop_padding", 0)):
         value = OmegaConf.select(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if not is_int(value) or value < least:
             raise ValueError(f"{key} must be an int >= {least}, got {value!r}")
     for key, zero_allowed in (("optim.lr", False), ("schedule.gamma", False), ("optim.momentum", True),
                               ("optim.weight_decay", True)):
         value = OmegaConf.select(cfg, key)
         if not is_finite_number(value) or value < 0 or (value == 0 and not zero_allowed):
             raise ValueError(f"{key} must be a finite number {'>=' if zero_allowed else '>'} 0, got {value!r}")
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not -2**63 <= cfg.seed < 2**64:
+    if not (is_int(cfg.seed) and -2**63 <= cfg.seed < 2**64):
         raise ValueError(f"seed must be an int from -2**63 to 2**64 - 1, as torch.manual_seed takes, got {cfg.seed!r}")
     milestones = OmegaConf.select(cfg, "schedule.milestones")
-    if not (OmegaConf.is_list(milestones) and all(isinstance(m, int) and not isinstance(m, bool) and m >= 0
-                                                  for m in milestones)):
+    if not (OmegaConf.is_list(milestones) and all(is_int(m) and m >= 0 for m in milestones)):
         raise ValueError(f"schedule.milestones must be a list of epochs (ints >= 0) at schedule.reference_epochs, "
                          f"got {milestones!r}")
     check_flags(cfg, FLAGS)

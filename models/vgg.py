@@ -62,7 +62,8 @@ class VGG(nn.Module):
         super().__init__()
         check_part_fits(part, width)
         self.part, self.width = part, width
-        pairs = iter(enumerate(conv_channels(width)))
+        channels = conv_channels(width)
+        pairs = iter(enumerate(channels))
         layers = []
         for v in VGG16_LAYOUT:
             if v == "M":
@@ -77,7 +78,7 @@ class VGG(nn.Module):
         hidden = scaled(HIDDEN, width)
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(conv_channels(width)[-1][1], hidden),
+            nn.Linear(channels[-1][1], hidden),  # the last conv's channels, pooled to 1x1
             nn.BatchNorm1d(hidden),
             nn.ReLU(inplace=True),
             nn.Linear(hidden, num_classes),

@@ -88,6 +88,11 @@ def median_and_spread(times: list[float]) -> tuple[float, float]:
     return median, (max(times) - min(times)) / median
 
 
+def per_turn_ratio(numerators: list[float], denominators: list[float]) -> tuple[float, float]:
+    """Median and spread of the ratios of timings taken in the same turns: a drift of the machine cancels in them."""
+    return median_and_spread([n / d for n, d in zip(numerators, denominators)])
+
+
 def in_turns(timers: dict, repeats: int) -> dict[object, list[float]]:
     """{key: its `repeats` timings}, taken in rounds that time every timer once (a timer returns one timing),
     so that a drift of the machine's speed hits them alike and cancels in their ratios."""
@@ -173,7 +178,7 @@ def layer_rows(shape: str, parts: list[int], times: dict[object, list[float]]) -
     """One row per part from a shape's timings in turns: each ratio to the dense conv is the median of the
     per-turn ratios, and the spread is that of the row's ratios, which a drift of the machine cancels in."""
     def against_dense(key) -> tuple[float, float]:
-        return median_and_spread([t / dense for t, dense in zip(times[key], times["dense"])])
+        return per_turn_ratio(times[key], times["dense"])
 
     dense_ms = statistics.median(times["dense"]) * 1e3
     pointwise, pointwise_spread = against_dense("pointwise")
@@ -403,8 +408,7 @@ def model_row(part: int, times: dict[tuple, list[float]], summary: dict) -> dict
         spreads.append(spread)
         row[f"{kind}_speedup"] = None
         if (1, kind) in times:
-            row[f"{kind}_speedup"], speedup_spread = median_and_spread(
-                [one / t for one, t in zip(times[1, kind], times[part, kind])])
+            row[f"{kind}_speedup"], speedup_spread = per_turn_ratio(times[1, kind], times[part, kind])
             speedup_spreads.append(speedup_spread)
     row["spread"], row["speedup_spread"] = max(spreads), max(speedup_spreads, default=None)
     return row
@@ -417,7 +421,7 @@ def gains(part: int, times: dict[tuple, list[float]], eager: dict[tuple, list[fl
         return {}
     row, spreads = {}, []
     for kind in MODEL_TIMINGS:
-        row[f"{kind}_gain"], spread = median_and_spread([e / t for e, t in zip(eager[part, kind], times[part, kind])])
+        row[f"{kind}_gain"], spread = per_turn_ratio(eager[part, kind], times[part, kind])
         spreads.append(spread)
     return {**row, "gain_spread": max(spreads)}
 
