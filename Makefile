@@ -36,8 +36,9 @@ table: install
 	$(PY) scripts/make_table.py $(SWEEP)
 
 # The whole pipeline on generated data, on any CPU, in about a minute: results land in demo/.
+# --force: demo/data is the demo's own, generated again (the same data) at every run.
 demo: install
-	$(PY) scripts/make_fake_cifar.py demo/data
+	$(PY) scripts/make_fake_cifar.py demo/data --force
 	$(PY) train.py -m experiment=demo $(ARGS); status=$$?; \
 	$(PY) scripts/make_table.py demo/sweep --out demo && \
 	echo "Curves: $(VENV)/bin/tensorboard --logdir demo/sweep" && exit $$status

@@ -31,7 +31,7 @@ from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
 from hetconv.data import Split, TrainBatches, fingerprint, is_official, load_cifar10, memory_format
-from hetconv.flops import model_costs
+from hetconv.flops import model_costs, truncate_millions
 from hetconv.gpus import claim_gpu
 from hetconv.provenance import device_name
 from hetconv.runfiles import (RunRecord, command_line_override, config_differences, exclusive, hetconv_form,
@@ -254,8 +254,9 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     info = dict(**costs, **where, torch_compile=compile_as, hetconv=form, data=data_info, resume=resume)
     record.update("running", **info)
     log.info("VGG-16 part=%d width=%s: %.2fM FLOPs (paper), %.2fM executed, %.3fM params, on %s, %s, HetConv %s",
-             cfg.model.part, cfg.model.width, costs["flops"] / 1e6, costs["executed_flops"] / 1e6, costs["params"] / 1e6,
-             info["device"], how_it_runs(compile_as), form)
+             cfg.model.part, cfg.model.width, truncate_millions(costs["flops"]),
+             truncate_millions(costs["executed_flops"]), costs["params"] / 1e6, info["device"], how_it_runs(compile_as),
+             form)
     # Scalars from after the checkpoint, or from a launch that left none, are written again: purge them.
     writer = SummaryWriter(run_dir, purge_step=epoch + 1)
     hparam_values = {"part": cfg.model.part, "width": cfg.model.width, "seed": cfg.seed, "epochs": cfg.trainer.epochs,

@@ -171,6 +171,9 @@ def load_cifar10(root: Path | str, download_if_missing: bool = True,
     for name in splits:
         parts = [read_batch(p) for p in files[name]]
         loaded[name] = Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
+        if not len(loaded[name]):
+            raise DatasetError(f"CIFAR-10 in {folder} has no {name} images: its batch files for that split are empty. "
+                               + how_to_replace(folder))
     return loaded
 
 

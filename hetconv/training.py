@@ -63,7 +63,7 @@ def check_flags(cfg, keys: tuple[str, ...]) -> None:
 def check_settings(cfg) -> None:
     """Reject settings that cannot train, naming the key, before anything starts."""
     for key, least in (("trainer.epochs", 1), ("trainer.batch_size", 1), ("trainer.eval_batch_size", 1),
-                       ("schedule.reference_epochs", 1), ("data.crop_padding", 0)):
+                       ("schedule.reference_epochs", 1), ("data.crop_padding", 0), ("model.num_classes", 1)):
         value = OmegaConf.select(cfg, key)
         if not is_int(value) or value < least:
             raise ValueError(f"{key} must be an int >= {least}, got {value!r}")

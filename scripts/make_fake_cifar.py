@@ -1,6 +1,6 @@
 """Write a small, learnable stand-in for CIFAR-10 in the official python format.
 
-    python scripts/make_fake_cifar.py ROOT [--train 5000] [--test 1000] [--seed 0]
+    python scripts/make_fake_cifar.py ROOT [--train 5000] [--test 1000] [--seed 0] [--force]
 
 ROOT/cifar-10-batches-py/ gets data_batch_1..5, test_batch and batches.meta, pickled exactly like the
 official release (bytes keys, uint8 rows of 3072 = 3 x 32 x 32 values). Each class is a coloured
@@ -54,8 +54,13 @@ def write_batch(path: Path, label: str, labels: np.ndarray, rng: np.random.Gener
         pickle.dump(batch, f, protocol=2)
 
 
-def make_fake_cifar(root: Path | str, train: int = 5000, test: int = 1000, seed: int = 0) -> Path:
+def make_fake_cifar(root: Path | str, train: int = 5000, test: int = 1000, seed: int = 0,
+                    overwrite: bool = False) -> Path:
     folder = Path(root) / FOLDER
+    held = sorted(p.name for p in folder.glob("*_batch*")) if folder.is_dir() else []
+    if held and not overwrite:  # it may be the real CIFAR-10, which would then have to be downloaded again
+        raise FileExistsError(f"{folder} already holds {', '.join(held)}: use it as it is (data.root={root}), "
+                              "choose another folder, or pass --force to replace it with generated data")
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for index, labels in enumerate(np.array_split(rng.integers(0, 10, train), 5), start=1):
@@ -67,14 +72,24 @@ def make_fake_cifar(root: Path | str, train: int = 5000, test: int = 1000, seed:
     return folder
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path, help="folder to hold cifar-10-batches-py/ (use it as data.root)")
-    parser.add_argument("--train", type=int, default=5000, help="training images (split over 5 batch files)")
-    parser.add_argument("--test", type=int, default=1000, help="test images")
+    parser.add_argument("--train", type=positive_int, default=5000, help="training images (split over 5 batch files)")
+    parser.add_argument("--test", type=positive_int, default=1000, help="test images")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="replace the batch files that root already holds")
     args = parser.parse_args(argv)
-    folder = make_fake_cifar(args.root, args.train, args.test, args.seed)
+    try:
+        folder = make_fake_cifar(args.root, args.train, args.test, args.seed, overwrite=args.force)
+    except FileExistsError as error:
+        parser.error(str(error))
     print(f"wrote {args.train} training and {args.test} test images to {folder}; use data.root={args.root}")
 
 

@@ -116,16 +116,21 @@ def published_figures(part: int, width: float, published: dict) -> dict:
     return published.get(part, {}) if width == 1 else {}
 
 
+def row_order(group: tuple) -> tuple:
+    """(part, width) in order; a value that is not a number (a failed job's typo, model.part=l6) goes last."""
+    return tuple((0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value)) for value in group)
+
+
 def table_rows(jobs: list[Job], published: dict) -> list[dict]:
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
         groups.setdefault((job.config["model"]["part"], job.config["model"]["width"]), []).append(job)
-    widths = sorted({width for _, width in groups}) or [1.0]
+    widths = sorted({width for _, width in groups}, key=lambda width: row_order((width,))) or [1.0]
     for part in PAPER_PARTS:  # every published part gets a row, run or not
         if not any(p == part for p, _ in groups):
             groups[(part, widths[0])] = []
     rows = []
-    for (part, width), group in sorted(groups.items()):
+    for (part, width), group in sorted(groups.items(), key=lambda item: row_order(item[0])):
         finished = [j.metrics for j in group if j.status == "finished"]
         final, final_std = mean_std([m["test_acc"] for m in finished])
         best, best_std = mean_std([m["best_test_acc"] for m in finished])

@@ -4,11 +4,13 @@ import hashlib
 import pickle
 import shutil
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from hetconv import data as data_module
-from hetconv.data import FOLDER, Split, TrainBatches, augment, fingerprint, is_official, load_cifar10
+from hetconv.data import FOLDER, DatasetError, Split, TrainBatches, augment, fingerprint, is_official, load_cifar10
+from scripts import make_fake_cifar as make_fake_cifar_script
 from scripts.make_fake_cifar import make_fake_cifar
 
 
@@ -65,3 +67,22 @@ def test_a_changed_pixel_changes_the_fingerprint_and_the_official_verdict(tmp_pa
     batch_file.write_bytes(pickle.dumps(batch))
     assert fingerprint(load_cifar10(tmp_path, download_if_missing=False)) != before
     assert not is_official(tmp_path)
+
+
+def test_generated_data_replaces_a_dataset_only_when_forced(tmp_path, capsys):
+    batch_file = make_fake_cifar(tmp_path, train=50, test=10, seed=0) / "data_batch_1"
+    before = batch_file.read_bytes()  # the real CIFAR-10, it might have been
+    with pytest.raises(SystemExit):
+        make_fake_cifar_script.main([str(tmp_path), "--seed", "1"])
+    assert "already holds data_batch_1" in capsys.readouterr().err and batch_file.read_bytes() == before
+    make_fake_cifar_script.main([str(tmp_path), "--seed", "1", "--force"])
+    assert batch_file.read_bytes() != before
+
+
+def test_an_empty_split_is_named_before_training(tmp_path):
+    test_file = make_fake_cifar(tmp_path, train=50, test=10, seed=0) / "test_batch"
+    batch = pickle.loads(test_file.read_bytes())
+    batch.update({b"data": batch[b"data"][:0], b"labels": []})
+    test_file.write_bytes(pickle.dumps(batch))
+    with pytest.raises(DatasetError, match="has no test images"):
+        load_cifar10(tmp_path, download_if_missing=False)

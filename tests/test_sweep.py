@@ -127,6 +127,15 @@ def test_a_damaged_metrics_json_is_named_with_what_to_do(tmp_path):
         make_table.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "table")])
 
 
+def test_a_job_launched_with_a_mistyped_part_is_a_failed_row_of_the_table(tmp_path):
+    fake_job(tmp_path / "sweep", 4, 1.0, "finished")
+    fake_job(tmp_path / "sweep", "l6", 1.0, "failed", epochs_done=0)  # model.part=1,2,4,l6: a string reaches the job
+    make_table.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "table")])
+    rows = list(csv.DictReader(open(tmp_path / "table" / "table.csv")))
+    assert [r["part"] for r in rows] == [*map(str, PAPER_PARTS), "l6"]
+    assert rows[-1]["status"].startswith("part=l6,width=1.0: failed")
+
+
 def test_table_compares_only_full_width_rows_and_tells_a_killed_job_from_a_running_one(tmp_path):
     sweep_dir = tmp_path / "sweep"
     fake_job(sweep_dir, 1, 1.0, "finished")
@@ -199,7 +208,7 @@ def test_gpu_slots_fill_every_gpu_before_doubling_up(tmp_path, monkeypatch):
         handles += gpus._held
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert claimed == ["3", "5", "3"]
-    with pytest.raises(ValueError, match="jobs_per_gpu must be >= 1"):
+    with pytest.raises(ValueError, match="jobs_per_gpu must be an int >= 1"):
         monkeypatch.setattr(gpus, "_held", [])
         gpus.claim_gpu(jobs_per_gpu=0, lock_dir=tmp_path)
 

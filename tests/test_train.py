@@ -84,6 +84,7 @@ def test_eval_reproduces_the_final_test_accuracy(reference_run, fake_root, tmp_p
     report = json.loads(output.read_text())
     assert report["test_acc"] == read_metrics(reference_run)["test_acc"]
     assert f"test accuracy {report['test_acc']:.2f}%" in result.stdout
+    assert "FLOPs 6.98M (paper convention), 7.62M executed" in result.stdout  # truncated as the paper and tables: 7.627
     assert "weights after epoch 3 of 3\n" in result.stdout and "note:" not in result.stdout
     assert report["trained_on"] == report["data_root"] == str(fake_root)
     assert report["checkpoint"] == str(reference_run / "model.pt")
@@ -297,7 +298,9 @@ def test_resuming_on_another_device_type_is_refused(reference_run, fake_root, tm
     ("optim.nesterov=no", "optim.nesterov must be true or false, got 'no'"),
     ("data.mean=[0,0]", "data.mean must be 3 finite numbers, one per RGB channel, got [0, 0]"),
     ("data.std=[0.2,0,0.2]", "data.std must be 3 finite numbers > 0, one per RGB channel, got [0.2, 0, 0.2]"),
-    ("trainer.jobs_per_gpu=0", "trainer.jobs_per_gpu must be >= 1"),
+    ("trainer.jobs_per_gpu=0", "trainer.jobs_per_gpu must be an int >= 1 (or null to not pin jobs), got 0"),
+    ("trainer.jobs_per_gpu=abc", "trainer.jobs_per_gpu must be an int >= 1 (or null to not pin jobs), got 'abc'"),
+    ("model.num_classes=abc", "model.num_classes must be an int >= 1, got 'abc'"),
     ("trainer.compile=fast", "trainer.compile must be auto, true, false or a torch.compile mode"),
     ("trainer.hetconv=fast", "trainer.hetconv must be one of auto, grouped, dense, got 'fast'"),
 ])
