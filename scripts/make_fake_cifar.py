@@ -57,7 +57,7 @@ def write_batch(path: Path, label: str, labels: np.ndarray, rng: np.random.Gener
 def make_fake_cifar(root: Path | str, train: int = 5000, test: int = 1000, seed: int = 0,
                     overwrite: bool = False) -> Path:
     folder = Path(root) / FOLDER
-    held = sorted(p.name for p in folder.glob("*_batch*")) if folder.is_dir() else []
+    held = sorted(p.name for p in folder.glob("*_batch*"))  # none when the folder does not exist
     if held and not overwrite:  # it may be the real CIFAR-10, which would then have to be downloaded again
         raise FileExistsError(f"{folder} already holds {', '.join(held)}: use it as it is (data.root={root}), "
                               "choose another folder, or pass --force to replace it with generated data")
