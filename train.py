@@ -335,12 +335,15 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
             metrics = record.update("running")
             log_epoch(writer, record.history[-1], metrics, cfg.trainer.epochs, record.wall_s - wall_at_start)
             save(last_checkpoint(run_dir), checkpoint(0, generator.get_state(), None))
-            if stop.received:  # arrived during evaluation: the state is saved already
+            if stop.received and epoch < cfg.trainer.epochs:  # arrived during evaluation: the state is saved
                 interrupted(stop, f"{stop.received.name} after epoch {epoch}")
 
-    writer.close()
-    metrics = record.update("finished")
-    save_final_weights(run_dir, model.state_dict(), config, epoch, data_info)
+        # Still under StopSignals: a signal from here on lets the run finish, which takes less than stopping.
+        writer.close()
+        metrics = record.update("finished")
+        save_final_weights(run_dir, model.state_dict(), config, epoch, data_info)
+        if stop.received:
+            log.warning("%s: %s after the last epoch: the run finished first", run_dir, stop.received.name)
     log.info("finished: test accuracy %.2f%% (best %.2f%% at epoch %d), %.0fs", metrics["test_acc"],
              metrics["best_test_acc"], metrics["best_epoch"], metrics["wall_s"])
     return metrics

@@ -273,6 +273,24 @@ def test_a_launchers_own_signal_handler_runs_after_the_state_is_saved(reference_
     assert comparable(metrics) == comparable(read_metrics(reference_run))
 
 
+def test_a_signal_during_the_last_evaluation_lets_the_run_finish(reference_run, fake_root, tmp_path, monkeypatch,
+                                                                caplog):
+    """Nothing is left to train: stopping would only leave the final weights to a relaunch."""
+    real_evaluate, calls = train_module.evaluate, []
+
+    def evaluate_then_signal(*args):
+        calls.append(1)
+        if len(calls) == 3:  # the last of 3 epochs
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(*args)
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate_then_signal)
+    metrics = train_module.train(train_config(*SMALL, f"data.root={fake_root}"), tmp_path)
+    assert metrics["status"] == "finished" and (tmp_path / "model.pt").is_file()
+    assert comparable(metrics) == comparable(read_metrics(reference_run))
+    assert "SIGTERM after the last epoch: the run finished first" in caplog.text
+
+
 def test_resuming_on_another_device_type_is_refused(reference_run, fake_root, tmp_path):
     run_dir = tmp_path / "run"
     copy_stopped_after_epoch_2(reference_run, run_dir, lambda state: state.update(device_type="cuda"))
