@@ -12,7 +12,7 @@ install: $(VENV)/installed.stamp
 
 # Rebuilt when the pins change; pip takes torch/torchvision exactly as pinned in pyproject.toml.
 $(VENV)/installed.stamp: pyproject.toml
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 (3.11.4 or later) or run make PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
@@ -35,7 +35,7 @@ reproduce: install
 table: install
 	$(PY) scripts/make_table.py $(SWEEP)
 
-# The whole pipeline on generated data, on any CPU, in about a minute: results land in demo/.
+# The whole pipeline on generated data (on the GPU if there is one, else about a minute on 2 CPU cores): in demo/.
 # --force: demo/data is the demo's own, generated again (the same data) at every run.
 demo: install
 	$(PY) scripts/make_fake_cifar.py demo/data --force

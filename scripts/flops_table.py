@@ -57,7 +57,7 @@ def render_markdown(rows: list[dict]) -> str:
         "1x1 conv with its masked block diagonal, BatchNorm (2 ops per element, eval mode).\n"
         "- *params effective*: structurally non-zero weights (convs without bias, BN affine, FC with bias); "
         "*stored*: the state dict's size, which also holds the masked 1x1 block diagonal. The reference "
-        "column is from ../shared/HETCONV.md via results/published.csv.\n"
+        "column is results/published.csv's (sources in results/README.md).\n"
     )
 
 
