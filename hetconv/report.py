@@ -1,5 +1,6 @@
-"""Published numbers and the small table writers shared by the scripts that fill results/."""
+"""Published numbers, the small table writers and an argument type shared by the scripts."""
 
+import argparse
 import csv
 from pathlib import Path
 
@@ -28,3 +29,10 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count such as --repeats: a whole number >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)

@@ -45,7 +45,7 @@ from hetconv.data import Split, TrainBatches, memory_format
 from hetconv.flops import count_flops, paper_ratio
 from hetconv.layer import IMPLS, resolved_impl
 from hetconv.provenance import device_name, git_commit, library_versions, now
-from hetconv.report import RESULTS_DIR, markdown_table
+from hetconv.report import RESULTS_DIR, markdown_table, positive_int
 from hetconv.training import (COMPILE_MODES, Preprocess, autocast, build_optimizer, compile_mode, compiled,
                               configure_backend, select_device, train_config, train_step, uses_amp)
 from models import vgg16
@@ -607,7 +607,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--impl", default="auto", choices=IMPLS,
                         help="how the model's HetConv layers compute (trainer.hetconv): auto is dense on CUDA, "
                              "grouped on the CPU")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=positive_int, default=7)
     parser.add_argument("--skip-layers", action="store_true", help="model level only")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from hetconv.data import CLASSES, FOLDER
+from hetconv.report import positive_int
 
 PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
                     (145, 30, 180), (70, 240, 240), (240, 50, 230), (128, 128, 0), (0, 0, 128)], dtype=np.float32)
@@ -70,12 +71,6 @@ def make_fake_cifar(root: Path | str, train: int = 5000, test: int = 1000, seed:
         pickle.dump({b"label_names": [c.encode() for c in CLASSES], b"num_cases_per_batch": train // 5,
                      b"num_vis": 3072}, f, protocol=2)
     return folder
-
-
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -171,7 +171,7 @@ def test_compile_parts_auto_compiles_every_part_where_the_default_recipe_compile
     assert parse_compile_parts(parser, "2,64", parts, torch.device("cpu")) == [2, 64]
 
 
-def test_a_bad_compile_parts_fails_before_any_timing(tmp_path, capsys, monkeypatch):
+def test_bad_parts_or_repeats_fail_before_any_timing(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("scripts.bench.bench_models", lambda *a: pytest.fail("timed before checking --compile-parts"))
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--compile-parts", "1,four", "--out", str(tmp_path)])
@@ -182,6 +182,9 @@ def test_a_bad_compile_parts_fails_before_any_timing(tmp_path, capsys, monkeypat
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--parts", "1,4,4", "--out", str(tmp_path)])
     assert "parts must each be given once, got '1,4,4'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--repeats", "0", "--out", str(tmp_path)])
+    assert "argument --repeats: expected a whole number >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_the_sweep_projection_adds_every_parts_training_and_test_epochs():
