@@ -172,7 +172,7 @@ def test_compile_parts_auto_compiles_every_part_where_the_default_recipe_compile
 
 
 def test_bad_parts_or_repeats_fail_before_any_timing(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("scripts.bench.bench_models", lambda *a: pytest.fail("timed before checking --compile-parts"))
+    monkeypatch.setattr("scripts.bench.bench_models", lambda *a: pytest.fail("timed before checking the arguments"))
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--compile-parts", "1,four", "--out", str(tmp_path)])
     assert "parts must be comma-separated integers such as 1,4,64, got '1,four'" in capsys.readouterr().err
