@@ -15,15 +15,20 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from hetconv.data import CLASSES, FOLDER, DatasetError, fingerprint, is_official, load_cifar10, memory_format
 from hetconv.flops import model_costs, truncate_millions
 from hetconv.provenance import device_name, git_commit, library_versions, now
-from hetconv.runfiles import command_line_override, hetconv_form, last_checkpoint, load, write_json
-from hetconv.training import Preprocess, check_flags, configure_backend, evaluate, select_device
+from hetconv.layer import resolved_impl
+from hetconv.runfiles import command_line_override, last_checkpoint, load, write_json
+from hetconv.training import Preprocess, check_flags, check_overrides, configure_backend, evaluate, select_device
 from models import vgg16
+
+# What eval.py reads from its command line; the model, its preprocessing and batch size are the checkpoint's.
+SETTINGS = ("checkpoint", "device", "output", "data.root", "data.download")
 
 
 def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
@@ -31,7 +36,8 @@ def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]
     checkpoint it came from."""
     state = load(path)
     spec = state["config"]["model"]
-    model = vgg16(spec["part"], spec["num_classes"], spec["width"], hetconv_form(state["config"], device))
+    model = vgg16(spec["part"], spec["num_classes"], spec["width"],
+                  resolved_impl(state["config"]["trainer"]["hetconv"], device))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
@@ -56,28 +62,38 @@ def checkpoint_path(setting: str) -> Path:
     if not (path / "model.pt").exists() and last_checkpoint(path).exists():
         raise FileNotFoundError(f"{path} has no model.pt: its run has not finished. To evaluate the weights it "
                                 f"has so far: {command_line_override('checkpoint', last_checkpoint(path))}")
+    jobs = sorted(weights.parent for weights in path.glob("*/model.pt"))
+    if not (path / "model.pt").exists() and jobs:
+        raise FileNotFoundError(f"{path} holds the runs of a sweep, {len(jobs)} of them finished: name one, e.g. "
+                                f"{command_line_override('checkpoint', jobs[0])}")
     return path / "model.pt"
 
 
-def data_root(setting: str | None, run_data: dict | None, run_config: dict) -> Path:
-    """data.root as given, else the folder the run recorded its data in (else its own data.root setting), which
-    must still hold the data: a run folder copied from another machine names that machine's folder."""
+def data_root(setting: str | None, run_data: dict) -> Path:
+    """data.root as given, else the folder the run recorded its data in, which must still hold the data: a run
+    folder copied from another machine names that machine's folder."""
     if setting is not None:
         return Path(to_absolute_path(setting))
-    root = Path(run_data["root"]) if run_data else Path(to_absolute_path(run_config["data"]["root"]))
+    root = Path(run_data["root"])
     if not (root / FOLDER).is_dir():
         raise DatasetError(f"the run trained on the data in {root}, and there is no {FOLDER}/ there now: say where "
                            f"CIFAR-10 is with data.root=...")
     return root
 
 
-def trained_on(state: dict) -> dict | None:
-    """The data the run recorded (model.pt carries it; last.pt in its record); None for older files."""
-    return state.get("data") or state.get("record", {}).get("info", {}).get("data")
+def trained_on(state: dict) -> dict:
+    """The data the run recorded: model.pt carries it, last.pt in its record."""
+    return state["data"] if "data" in state else state["record"]["info"]["data"]
 
 
 @hydra.main(config_path="configs", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
+    hydra_cfg = HydraConfig.get()
+    check_overrides(list(hydra_cfg.overrides.task), list(SETTINGS), hydra_cfg.runtime.choices, "eval.py",
+                    f"It reads {', '.join(SETTINGS)}; the model and its preprocessing are the checkpoint's.")
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise ValueError("no checkpoint given: name a run folder, its model.pt or its checkpoints/last.pt with "
+                         "checkpoint=...")
     check_flags(cfg, ("data.download",))
     path = checkpoint_path(cfg.checkpoint)
     device = select_device(cfg.device, key="device")
@@ -85,7 +101,7 @@ def main(cfg: DictConfig) -> dict:
     run_cfg = OmegaConf.create(state["config"])
     configure_backend(device)
     run_data = trained_on(state)
-    root = data_root(cfg.data.root, run_data, state["config"])
+    root = data_root(cfg.data.root, run_data)
     test = load_cifar10(root, cfg.data.download, splits=("test",))["test"]
     test_fingerprint = fingerprint({"test": test})
     test = test.to(device)
@@ -95,7 +111,7 @@ def main(cfg: DictConfig) -> dict:
     result = evaluate(model, test, preprocess, run_cfg.trainer.eval_batch_size, run_cfg.trainer.amp,
                       run_cfg.model.num_classes)
     report = {"checkpoint": str(path), "trained": training_point(state), "part": run_cfg.model.part,
-              "width": run_cfg.model.width, "data_root": str(root), "trained_on": run_data and run_data["root"],
+              "width": run_cfg.model.width, "data_root": str(root), "trained_on": run_data["root"],
               "test_fingerprint": test_fingerprint, "official_cifar10": is_official(root),
               "test_acc": result["acc"], "test_loss": round(result["loss"], 6), "images": len(test), **costs,
               "per_class_acc": dict(zip(CLASSES, result["per_class_acc"])), "device": device_name(device),
@@ -103,11 +119,11 @@ def main(cfg: DictConfig) -> dict:
 
     print(f"{path}  (VGG-16, part={report['part']}, width={report['width']}, on {report['device']}), weights "
           f"{report['trained']}")
-    if run_data and Path(run_data["root"]) != root:
+    if Path(run_data["root"]) != root:
         print(f"note: the run trained on the data in {run_data['root']}; this evaluates the data in {root} "
               f"(data.root={cfg.data.root})")
-    tested_on = run_data and run_data.get("test_fingerprint")  # older runs did not record it
-    if tested_on and tested_on != test_fingerprint:
+    tested_on = run_data["test_fingerprint"]
+    if tested_on != test_fingerprint:
         print(f"note: these are not the test images the run was tested on (fingerprint {tested_on}; these: "
               f"{test_fingerprint}), so this accuracy is not comparable with the run's")
     print(f"test accuracy {report['test_acc']:.2f}%   loss {report['test_loss']:.4f}   ({len(test)} images)")

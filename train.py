@@ -34,10 +34,11 @@ from hetconv.data import Split, TrainBatches, fingerprint, is_official, load_cif
 from hetconv.flops import model_costs, truncate_millions
 from hetconv.gpus import claim_gpu
 from hetconv.provenance import device_name
-from hetconv.runfiles import (RunRecord, command_line_override, config_differences, exclusive, hetconv_form,
+from hetconv.layer import resolved_impl
+from hetconv.runfiles import (RunRecord, command_line_override, config_differences, exclusive, flatten,
                               how_to_resume, last_checkpoint, load, read_metrics, save)
-from hetconv.training import (Preprocess, build_optimizer, build_scheduler, check_settings, configure_backend,
-                              compile_mode, compiled, evaluate, percent, select_device, train_step)
+from hetconv.training import (Preprocess, build_optimizer, build_scheduler, check_overrides, check_settings,
+                              compile_mode, compiled, configure_backend, evaluate, percent, select_device, train_step)
 from models import vgg16
 from models.vgg import check_part_fits
 
@@ -63,7 +64,10 @@ class Interrupted(SystemExit):
 class StopSignals:
     """SIGINT, SIGTERM and SIGUSR2 become a flag that the training loop checks between steps, where
     the state it saves is consistent. A handler that was installed before ours (submitit's, which
-    requeues a SLURM job) is then called; without one, the run stops."""
+    requeues a SLURM job) is then called; without one, the run stops. A second SIGINT before the loop
+    gets to the first (during an evaluation or a compilation, say) stops the run at once, unsaved: a
+    second Ctrl-C is not made to wait. (Launchers may send SIGTERM twice; it only sets the flag.) A
+    signal that was ignored when the run started (SIGINT in a shell's background job) stays ignored."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
@@ -74,11 +78,17 @@ class StopSignals:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
             for sig in self.SIGNALS:
-                self.previous[sig] = signal.signal(sig, self.handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self.previous[sig] = signal.signal(sig, self.handle)
         return self
 
     def handle(self, signum, frame):
-        self.received = signal.Signals(signum)
+        if self.received is None:
+            self.received = signal.Signals(signum)
+        elif signum == signal.SIGINT:
+            log.warning("SIGINT again: stopping now, without saving the current step")
+            self.__exit__()
+            signal.raise_signal(signum)  # to the handler from before ours: KeyboardInterrupt, by default
 
     def pass_on(self) -> None:
         """Once the state is saved: hand the signal to the earlier handler, or stop the run."""
@@ -127,7 +137,7 @@ def refuse_other_execution(run_dir: Path, state: dict, device: torch.device, com
     if started_as != compile_as:
         raise Refused(f"{run_dir} was trained {how_it_runs(started_as)} and cannot resume {how_it_runs(compile_as)}: "
                       f"compiled and eager kernels round differently. Use trainer.compile={str(started_with).lower()}.")
-    started_form = hetconv_form(state["config"], device)
+    started_form = resolved_impl(state["config"]["trainer"]["hetconv"], device)
     if started_form != form:
         raise Refused(f"{run_dir} was trained with its HetConv layers computed {started_form} and cannot resume "
                       f"{form}: the two forms round differently. Use trainer.hetconv={started_form}.")
@@ -136,7 +146,7 @@ def refuse_other_execution(run_dir: Path, state: dict, device: torch.device, com
 def warn_other_threads(run_dir: Path, state: dict, device: torch.device) -> None:
     """On the CPU a sum split over another number of threads rounds differently: the resumed run trains on, but
     not to the digit of an uninterrupted one. (A joblib launcher, say, gives each job fewer threads.)"""
-    started_with = state.get("cpu_threads")
+    started_with = state["cpu_threads"]
     if device.type == "cpu" and started_with and started_with != torch.get_num_threads():
         log.warning("%s trained on %d CPU threads and resumes on %d: it will not end exactly as an uninterrupted run "
                     "would (sums round differently). For that, resume with OMP_NUM_THREADS=%d.", run_dir,
@@ -149,27 +159,41 @@ def how_it_runs(compile_as: str | None) -> str:
 
 def refuse_other_data(run_dir: Path, started_on: dict | None, data: dict) -> None:
     """data.root may move between a run's starts; the images and labels under it may not change."""
-    if started_on and started_on.get("fingerprint", data["fingerprint"]) != data["fingerprint"]:
+    if started_on and started_on["fingerprint"] != data["fingerprint"]:
         raise Refused(
             f"{run_dir} started training on the data in {started_on['root']} (fingerprint "
             f"{started_on['fingerprint']}), and data.root={data['root']} holds other data (fingerprint "
-            f"{data['fingerprint']}). Resume it with {command_line_override('data.root', started_on['root'])}, or "
+            f"{data['fingerprint']}). Rerun it with {command_line_override('data.root', started_on['root'])}, or "
             f"{ANOTHER_FOLDER}.")
+
+
+def load_data(cfg: DictConfig) -> tuple[dict[str, Split], dict]:
+    """CIFAR-10's splits from data.root, and what the run's record keeps of them."""
+    data_root = Path(to_absolute_path(cfg.data.root))
+    splits = load_cifar10(data_root, cfg.data.download)
+    return splits, {"root": str(data_root), "official_cifar10": is_official(data_root),
+                    "fingerprint": fingerprint(splits),
+                    "test_fingerprint": fingerprint({"test": splits["test"]}),  # what eval.py checks it evaluates
+                    "train_images": len(splits["train"]), "test_images": len(splits["test"])}
+
+
+def leave_finished(cfg: DictConfig, run_dir: Path, trained_on: dict) -> None:
+    """A finished run has nothing to do, but a command that names other data for it is refused as a resume would be:
+    a sweep relaunched on other data must not skip its jobs as if they had trained on it."""
+    if Path(to_absolute_path(cfg.data.root)) != Path(trained_on["root"]):  # moved, or other data
+        refuse_other_data(run_dir, trained_on, load_data(cfg)[1])
+    log.info("%s already finished %d epochs: nothing to do", run_dir, cfg.trainer.epochs)
 
 
 def training_data(cfg: DictConfig, device: torch.device, run_dir: Path,
                   started_on: dict | None) -> tuple[dict[str, Split], dict]:
     """CIFAR-10's splits on the device, and what the run's record keeps of them; a resumed run refuses other data
     than it started on (`started_on`, its record's)."""
-    data_root = Path(to_absolute_path(cfg.data.root))
-    splits = load_cifar10(data_root, cfg.data.download)
-    data_info = {"root": str(data_root), "official_cifar10": is_official(data_root), "fingerprint": fingerprint(splits),
-                 "test_fingerprint": fingerprint({"test": splits["test"]}),  # what eval.py checks it evaluates
-                 "train_images": len(splits["train"]), "test_images": len(splits["test"])}
+    splits, data_info = load_data(cfg)
     refuse_other_data(run_dir, started_on, data_info)
     if not data_info["official_cifar10"]:  # a subset, generated data, an extra batch: said now, not after the sweep
         log.warning("%s does not hold the official CIFAR-10 files (%d training and %d test images here): fine for "
-                    "trying the pipeline, but make_table.py keeps this run out of results/", data_root,
+                    "trying the pipeline, but make_table.py keeps this run out of results/", data_info["root"],
                     data_info["train_images"], data_info["test_images"])
     top_label = max(int(split.labels.max()) for split in splits.values())  # a test label too would fail in epoch 1
     if top_label >= cfg.model.num_classes:
@@ -182,6 +206,9 @@ def training_data(cfg: DictConfig, device: torch.device, run_dir: Path,
 def main(cfg: DictConfig) -> dict:
     try:
         hydra_cfg = HydraConfig.get()
+        check_overrides(list(hydra_cfg.overrides.task), list(flatten(OmegaConf.to_container(cfg))),
+                        hydra_cfg.runtime.choices, "train.py",
+                        "`python train.py --cfg job` lists them; set them without + or ++.")
         return train(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN)
     except Exception as error:
         log.error("%s: %s", type(error).__name__, error)  # into train.log too: under SLURM stderr is the launcher's
@@ -195,13 +222,17 @@ def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False) -> dict:
         metrics = read_metrics(run_dir)
         if state is None and metrics and metrics["status"] == "finished":  # its checkpoint was deleted
             refuse_other_settings(run_dir, metrics["config"], config)
-            log.info("%s already finished %d epochs: nothing to do", run_dir, metrics["epochs_done"])
+            leave_finished(cfg, run_dir, metrics["data"])
             return metrics
+        if state is None and metrics and metrics["epochs_done"]:  # a damaged last.pt moved away, say
+            log.warning("%s: metrics.json records %d epochs, but there is no %s to resume them from: the run starts "
+                        "over, and its new record replaces that one", run_dir, metrics["epochs_done"],
+                        last_checkpoint(run_dir).relative_to(run_dir))
         record = RunRecord(run_dir, config, state and state["record"])
         if state and state["epoch"] == cfg.trainer.epochs:
-            log.info("%s already finished %d epochs: nothing to do", run_dir, cfg.trainer.epochs)
+            leave_finished(cfg, run_dir, record.info["data"])
             if not (run_dir / "model.pt").exists():  # killed between the last checkpoint and the final save
-                save_final_weights(run_dir, state["model"], config, state["epoch"], record.info.get("data"))
+                save_final_weights(run_dir, state["model"], config, state["epoch"], record.info["data"])
             return metrics if metrics and metrics["status"] == "finished" else record.update("finished")
         try:
             return run(cfg, config, run_dir, state, record, how_to_resume(run_dir, in_sweep))
@@ -221,7 +252,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         claim_gpu(cfg.trainer.jobs_per_gpu)  # before anything initialises CUDA
     device = select_device(cfg.trainer.device)
     compile_as = compile_mode(cfg.trainer.compile, device)
-    form = hetconv_form(config, device)
+    form = resolved_impl(cfg.trainer.hetconv, device)
     if state:
         refuse_other_execution(run_dir, state, device, compile_as, form)
         warn_other_threads(run_dir, state, device)

@@ -1,7 +1,9 @@
-"""Published numbers, the small table writers and an argument type shared by the scripts."""
+"""Published numbers, the small table writers and the command-line helpers shared by the scripts."""
 
 import argparse
 import csv
+import shlex
+import sys
 from pathlib import Path
 
 from hetconv.provenance import REPO_ROOT
@@ -29,6 +31,11 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def typed_command(script: str, argv: list[str] | None) -> str:
+    """The command that made a report, as typed (argv: the arguments main() got, or None for sys.argv's)."""
+    return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
 
 
 def positive_int(text: str) -> int:

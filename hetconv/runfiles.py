@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from hetconv.layer import resolved_impl
 from hetconv.provenance import git_commit, library_versions, now
 
 # Config keys that may change when a run is resumed without changing what it computes (trainer.device,
@@ -88,12 +87,6 @@ def config_differences(saved: dict, current: dict, also_ignored: set[str] = froz
             if key not in RESUMABLE_CHANGES and key not in also_ignored and old.get(key) != new.get(key)]
 
 
-def hetconv_form(config: dict, device: torch.device) -> str:
-    """How a run's HetConv layers compute on `device`, "grouped" or "dense". Runs from before trainer.hetconv
-    existed (e483228) computed them grouped."""
-    return resolved_impl(config["trainer"].get("hetconv", "grouped"), device)
-
-
 def command_line_override(key: str, path: Path) -> str:
     """key=path as it is typed in a shell: quoted for Hydra's grammar where the path has other characters than
     letters, digits and _ . / - (a sweep job's folder, part=4,seed=0, has = and ,), then for the shell."""
@@ -133,8 +126,7 @@ class RunRecord:
         self.written = False  # whether this launch has written metrics.json yet
         if saved:
             self.info, self.history, self.wall_s = dict(saved["info"]), list(saved["history"]), saved["wall_s"]
-            self.info["launches"] = launches(self.info)
-            self.info.pop("resumed_at_commits", None)  # a record from before launches were kept: now in them
+            self.info["launches"] = list(self.info["launches"])  # this launch is added to a copy
             return
         versions = library_versions()
         self.info = {"part": config["model"]["part"], "width": config["model"]["width"], "seed": config["seed"],
@@ -164,15 +156,6 @@ class RunRecord:
         write_json(self.path, metrics)
         self.written = True
         return metrics
-
-
-def launches(record: dict) -> list[dict]:
-    """Every launch of a run, each with its device, commit and library versions. A record from before launches
-    were kept gives its first commit and those it resumed at, each with its last device and first versions."""
-    if "launches" in record:
-        return list(record["launches"])
-    return [{"device": record.get("device"), "git_commit": commit, "versions": record["versions"]}
-            for commit in [record["git_commit"], *record["resumed_at_commits"]]]
 
 
 def read_metrics(run_dir: Path) -> dict | None:

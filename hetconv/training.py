@@ -6,6 +6,7 @@ set-up. bench.py times exactly `train_step`, so its throughput is the throughput
 
 import contextlib
 import ctypes
+import difflib
 import logging
 import math
 import os
@@ -13,6 +14,7 @@ import os
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -58,6 +60,24 @@ def check_flags(cfg, keys: tuple[str, ...]) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, bool):
             raise ValueError(f"{key} must be true or false, got {value!r}")
+
+
+def check_overrides(overrides: list[str], readable: list[str], groups, script: str, listing: str) -> None:
+    """Refuse a command-line setting that nothing would read: one added with Hydra's `+` (which Hydra suggests
+    for a mistyped key) or `++`, or one the script does not use. Config groups may be added (+experiment=paper)."""
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if key in groups:
+            continue
+        if override.is_add() or override.is_force_add():
+            problem = f"adds {key} with + or ++, but {script} reads only the settings its configs define"
+        elif key not in readable:
+            problem = f"{script} does not read {key}"
+        else:
+            continue
+        close = difflib.get_close_matches(key, [k for k in readable if k != key], n=1)
+        raise ValueError(f"{override.input_line}: {problem}, so it would be ignored"
+                         + (f" (did you mean {close[0]}?)" if close else "") + f". {listing}")
 
 
 def check_settings(cfg) -> None:

@@ -45,7 +45,7 @@ from hetconv.data import Split, TrainBatches, memory_format
 from hetconv.flops import count_flops, paper_ratio
 from hetconv.layer import IMPLS, resolved_impl
 from hetconv.provenance import device_name, git_commit, library_versions, now
-from hetconv.report import RESULTS_DIR, markdown_table, positive_int
+from hetconv.report import RESULTS_DIR, markdown_table, positive_int, typed_command
 from hetconv.training import (COMPILE_MODES, Preprocess, autocast, build_optimizer, compile_mode, compiled,
                               configure_backend, select_device, train_config, train_step, uses_amp)
 from models import vgg16
@@ -627,11 +627,11 @@ def main(argv: list[str] | None = None) -> None:
     setup = (f"{'bf16 autocast' if uses_amp(device, cfg.trainer.amp) else 'float32'}, "
              f"{'channels_last' if cfg.trainer.channels_last else 'NCHW'}, {torch.get_num_threads()} CPU threads, "
              f"HetConv layers computed {resolved_impl(args.impl, device)} (trainer.hetconv={args.impl})")
-    command = "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = typed_command("scripts/bench.py", argv)
     # The step the default recipe (trainer.compile and trainer.hetconv auto) trains with, if this report times its form.
     default_form = resolved_impl(args.impl, device) == resolved_impl("auto", device)
     recipe_modes = {compile_mode("auto", device)} if default_form else set()
-    report = render(label, setup, layer_rows, model_rows, compile_rows, args.compile, recipe_modes, command.strip())
+    report = render(label, setup, layer_rows, model_rows, compile_rows, args.compile, recipe_modes, command)
     impl_suffix = "" if args.impl == "auto" else f"-{args.impl}"
     path = args.out / f"bench-{'cpu' if device.type == 'cpu' else slug(label)}{impl_suffix}.md"
     args.out.mkdir(parents=True, exist_ok=True)

@@ -10,11 +10,9 @@ from pathlib import Path
 
 from hetconv.flops import model_costs, truncate_millions
 from hetconv.provenance import git_commit, library_versions, now
-from hetconv.report import RESULTS_DIR, load_published, markdown_table, write_csv
+from hetconv.report import RESULTS_DIR, load_published, markdown_table, typed_command, write_csv
 from models import vgg16
 from models.vgg import PAPER_PARTS
-
-COMMAND = "python scripts/flops_table.py"
 
 
 def flops_rows() -> list[dict]:
@@ -36,7 +34,7 @@ def flops_rows() -> list[dict]:
     return rows
 
 
-def render_markdown(rows: list[dict]) -> str:
+def render_markdown(rows: list[dict], command: str) -> str:
     versions = library_versions()
     header = ["P", "FLOPs (paper conv.)", "published", "diff", "FLOPs executed", "params (effective)",
               "reference params", "params stored"]
@@ -46,7 +44,7 @@ def render_markdown(rows: list[dict]) -> str:
     matches = sum(r["flops_diff_m"] == 0 for r in rows)
     return (
         "# VGG-16 with HetConv on CIFAR-10: FLOPs and parameters\n\n"
-        f"Made by `{COMMAND}` (also `make flops`) on {now()}, commit {git_commit()}, "
+        f"Made by `{command}` (also `make flops`) on {now()}, commit {git_commit()}, "
         f"torch {versions['torch']}, fvcore {versions['fvcore']}. Counted with fvcore on one 32x32 image.\n\n"
         + markdown_table(header, body) +
         f"\n{matches}/{len(rows)} FLOPs values equal the published column to the printed digit.\n\n"
@@ -66,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for flops.csv and flops.md")
     out = parser.parse_args(argv).out
     rows = flops_rows()
-    text = render_markdown(rows)  # before writing: the commit it names is not dirty with this run's own files
+    # Rendered before writing: the commit it names is not dirty with this run's own files.
+    text = render_markdown(rows, typed_command("scripts/flops_table.py", argv))
     write_csv(out / "flops.csv", rows)
     (out / "flops.md").write_text(text)
     print(text)

@@ -23,8 +23,8 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from hetconv.flops import count_flops, count_params, truncate_millions  # noqa: E402
 from hetconv.provenance import git_commit, now  # noqa: E402
-from hetconv.report import RESULTS_DIR, load_published, markdown_table, write_csv  # noqa: E402
-from hetconv.runfiles import config_differences, held_by_a_process, launches, read_metrics  # noqa: E402
+from hetconv.report import RESULTS_DIR, load_published, markdown_table, typed_command, write_csv  # noqa: E402
+from hetconv.runfiles import config_differences, held_by_a_process, read_metrics  # noqa: E402
 from models import vgg16  # noqa: E402
 from models.vgg import PAPER_PARTS  # noqa: E402
 
@@ -47,9 +47,9 @@ class Job:
         if m["status"] == "finished":
             return f"{self.path.name}: finished"
         if m["status"] == "running" and not held_by_a_process(self.path):
-            return (f"{self.path.name}: stopped at epoch {m['epochs_done']}/{m['epochs']} (no process holds its "
-                    f"lock: killed? {m.get('resume', 'rerun the command that started it')} to resume)")
-        return f"{self.path.name}: {m['status']} at epoch {m['epochs_done']}/{m['epochs']}" + (
+            return (f"{self.path.name}: stopped, {m['epochs_done']}/{m['epochs']} epochs done (no process holds its "
+                    f"lock: killed? {m['resume']} to resume)")
+        return f"{self.path.name}: {m['status']}, {m['epochs_done']}/{m['epochs']} epochs done" + (
             f" ({m['reason']})" if m.get("reason") else "")
 
 
@@ -92,7 +92,9 @@ def check_each_job_once(jobs: list[Job]) -> None:
         key = (job.config["model"]["part"], job.config["model"]["width"], job.config["seed"])
         if key in seen:
             raise SystemExit(f"error: {seen[key]} and {job.path} are the same job (part={key[0]}, width={key[1]}, "
-                             f"seed={key[2]}); give each job's folder once (is one a copy of the other?)")
+                             f"seed={key[2]}); give each job's folder once. Is one a copy of the other, or was "
+                             "the sweep launched again with a setting written out at its default value? That names "
+                             "a new folder, where the job trains again.")
         seen[key] = job.path
 
 
@@ -125,10 +127,10 @@ def table_rows(jobs: list[Job], published: dict) -> list[dict]:
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
         groups.setdefault((job.config["model"]["part"], job.config["model"]["width"]), []).append(job)
-    widths = sorted({width for _, width in groups}, key=lambda width: row_order((width,))) or [1.0]
+    widths = sorted({width for _, width in groups}, key=lambda width: row_order((width,)))
+    sweep_width = 1.0 if 1 in widths or not widths else widths[0]  # the paper's width, unless no job ran at it
     for part in PAPER_PARTS:  # every published part gets a row, run or not
-        if not any(p == part for p, _ in groups):
-            groups[(part, widths[0])] = []
+        groups.setdefault((part, sweep_width), [])
     rows = []
     for (part, width), group in sorted(groups.items(), key=lambda item: row_order(item[0])):
         finished = [j.metrics for j in group if j.status == "finished"]
@@ -165,7 +167,7 @@ def augmentation(data_cfg: dict) -> str:
 def provenance(jobs: list[Job]) -> dict:
     configs = [j.config for j in jobs]
     metrics = [j.metrics for j in jobs if j.metrics]
-    every_launch = [launch for m in metrics for launch in launches(m)]
+    every_launch = [launch for m in metrics for launch in m["launches"]]
     first = configs[0]
     optim, schedule, trainer, data_cfg = first["optim"], first["schedule"], first["trainer"], first["data"]
     return {
@@ -247,12 +249,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="sweep folders written by train.py -m, or job folders in them")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for table.md, table.csv, acc_vs_flops.png")
     args = parser.parse_args(argv)
-    command = "python scripts/make_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = typed_command("scripts/make_table.py", argv)
     jobs = find_jobs(args.sweeps)
     check_one_recipe(jobs)
     check_each_job_once(jobs)
     info = provenance(jobs)
-    if args.out.resolve() == RESULTS_DIR.resolve():
+    if args.out.resolve().is_relative_to(RESULTS_DIR.resolve()):
         if info["not_cifar10"]:
             raise SystemExit(f"error: {', '.join(info['not_cifar10'])} did not train on the official CIFAR-10 "
                              f"files; {RESULTS_DIR} holds real results only. Write the table elsewhere: --out <folder>")

@@ -88,8 +88,9 @@ def test_table_refuses_to_put_generated_data_or_no_result_into_results(fake_root
     results = {p.name: p.read_bytes() for p in (REPO / "results").iterdir()}
     sweep_dir = tmp_path / "sweep"
     sweep(sweep_dir, fake_root, "model.part=4", "trainer.epochs=1")
-    refused = script("scripts/make_table.py", str(sweep_dir), check=False)
-    assert refused.returncode != 0 and "real results only" in refused.stderr + refused.stdout
+    for out in ([], ["--out", str(REPO / "results" / "demo")]):  # results/ and every folder in it
+        refused = script("scripts/make_table.py", str(sweep_dir), *out, check=False)
+        assert refused.returncode != 0 and "real results only" in refused.stderr + refused.stdout
     failed = tmp_path / "failed"
     sweep(failed, fake_root, "model.part=64")  # fails before it reads any data
     refused = script("scripts/make_table.py", str(failed), check=False)
@@ -97,9 +98,8 @@ def test_table_refuses_to_put_generated_data_or_no_result_into_results(fake_root
     assert {p.name: p.read_bytes() for p in (REPO / "results").iterdir()} == results
 
 
-def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, legacy=None):
-    """A job folder as train.py leaves it, without training: .hydra/config.yaml and metrics.json (with `legacy`'s
-    fields instead of launches, as train.py wrote it before it kept them)."""
+def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None):
+    """A job folder as train.py leaves it, without training: .hydra/config.yaml and metrics.json."""
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=demo", "trainer.epochs=2", f"model.part={part}",
                                           f"model.width={width}"])
@@ -113,9 +113,6 @@ def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, legac
                "launches": launches or [{"device": "cpu", "git_commit": "abc", "versions": {"torch": "2.14.1"}}],
                "resume": how_to_resume(run_dir, in_sweep=True),
                "config": OmegaConf.to_container(cfg, resolve=True)}
-    if legacy:
-        del metrics["launches"]
-        metrics.update(legacy)
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     return run_dir
 
@@ -152,9 +149,12 @@ def test_table_compares_only_full_width_rows_and_tells_a_killed_job_from_a_runni
     assert (full["published_flops_m"], full["published_test_acc"], full["diff"]) == ("313.74", "94.06", "-4.06")
     assert narrow["test_acc"] == "90.0"
     assert narrow["published_flops_m"] == narrow["published_test_acc"] == narrow["diff"] == ""
-    assert rows[(4, 1.0)]["status"] == ("part=4,width=1.0: stopped at epoch 1/2 (no process holds its lock: killed? "
+    assert rows[(4, 1.0)]["status"] == ("part=4,width=1.0: stopped, 1/2 epochs done (no process holds its lock: killed? "
                                         f"rerun the sweep command with hydra.sweep.dir={sweep_dir} to resume)")
-    assert rows[(8, 1.0)]["status"] == "part=8,width=1.0: running at epoch 1/2"
+    assert rows[(8, 1.0)]["status"] == "part=8,width=1.0: running, 1/2 epochs done"
+    not_run = rows.pop((2, 1.0))  # a part of the paper that no job ran: at the paper's width, its figures beside
+    assert not_run["status"] == "not run" and not_run["published_test_acc"] != ""
+    assert sorted(rows) == [(1, 0.25), (1, 1.0), (4, 1.0), (8, 1.0), (16, 1.0), (32, 1.0), (64, 1.0)]
 
     markdown = (out / "table.md").read_text()
     assert f"Made by `python scripts/make_table.py {sweep_dir} --out {out}`" in markdown  # every option, as typed
@@ -170,8 +170,8 @@ def test_the_table_names_every_launch_and_plots_one_curve_per_width(tmp_path, mo
     fake_job(sweep_dir, 1, 1.0, "finished", launches=[  # started on one machine, resumed on another
         {"device": "CPU A", "git_commit": "abc", "versions": {"torch": "2.14.1"}},
         {"device": "GPU B", "git_commit": "def", "versions": {"torch": "2.14.2"}}])
-    fake_job(sweep_dir, 4, 1.0, "finished", legacy={
-        "device": "GPU C", "resumed_at_commits": ["old"], "versions": {"torch": "2.11.0"}})
+    fake_job(sweep_dir, 4, 1.0, "finished", launches=[{"device": "GPU C", "git_commit": "old",
+                                                       "versions": {"torch": "2.11.0"}}])
     fake_job(sweep_dir, 1, 0.25, "finished")
     figures = []
     monkeypatch.setattr(make_table.plt, "close", figures.append)

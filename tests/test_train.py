@@ -25,9 +25,8 @@ from hetconv import data as data_module
 from hetconv import HetConv2d
 from hetconv.data import DatasetError, load_cifar10
 from hetconv.flops import count_flops
-from hetconv.provenance import git_commit
-from hetconv.runfiles import RunRecord, atomic_write, exclusive, last_checkpoint
-from hetconv.training import compile_mode, train_config
+from hetconv.runfiles import atomic_write, exclusive, last_checkpoint
+from hetconv.training import check_overrides, compile_mode, train_config
 from models import vgg16
 from scripts.make_fake_cifar import make_fake_cifar
 
@@ -245,6 +244,29 @@ def test_eval_rejects_missing_and_incompatible_checkpoints(reference_run, fake_r
     assert result.returncode != 0 and (f"{unfinished} has no model.pt: its run has not finished. To evaluate the "
                                        f"weights it has so far: checkpoint={last_checkpoint(unfinished)}") in result.stderr
 
+    sweep = tmp_path / "sweep"
+    shutil.copytree(reference_run, sweep / "part=4,seed=0")
+    result = script("eval.py", f"checkpoint={sweep}", check=False, cwd=tmp_path)
+    assert result.returncode != 0 and (f"{sweep} holds the runs of a sweep, 1 of them finished: name one, e.g. "
+                                       f"\"checkpoint='{sweep}/part=4,seed=0'\"") in result.stderr
+    result = script("eval.py", check=False, cwd=tmp_path)
+    assert result.returncode != 0 and "no checkpoint given: name a run folder" in result.stderr
+
+
+def test_a_setting_that_nothing_would_read_is_refused(reference_run, fake_root, tmp_path):
+    # Hydra answers trainer.epoch=3 with "To append to your config use +trainer.epoch=3"
+    result = script("train.py", *SMALL, "+trainer.epoch=3", f"data.root={fake_root}", f"hydra.run.dir={tmp_path}",
+                    check=False)
+    assert result.returncode != 0 and ("+trainer.epoch=3: adds trainer.epoch with + or ++, but train.py reads only "
+                                       "the settings its configs define, so it would be ignored (did you mean "
+                                       "trainer.epochs?)") in result.stderr
+    assert not (tmp_path / "metrics.json").exists()
+    result = script("eval.py", f"checkpoint={reference_run}", "data.normalize=true", check=False, cwd=tmp_path)
+    assert result.returncode != 0 and ("data.normalize=true: eval.py does not read data.normalize, so it would be "
+                                       "ignored") in result.stderr
+    groups = {"experiment": None}  # a config group may be added
+    check_overrides(["+experiment=paper", "model.part=4"], ["model.part"], groups, "train.py", "")
+
 
 def test_a_launchers_own_signal_handler_runs_after_the_state_is_saved(reference_run, fake_root, tmp_path, monkeypatch):
     """Like submitit on SLURM: its SIGUSR2 handler (requeue) is called once the step's state is saved;
@@ -289,6 +311,24 @@ def test_a_signal_during_the_last_evaluation_lets_the_run_finish(reference_run, 
     assert metrics["status"] == "finished" and (tmp_path / "model.pt").is_file()
     assert comparable(metrics) == comparable(read_metrics(reference_run))
     assert "SIGTERM after the last epoch: the run finished first" in caplog.text
+
+
+def test_a_second_ctrl_c_stops_at_once_and_an_ignored_sigint_stays_ignored():
+    with train_module.StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # launchers may send it twice: still a flag
+        assert stop.received == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C during a long evaluation or compilation, twice
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a shell's background job
+    try:
+        with train_module.StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            assert stop.received is None
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_resuming_on_another_device_type_is_refused(reference_run, fake_root, tmp_path):
@@ -342,12 +382,16 @@ def test_resuming_on_other_data_is_refused_and_on_the_same_data_moved_accepted(r
     before = (run_dir / "metrics.json").read_bytes()
     refused = script("train.py", *SMALL, f"data.root={other}", f"hydra.run.dir={run_dir}", check=False)
     assert refused.returncode != 0 and f"data.root={other} holds other data" in refused.stderr
-    assert f"Resume it with data.root={fake_root}" in refused.stderr
+    assert f"Rerun it with data.root={fake_root}" in refused.stderr
     assert (run_dir / "metrics.json").read_bytes() == before  # refused, not failed: the record is as it was
 
     moved = shutil.copytree(fake_root, tmp_path / "moved")
     script("train.py", *SMALL, f"data.root={moved}", f"hydra.run.dir={run_dir}")
     assert read_metrics(run_dir)["status"] == "finished" and read_metrics(run_dir)["data"]["root"] == str(moved)
+    # Finished, it has nothing to do, on its data wherever it is; a relaunch on other data is refused all the same.
+    train_module.train(train_config(*SMALL, f"data.root={fake_root}"), run_dir)
+    with pytest.raises(train_module.Refused, match=f"data.root={other} holds other data"):
+        train_module.train(train_config(*SMALL, f"data.root={other}"), run_dir)
 
 
 def test_a_finished_run_without_its_checkpoint_is_left_alone(reference_run, fake_root, tmp_path):
@@ -360,6 +404,9 @@ def test_a_finished_run_without_its_checkpoint_is_left_alone(reference_run, fake
     other = script("train.py", *SMALL, "optim.lr=0.05", f"data.root={fake_root}", f"hydra.run.dir={run_dir}",
                    check=False)
     assert other.returncode != 0 and "optim.lr: 0.1 -> 0.05" in other.stderr
+    make_fake_cifar(tmp_path / "other", train=500, test=100, seed=1)
+    with pytest.raises(train_module.Refused, match="holds other data"):
+        train_module.train(train_config(*SMALL, f"data.root={tmp_path / 'other'}"), run_dir)
     assert {name: (run_dir / name).read_bytes() for name in before} == before
 
 
@@ -450,20 +497,14 @@ def test_the_compile_setting_is_a_mode_per_device(setting, device, mode):
     ("compile", False, None),  # false and auto both train eagerly on the CPU
     ("hetconv", "dense", "was trained with its HetConv layers computed dense and cannot resume grouped"),
     ("hetconv", "grouped", None),  # what auto computes on the CPU
-    ("hetconv", None, None),  # runs from before trainer.hetconv existed computed grouped
 ])
 def test_a_run_resumes_only_in_the_compile_mode_and_hetconv_form_it_started_with(key, started_with, refusal,
                                                                                  reference_run, fake_root, tmp_path):
     """The reference run trains eagerly and grouped: trainer.compile and trainer.hetconv are auto on the CPU."""
     run_dir = tmp_path / "run"
 
-    def start_with(state):
-        trainer = state["config"]["trainer"]
-        trainer.pop(key)
-        if started_with is not None:
-            trainer[key] = started_with
-
-    copy_stopped_after_epoch_2(reference_run, run_dir, start_with)
+    copy_stopped_after_epoch_2(reference_run, run_dir,
+                               lambda state: state["config"]["trainer"].update({key: started_with}))
     before = (run_dir / "metrics.json").read_bytes()
     result = script("train.py", *SMALL, f"data.root={fake_root}", f"hydra.run.dir={run_dir}", check=False)
     if refusal:
@@ -475,12 +516,10 @@ def test_a_run_resumes_only_in_the_compile_mode_and_hetconv_form_it_started_with
         assert read_metrics(run_dir)["status"] == "finished"
 
 
-@pytest.mark.parametrize("setting,form", [(None, "grouped"), ("auto", "dense"), ("grouped", "grouped")])
+@pytest.mark.parametrize("setting,form", [("auto", "dense"), ("grouped", "grouped")])
 def test_eval_builds_the_form_the_run_computed_on_that_device(setting, form, reference_run, tmp_path):
     state = torch.load(reference_run / "model.pt", weights_only=False)
-    state["config"]["trainer"].pop("hetconv")
-    if setting:
-        state["config"]["trainer"]["hetconv"] = setting
+    state["config"]["trainer"]["hetconv"] = setting
     torch.save(state, tmp_path / "model.pt")
     model, _ = eval_module.load_model(tmp_path / "model.pt", torch.device("cuda"))  # built on the CPU either way
     assert {m.impl for m in model.modules() if isinstance(m, HetConv2d)} == {form}
@@ -498,16 +537,7 @@ def test_a_resume_on_another_cpu_thread_count_warns_that_it_will_not_end_exactly
     assert warned == other_threads and read_metrics(run_dir)["status"] == "finished"
 
 
-def test_a_record_from_before_launches_were_kept_keeps_its_history_when_resumed(tmp_path):
-    old = {"git_commit": "first", "resumed_at_commits": ["second"], "device": "GPU", "versions": {"torch": "2.11.0"}}
-    record = RunRecord(tmp_path, {}, saved={"info": old, "history": [], "wall_s": 0.0})
-    record.launched(device="CPU", data_root="data")
-    assert [(launch["git_commit"], launch["device"]) for launch in record.info["launches"]] == [
-        ("first", "GPU"), ("second", "GPU"), (git_commit(), "CPU")]
-    assert "resumed_at_commits" not in record.info
-
-
-def test_a_start_without_a_checkpoint_records_its_failure_over_an_old_record(reference_run, tmp_path):
+def test_a_start_without_a_checkpoint_records_its_failure_over_an_old_record(reference_run, tmp_path, caplog):
     run_dir = tmp_path / "run"
     copy_stopped_after_epoch_2(reference_run, run_dir)
     shutil.rmtree(run_dir / "checkpoints")  # a damaged last.pt moved away: nothing left to resume
@@ -517,6 +547,8 @@ def test_a_start_without_a_checkpoint_records_its_failure_over_an_old_record(ref
     with pytest.raises(DatasetError):
         train_module.train(train_config(*SMALL, f"data.root={tmp_path / 'nowhere'}", "data.download=false"), run_dir)
     assert read_metrics(run_dir)["status"] == "failed" and "DatasetError" in read_metrics(run_dir)["reason"]
+    assert ("metrics.json records 3 epochs, but there is no checkpoints/last.pt to resume them from: the run starts "
+            "over") in caplog.text
 
 
 def test_a_resume_that_fails_on_bad_input_keeps_the_record_and_logs_why(reference_run, tmp_path):
