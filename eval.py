@@ -89,7 +89,7 @@ def trained_on(state: dict) -> dict:
 @hydra.main(config_path="configs", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     hydra_cfg = HydraConfig.get()
-    check_overrides(list(hydra_cfg.overrides.task), list(SETTINGS), hydra_cfg.runtime.choices, "eval.py",
+    check_overrides(list(hydra_cfg.overrides.task), list(SETTINGS), ["data"], "eval.py",
                     f"It reads {', '.join(SETTINGS)}; the model and its preprocessing are the checkpoint's.")
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ValueError("no checkpoint given: name a run folder, its model.pt or its checkpoints/last.pt with "

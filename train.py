@@ -64,8 +64,8 @@ class Interrupted(SystemExit):
 class StopSignals:
     """SIGINT, SIGTERM and SIGUSR2 become a flag that the training loop checks between steps, where
     the state it saves is consistent. A handler that was installed before ours (submitit's, which
-    requeues a SLURM job) is then called; without one, the run stops. A second SIGINT before the loop
-    gets to the first (during an evaluation or a compilation, say) stops the run at once, unsaved: a
+    requeues a SLURM job) is then called; without one, the run stops. A second SIGINT before the run
+    has stopped for the first (during an evaluation or a compilation, say) stops it at once, unsaved: a
     second Ctrl-C is not made to wait. (Launchers may send SIGTERM twice; it only sets the flag.) A
     signal that was ignored when the run started (SIGINT in a shell's background job) stays ignored."""
 
@@ -180,8 +180,7 @@ def load_data(cfg: DictConfig) -> tuple[dict[str, Split], dict]:
 def leave_finished(cfg: DictConfig, run_dir: Path, trained_on: dict) -> None:
     """A finished run has nothing to do, but a command that names other data for it is refused as a resume would be:
     a sweep relaunched on other data must not skip its jobs as if they had trained on it."""
-    if Path(to_absolute_path(cfg.data.root)) != Path(trained_on["root"]):  # moved, or other data
-        refuse_other_data(run_dir, trained_on, load_data(cfg)[1])
+    refuse_other_data(run_dir, trained_on, load_data(cfg)[1])
     log.info("%s already finished %d epochs: nothing to do", run_dir, cfg.trainer.epochs)
 
 
@@ -208,7 +207,7 @@ def main(cfg: DictConfig) -> dict:
         hydra_cfg = HydraConfig.get()
         check_overrides(list(hydra_cfg.overrides.task), list(flatten(OmegaConf.to_container(cfg))),
                         hydra_cfg.runtime.choices, "train.py",
-                        "`python train.py --cfg job` lists them; set them without + or ++.")
+                        "`python train.py --cfg job` lists them; set one without the +.")
         return train(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN)
     except Exception as error:
         log.error("%s: %s", type(error).__name__, error)  # into train.log too: under SLURM stderr is the launcher's
@@ -380,7 +379,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     return metrics
 
 
-def save_final_weights(run_dir: Path, weights: dict, config: dict, epoch: int, data: dict | None) -> None:
+def save_final_weights(run_dir: Path, weights: dict, config: dict, epoch: int, data: dict) -> None:
     """What eval.py reads: the weights, the config that made them and the data they were trained on."""
     save(run_dir / "model.pt", {"model": weights, "config": config, "epoch": epoch, "data": data})
 

@@ -63,18 +63,19 @@ def check_flags(cfg, keys: tuple[str, ...]) -> None:
 
 
 def check_overrides(overrides: list[str], readable: list[str], groups, script: str, listing: str) -> None:
-    """Refuse a command-line setting that nothing would read: one added with Hydra's `+` (which Hydra suggests
-    for a mistyped key) or `++`, or one the script does not use. Config groups may be added (+experiment=paper)."""
+    """Refuse a command-line setting that nothing would read: a key added with Hydra's `+` (which Hydra suggests
+    for a mistyped key) or one the script does not use (`readable`: its settings; `groups`: the config groups it
+    may be given, such as experiment=demo). Removing a setting (~key) is refused too: the script reads them all."""
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.key_or_group
-        if key in groups:
+        parts = key.split(".")
+        known = any(".".join(parts[:i]) in readable for i in range(1, len(parts) + 1))  # data.mean.0: data.mean's
+        if override.is_delete():
+            raise ValueError(f"{override.input_line}: {script} does not take a setting away; set {key} instead")
+        if key in groups or (known and not override.is_add()):
             continue
-        if override.is_add() or override.is_force_add():
-            problem = f"adds {key} with + or ++, but {script} reads only the settings its configs define"
-        elif key not in readable:
-            problem = f"{script} does not read {key}"
-        else:
-            continue
+        problem = f"adds {key} with +, but {script} reads only its configs' settings" if override.is_add() else (
+            f"{script} does not read {key}")
         close = difflib.get_close_matches(key, [k for k in readable if k != key], n=1)
         raise ValueError(f"{override.input_line}: {problem}, so it would be ignored"
                          + (f" (did you mean {close[0]}?)" if close else "") + f". {listing}")

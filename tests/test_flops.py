@@ -96,7 +96,8 @@ def test_committed_flops_table_is_current():
         committed = list(csv.DictReader(f))
     regenerated = flops_rows()
     assert [{k: str(v) for k, v in row.items()} for row in regenerated] == committed
-    committed_md, regenerated_md = (RESULTS_DIR / "flops.md").read_text(), render_markdown(regenerated, "python scripts/flops_table.py")
+    committed_md = (RESULTS_DIR / "flops.md").read_text()
+    regenerated_md = render_markdown(regenerated, "python scripts/flops_table.py")
     after_date_and_commit = [text.split("\n| P |", 1)[1] for text in (committed_md, regenerated_md)]
     assert after_date_and_commit[0] == after_date_and_commit[1]
     assert all(math.isclose(row["flops_diff_m"], 0) for row in regenerated)

@@ -257,15 +257,19 @@ def test_a_setting_that_nothing_would_read_is_refused(reference_run, fake_root, 
     # Hydra answers trainer.epoch=3 with "To append to your config use +trainer.epoch=3"
     result = script("train.py", *SMALL, "+trainer.epoch=3", f"data.root={fake_root}", f"hydra.run.dir={tmp_path}",
                     check=False)
-    assert result.returncode != 0 and ("+trainer.epoch=3: adds trainer.epoch with + or ++, but train.py reads only "
-                                       "the settings its configs define, so it would be ignored (did you mean "
-                                       "trainer.epochs?)") in result.stderr
+    assert result.returncode != 0 and ("+trainer.epoch=3: adds trainer.epoch with +, but train.py reads only its "
+                                       "configs' settings, so it would be ignored (did you mean trainer.epochs?)"
+                                       ) in result.stderr
     assert not (tmp_path / "metrics.json").exists()
     result = script("eval.py", f"checkpoint={reference_run}", "data.normalize=true", check=False, cwd=tmp_path)
     assert result.returncode != 0 and ("data.normalize=true: eval.py does not read data.normalize, so it would be "
                                        "ignored") in result.stderr
-    groups = {"experiment": None}  # a config group may be added
-    check_overrides(["+experiment=paper", "model.part=4"], ["model.part"], groups, "train.py", "")
+    readable = ["model.part", "data.mean"]
+    check_overrides(["experiment=demo", "model.part=4", "data.mean.0=0.5"], readable, ["experiment"], "train.py", "")
+    with pytest.raises(ValueError, match="train.py does not take a setting away; set data.mean instead"):
+        check_overrides(["~data.mean"], readable, ["experiment"], "train.py", "")
+    with pytest.raises(ValueError, match="eval.py does not read experiment"):  # it would set the model's width
+        check_overrides(["experiment=demo"], list(eval_module.SETTINGS), ["data"], "eval.py", "")
 
 
 def test_a_launchers_own_signal_handler_runs_after_the_state_is_saved(reference_run, fake_root, tmp_path, monkeypatch):
