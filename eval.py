@@ -59,14 +59,16 @@ def checkpoint_path(setting: str) -> Path:
     path = Path(to_absolute_path(setting))
     if not path.is_dir():
         return path
-    if not (path / "model.pt").exists() and last_checkpoint(path).exists():
+    if (path / "model.pt").exists():
+        return path / "model.pt"
+    if last_checkpoint(path).exists():
         raise FileNotFoundError(f"{path} has no model.pt: its run has not finished. To evaluate the weights it "
                                 f"has so far: {command_line_override('checkpoint', last_checkpoint(path))}")
     jobs = sorted(weights.parent for weights in path.glob("*/model.pt"))
-    if not (path / "model.pt").exists() and jobs:
+    if jobs:
         raise FileNotFoundError(f"{path} holds the runs of a sweep, {len(jobs)} of them finished: name one, e.g. "
                                 f"{command_line_override('checkpoint', jobs[0])}")
-    return path / "model.pt"
+    return path / "model.pt"  # missing: load() says what it expected
 
 
 def data_root(setting: str | None, run_data: dict) -> Path:
