@@ -20,7 +20,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from hetconv.data import CLASSES, FOLDER, DatasetError, fingerprint, is_official, load_cifar10, memory_format
-from hetconv.flops import model_costs, truncate_millions
+from hetconv.flops import describe_flops, model_costs
 from hetconv.provenance import device_name, git_commit, library_versions, now
 from hetconv.layer import resolved_impl
 from hetconv.runfiles import command_line_override, last_checkpoint, load, write_json
@@ -129,8 +129,7 @@ def main(cfg: DictConfig) -> dict:
         print(f"note: these are not the test images the run was tested on (fingerprint {tested_on}; these: "
               f"{test_fingerprint}), so this accuracy is not comparable with the run's")
     print(f"test accuracy {report['test_acc']:.2f}%   loss {report['test_loss']:.4f}   ({len(test)} images)")
-    print(f"FLOPs {truncate_millions(costs['flops']):.2f}M (paper convention), "
-          f"{truncate_millions(costs['executed_flops']):.2f}M executed")
+    print(describe_flops(costs))
     print(f"parameters {costs['params'] / 1e6:.3f}M effective, {costs['stored_params'] / 1e6:.3f}M stored")
     print("per-class accuracy: " + ", ".join(
         f"{name} {'-' if acc is None else f'{acc:.2f}%'}" for name, acc in report["per_class_acc"].items()))

@@ -31,7 +31,7 @@ from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
 from hetconv.data import Split, TrainBatches, fingerprint, is_official, load_cifar10, memory_format
-from hetconv.flops import model_costs, truncate_millions
+from hetconv.flops import describe_flops, model_costs
 from hetconv.gpus import claim_gpu
 from hetconv.provenance import device_name
 from hetconv.layer import resolved_impl
@@ -283,10 +283,8 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     record.launched(**where, data_root=data_info["root"])
     info = dict(**costs, **where, torch_compile=compile_as, hetconv=form, data=data_info, resume=resume)
     record.update("running", **info)
-    log.info("VGG-16 part=%d width=%s: %.2fM FLOPs (paper), %.2fM executed, %.3fM params, on %s, %s, HetConv %s",
-             cfg.model.part, cfg.model.width, truncate_millions(costs["flops"]),
-             truncate_millions(costs["executed_flops"]), costs["params"] / 1e6, info["device"], how_it_runs(compile_as),
-             form)
+    log.info("VGG-16 part=%d width=%s: %s, %.3fM params, on %s, %s, HetConv %s", cfg.model.part, cfg.model.width,
+             describe_flops(costs), costs["params"] / 1e6, info["device"], how_it_runs(compile_as), form)
     # Scalars from after the checkpoint, or from a launch that left none, are written again: purge them.
     writer = SummaryWriter(run_dir, purge_step=epoch + 1)
     hparam_values = {"part": cfg.model.part, "width": cfg.model.width, "seed": cfg.seed, "epochs": cfg.trainer.epochs,

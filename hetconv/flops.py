@@ -106,3 +106,9 @@ def truncate_millions(count: float, digits: int = 2) -> float:
     """Millions truncated (not rounded) to `digits` decimals, as the paper prints FLOPs."""
     scale = 10**digits
     return math.floor(count / 1e6 * scale + 1e-9) / scale
+
+
+def describe_flops(costs: dict[str, float]) -> str:
+    """A model_costs' FLOPs as train.log and eval.py print them, truncated as the paper prints them."""
+    return (f"FLOPs {truncate_millions(costs['flops']):.2f}M (paper convention), "
+            f"{truncate_millions(costs['executed_flops']):.2f}M executed")
