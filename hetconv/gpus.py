@@ -15,8 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from hetconv.training import is_int
-
 log = logging.getLogger(__name__)
 _held = []  # the open lock file of this process's slot: closing it would release the slot
 
@@ -43,8 +41,6 @@ def claim_gpu(jobs_per_gpu: int, lock_dir: Path | None = None, poll_s: float = 5
     """
     if _held:
         return os.environ["CUDA_VISIBLE_DEVICES"]
-    if not is_int(jobs_per_gpu) or jobs_per_gpu < 1:
-        raise ValueError(f"trainer.jobs_per_gpu must be an int >= 1 (or null to not pin jobs), got {jobs_per_gpu!r}")
     gpus = visible_gpus()
     if not gpus:
         return None

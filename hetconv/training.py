@@ -99,6 +99,9 @@ def check_settings(cfg) -> None:
     if not (OmegaConf.is_list(milestones) and all(is_int(m) and m >= 0 for m in milestones)):
         raise ValueError(f"schedule.milestones must be a list of epochs (ints >= 0) at schedule.reference_epochs, "
                          f"got {milestones!r}")
+    jobs_per_gpu = cfg.trainer.jobs_per_gpu
+    if jobs_per_gpu is not None and not (is_int(jobs_per_gpu) and jobs_per_gpu >= 1):
+        raise ValueError(f"trainer.jobs_per_gpu must be an int >= 1 (or null to not pin jobs), got {jobs_per_gpu!r}")
     check_flags(cfg, FLAGS)
     for key, positive in (("data.mean", False), ("data.std", True)):
         values = OmegaConf.select(cfg, key)
