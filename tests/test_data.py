@@ -1,8 +1,12 @@
 """The data pipeline against plain references: augmentation, epochs, and what counts as the official CIFAR-10."""
 
 import hashlib
+import io
 import pickle
 import shutil
+import tarfile
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -10,6 +14,7 @@ import torch.nn.functional as F
 
 from hetconv import data as data_module
 from hetconv.data import FOLDER, DatasetError, Split, TrainBatches, augment, fingerprint, is_official, load_cifar10
+from hetconv.training import Preprocess, train_config
 from scripts import make_fake_cifar as make_fake_cifar_script
 from scripts.make_fake_cifar import make_fake_cifar
 
@@ -35,6 +40,73 @@ def test_an_epoch_shows_every_image_once_in_full_batches_and_replays_from_its_st
     assert len(seen) == 200 and len(set(seen.tolist())) == 200  # the last, partial batch is dropped
     batches.generator.set_state(start)
     assert torch.equal(torch.cat([labels for _, labels in batches.epoch(start_step=1)]), seen[100:])
+
+
+def test_without_crop_and_flip_a_batch_holds_its_images_as_they_are():
+    images = torch.randint(0, 256, (250, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batches = TrainBatches(Split(images, torch.arange(250)), 100, torch.Generator().manual_seed(0), crop_padding=0,
+                           flip=False)
+    for batch, labels in batches.epoch():
+        assert torch.equal(batch, images[labels])
+
+
+def test_normalize_standardises_each_channel_with_the_configured_statistics():
+    data = train_config("data.normalize=true").data
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = (torch.tensor(data[key])[:, None, None] for key in ("mean", "std"))
+    expected = (images.double() / 255 - mean) / std
+    assert torch.allclose(Preprocess(data, False, torch.device("cpu"))(images).double(), expected, atol=1e-5)
+    data.normalize = False
+    assert torch.equal(Preprocess(data, False, torch.device("cpu"))(images), images.float() / 255)
+
+
+def packed_like_the_release(fake_root, tmp_path):
+    """fake_root's batch files in an archive laid out as the official one, and its md5."""
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(fake_root / FOLDER, arcname=FOLDER)
+    return archive, hashlib.md5(archive.read_bytes()).hexdigest()
+
+
+def test_a_download_is_md5_checked_and_extracted_whole(fake_root, tmp_path, monkeypatch):
+    archive, md5 = packed_like_the_release(fake_root, tmp_path)
+    monkeypatch.setattr(data_module, "URL", archive.as_uri())
+    monkeypatch.setattr(data_module, "ARCHIVE_MD5", "0" * 32)
+    with pytest.raises(DatasetError, match="does not have the official md5"):
+        load_cifar10(tmp_path / "tampered", download_if_missing=True)
+    assert [p.name for p in (tmp_path / "tampered").iterdir()] == [".download.lock"]  # nothing half-made kept
+    monkeypatch.setattr(data_module, "ARCHIVE_MD5", md5)
+    root = tmp_path / "data"
+    downloaded = load_cifar10(root, download_if_missing=True)
+    assert fingerprint(downloaded) == fingerprint(load_cifar10(fake_root, download_if_missing=False))
+    assert sorted(p.name for p in root.iterdir()) == [".download.lock", FOLDER]  # the archive is not kept
+
+
+class CutOff(io.BytesIO):
+    """A response whose connection drops after its first chunk."""
+
+    def read(self, size=-1):
+        if self.tell():
+            raise ConnectionResetError("Connection reset by peer")
+        return super().read(size)
+
+
+@pytest.mark.parametrize("failure", ["offline", "cut off"])
+def test_a_failed_download_leaves_no_partial_file_and_says_what_to_do(failure, tmp_path, monkeypatch):
+    timeouts = []
+
+    def urlopen(url, timeout):
+        timeouts.append(timeout)
+        if failure == "offline":
+            raise urllib.error.URLError(OSError(101, "Network is unreachable"))
+        return CutOff(b"the first megabyte")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    with pytest.raises(DatasetError, match="downloading it failed") as error:
+        load_cifar10(tmp_path, download_if_missing=True)
+    assert "rerun where the download can reach it" in str(error.value) and "md5" in str(error.value)
+    assert timeouts == [data_module.DOWNLOAD_TIMEOUT_S]  # a network that drops packets does not hang the job
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".download.lock"]
 
 
 def official_copy(tmp_path, monkeypatch):

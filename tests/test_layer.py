@@ -1,8 +1,11 @@
 """HetConv2d is exactly the paper's layer, and its structural zeros cannot be brought back."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from hetconv import HetConv2d, shift_permutation
 from hetconv.layer import resolved_impl
@@ -130,6 +133,18 @@ def test_part_one_is_a_standard_convolution():
     assert layer.weight1x1 is None and layer.num_structural_zeros == 0
     x = torch.randn(2, 4, 5, 5)
     torch.testing.assert_close(layer(x), F.conv2d(x, layer.weight3x3, padding=1))
+
+
+def test_initialisation_is_nn_conv2d_s_over_the_layer_s_fan_in():
+    torch.manual_seed(0)
+    standard = nn.Conv2d(16, 32, 3, padding=1)
+    torch.manual_seed(0)
+    layer = HetConv2d(16, 32, 1, bias=True)
+    torch.testing.assert_close((layer.weight3x3, layer.bias), (standard.weight, standard.bias))
+    layer = HetConv2d(64, 64, 4)  # a filter holds 16 3x3 kernels and 48 1x1 ones
+    bound = 1 / math.sqrt(16 * 9 + 48)
+    for weights in (layer.weight3x3, layer.weight1x1[layer.mask1x1]):  # uniform on [-bound, bound]
+        assert 0.99 * bound < weights.abs().max() <= bound
 
 
 def masked_entries(layer):

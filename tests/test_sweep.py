@@ -98,17 +98,17 @@ def test_table_refuses_to_put_generated_data_or_no_result_into_results(fake_root
     assert {p.name: p.read_bytes() for p in (REPO / "results").iterdir()} == results
 
 
-def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None):
+def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, seed=0, test_acc=90.0):
     """A job folder as train.py leaves it, without training: .hydra/config.yaml and metrics.json."""
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=demo", "trainer.epochs=2", f"model.part={part}",
-                                          f"model.width={width}"])
-    run_dir = sweep_dir / f"part={part},width={width}"
+                                          f"model.width={width}", f"seed={seed}"])
+    run_dir = sweep_dir / (f"part={part},width={width}" + (f",seed={seed}" if seed else ""))
     (run_dir / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
     finished = status == "finished"
     metrics = {"status": status, "reason": None, "epochs": 2, "epochs_done": epochs_done,
-               "test_acc": 90.0 if finished else None, "best_test_acc": 91.0 if finished else None,
+               "test_acc": test_acc if finished else None, "best_test_acc": test_acc + 1 if finished else None,
                "device": "cpu", "git_commit": "abc", "started": "2024-01-01T00:00:00",
                "launches": launches or [{"device": "cpu", "git_commit": "abc", "versions": {"torch": "2.14.1"}}],
                "resume": how_to_resume(run_dir, in_sweep=True),
@@ -163,6 +163,16 @@ def test_table_compares_only_full_width_rows_and_tells_a_killed_job_from_a_runni
     paper_cells = {cells[1]: [cells[3], cells[7], cells[8]] for cells in part_1}  # FLOPs, acc, diff of the paper
     assert paper_cells == {"1.0": ["313.74M", "94.06", "-4.06"], "0.25": ["-", "-", "-"]}
     assert "Rows of width != 1 have no paper figures" in markdown
+
+
+def test_a_row_pools_its_seeds_as_mean_and_sample_std(tmp_path):
+    for seed, test_acc in enumerate((93.0, 94.0, 95.5)):
+        fake_job(tmp_path / "sweep", 4, 1.0, "finished", seed=seed, test_acc=test_acc)
+    make_table.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "table")])
+    [row] = [r for r in csv.DictReader(open(tmp_path / "table" / "table.csv")) if r["part"] == "4"]
+    assert (row["n"], row["test_acc"], row["test_acc_std"], row["best_test_acc"]) == ("3", "94.17", "1.26", "95.17")
+    assert row["diff"] == "0.24" and row["status"] == "3 finished"  # 94.17 - the paper's 93.93
+    assert "| 94.17 ± 1.26 (n=3) |" in (tmp_path / "table" / "table.md").read_text()
 
 
 def test_the_table_names_every_launch_and_plots_one_curve_per_width(tmp_path, monkeypatch):

@@ -21,12 +21,11 @@ from torch.utils.tensorboard import SummaryWriter
 import eval as eval_module
 import train as train_module
 from conftest import SMALL, comparable, read_metrics, script, start
-from hetconv import data as data_module
 from hetconv import HetConv2d
 from hetconv.data import DatasetError, load_cifar10
 from hetconv.flops import count_flops
 from hetconv.runfiles import atomic_write, exclusive, last_checkpoint
-from hetconv.training import check_overrides, compile_mode, train_config
+from hetconv.training import check_overrides, compile_mode, milestone_epochs, train_config
 from models import vgg16
 from scripts.make_fake_cifar import make_fake_cifar
 
@@ -111,7 +110,8 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(sig, refe
         metrics = read_metrics(run_dir)
         assert metrics["status"] == "interrupted"
         assert metrics["reason"].endswith(f"rerun the same command with hydra.run.dir={run_dir} to resume")
-        assert torch.load(last_checkpoint(run_dir), weights_only=False)["step"] >= 1
+        state = torch.load(last_checkpoint(run_dir), weights_only=False)
+        assert (state["epoch"], state["step"]) > (1, 0)  # saved where it stopped, past its epoch-1 checkpoint
     else:
         assert process.returncode == -signal.SIGKILL
 
@@ -121,20 +121,35 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(sig, refe
     assert read_metrics(run_dir)["status"] == "finished" and len(read_metrics(run_dir)["launches"]) == 2
 
 
-def test_a_finished_run_is_left_alone(reference_run, fake_root):
-    before = {name: (reference_run / name).read_bytes() for name in ("model.pt", "metrics.json")}
-    result = script("train.py", *SMALL, f"data.root={fake_root}", f"hydra.run.dir={reference_run}")
+def test_a_finished_run_is_left_alone(reference_run, fake_root, tmp_path):
+    run_dir = shutil.copytree(reference_run, tmp_path / "run")  # a launch rewrites .hydra/: not the shared run's
+    before = {name: (run_dir / name).read_bytes() for name in ("model.pt", "metrics.json")}
+    result = script("train.py", *SMALL, f"data.root={fake_root}", f"hydra.run.dir={run_dir}")
     assert "already finished" in result.stdout + result.stderr
-    assert {name: (reference_run / name).read_bytes() for name in before} == before
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
 
 
-def test_resuming_with_other_settings_is_refused_and_changes_nothing(reference_run, fake_root):
-    before = {p.name: p.read_bytes() for p in (reference_run / "metrics.json", last_checkpoint(reference_run))}
+def test_a_run_killed_before_writing_its_final_weights_writes_them_when_relaunched(reference_run, fake_root,
+                                                                                    tmp_path):
+    run_dir = shutil.copytree(reference_run, tmp_path / "run")
+    (run_dir / "model.pt").unlink()  # killed between the last checkpoint and the final save
+    train_module.train(train_config(*SMALL, f"data.root={fake_root}"), run_dir)
+    final = torch.load(run_dir / "model.pt", weights_only=False)
+    last = torch.load(last_checkpoint(run_dir), weights_only=False)
+    assert final["epoch"] == 3 and final["data"] == read_metrics(run_dir)["data"]
+    assert final["model"].keys() == last["model"].keys()
+    assert all(torch.equal(final["model"][k], last["model"][k]) for k in last["model"])
+    assert read_metrics(run_dir)["status"] == "finished"
+
+
+def test_resuming_with_other_settings_is_refused_and_changes_nothing(reference_run, fake_root, tmp_path):
+    run_dir = shutil.copytree(reference_run, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in (run_dir / "metrics.json", last_checkpoint(run_dir))}
     result = script("train.py", *SMALL, "trainer.epochs=5", f"data.root={fake_root}",
-                    f"hydra.run.dir={reference_run}", check=False)
+                    f"hydra.run.dir={run_dir}", check=False)
     assert result.returncode != 0
     assert "trainer.epochs: 3 -> 5" in result.stderr and "hydra.run.dir" in result.stderr
-    assert {p.name: p.read_bytes() for p in (reference_run / "metrics.json", last_checkpoint(reference_run))} == before
+    assert {p.name: p.read_bytes() for p in (run_dir / "metrics.json", last_checkpoint(run_dir))} == before
 
 
 def test_diverging_loss_fails_the_run_and_keeps_the_last_good_checkpoint(fake_root, tmp_path, monkeypatch):
@@ -159,27 +174,16 @@ def test_diverging_loss_fails_the_run_and_keeps_the_last_good_checkpoint(fake_ro
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
-def test_missing_data_without_download_fails_fast_naming_path_and_files(tmp_path):
-    started = time.time()
+def test_missing_data_without_download_fails_before_training_naming_path_and_files(tmp_path):
     result = script("train.py", *SMALL, f"data.root={tmp_path / 'nowhere'}", "data.download=false",
                     f"hydra.run.dir={tmp_path / 'run'}", check=False)
-    assert result.returncode != 0 and time.time() - started < 60
+    assert result.returncode != 0
     message = result.stderr
     assert str(tmp_path / "nowhere" / "cifar-10-batches-py") in message
     assert "data_batch_1..5" in message and "test_batch" in message and "data.download=true" in message
     assert "make_fake_cifar.py" in message
     assert read_metrics(tmp_path / "run")["status"] == "failed"
     assert not last_checkpoint(tmp_path / "run").exists()
-
-
-def test_offline_download_fails_fast_with_instructions(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_module, "URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # nothing listens
-    started = time.time()
-    with pytest.raises(DatasetError, match="downloading it failed") as error:
-        load_cifar10(tmp_path, download_if_missing=True)
-    assert time.time() - started < 30 and "md5" in str(error.value)
-    assert "rerun where the download can reach it" in str(error.value) and "data.download=true" not in str(error.value)
-    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_truncated_batch_file_is_named(fake_root, tmp_path):
@@ -567,17 +571,32 @@ def test_a_resume_that_fails_on_bad_input_keeps_the_record_and_logs_why(referenc
     assert "DatasetError: CIFAR-10 not found" in (run_dir / "train.log").read_text()
 
 
+class Counting(torch.nn.Module):
+    """Stands in for torch.compile's wrapper of the model, counting the images it is given."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.images = model, 0
+
+    def forward(self, inputs):
+        self.images += len(inputs)
+        return self.model(inputs)
+
+
 def test_trainer_compile_reaches_torch_compile_and_the_record(fake_root, tmp_path, monkeypatch):
-    modes = []
+    modes, wrappers = [], []
 
     def recording_compile(model, mode):
         modes.append(mode)
-        return model
+        wrappers.append(Counting(model))
+        return wrappers[-1]
 
     monkeypatch.setattr(torch, "compile", recording_compile)
     train_module.train(train_config(*SMALL, "trainer.epochs=1", "trainer.compile=max-autotune",
                                     f"data.root={fake_root}"), tmp_path)
     assert modes == ["max-autotune"] and read_metrics(tmp_path)["torch_compile"] == "max-autotune"
+    data = read_metrics(tmp_path)["data"]
+    assert wrappers[0].images == data["train_images"] + data["test_images"]  # the compiled model trains and tests
 
 
 def test_trainer_hetconv_reaches_the_layers_and_the_record(fake_root, tmp_path):
@@ -600,6 +619,13 @@ def test_a_compiled_run_trains_evaluates_and_checkpoints(fake_root, tmp_path):
     assert metrics["train_loss"] < 2.0 and metrics["test_acc"] > 20  # chance: 2.30 and 10%
     weights = torch.load(tmp_path / "model.pt", weights_only=False)["model"]
     assert not any(key.startswith("_orig_mod.") for key in weights)  # loadable without torch.compile
+
+
+def test_the_milestones_are_the_recipe_s_at_330_epochs_and_keep_their_fractions_in_shorter_runs():
+    schedule = train_config().schedule
+    assert milestone_epochs(schedule, 330) == [50, 140, 210, 240, 270, 300] and schedule.gamma == 0.2
+    assert milestone_epochs(schedule, 33) == [5, 14, 21, 24, 27, 30]
+    assert milestone_epochs(schedule, 6) == [1, 3, 4, 4, 5, 5]  # experiment=demo: milestones that meet compound
 
 
 def test_the_eta_follows_the_last_epochs_pace(caplog, tmp_path):
