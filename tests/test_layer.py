@@ -108,7 +108,7 @@ def test_both_impls_give_every_weight_the_same_gradient(in_channels, out_channel
         assert torch.count_nonzero(dense.weight1x1.grad[~dense.mask1x1]) == 0  # none reaches the structural zeros
 
 
-def test_auto_runs_dense_on_cuda_and_grouped_elsewhere():
+def test_auto_resolves_to_dense_on_cuda_and_grouped_elsewhere_and_an_unknown_impl_is_refused():
     assert resolved_impl("auto", torch.device("cuda")) == "dense"
     assert resolved_impl("auto", torch.device("cpu")) == "grouped"
     assert resolved_impl("grouped", torch.device("cuda")) == "grouped"

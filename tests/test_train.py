@@ -220,7 +220,7 @@ def test_eval_says_when_weights_are_from_part_way_or_the_data_is_elsewhere_or_ot
     assert "note: these are not the test images the run was tested on" in result.stdout
 
 
-def test_eval_rejects_missing_and_incompatible_checkpoints(reference_run, fake_root, tmp_path):
+def test_eval_names_what_is_wrong_with_the_checkpoint_data_or_settings_it_is_given(reference_run, fake_root, tmp_path):
     missing = script("eval.py", f"checkpoint={tmp_path / 'none.pt'}", f"data.root={fake_root}", check=False,
                      cwd=tmp_path)
     assert missing.returncode != 0 and "checkpoint not found" in missing.stderr
@@ -457,7 +457,7 @@ def test_a_failed_write_names_the_file_and_the_free_space(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_test_split_loads_without_the_training_batches(tmp_path):
+def test_the_test_split_loads_alone_and_a_misplaced_or_incomplete_data_root_is_named(tmp_path):
     make_fake_cifar(tmp_path, train=500, test=100, seed=0)
     for batch in (tmp_path / "cifar-10-batches-py").glob("data_batch_*"):
         batch.unlink()
