@@ -25,7 +25,7 @@ from hetconv import HetConv2d
 from hetconv.data import DatasetError, load_cifar10
 from hetconv.flops import count_flops
 from hetconv.runfiles import atomic_write, exclusive, last_checkpoint
-from hetconv.training import check_overrides, compile_mode, milestone_epochs, train_config
+from hetconv.training import check_overrides, compile_mode, milestone_epochs, select_device, train_config
 from models import vgg16
 from scripts.make_fake_cifar import make_fake_cifar
 
@@ -94,7 +94,7 @@ def test_eval_reproduces_the_final_test_accuracy(reference_run, fake_root, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]  # evaluation leaves no other files
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["sigkill", "sigterm", "ctrl-c"])
 def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(sig, reference_run, fake_root, tmp_path):
     run_dir = tmp_path / "run"
     command = [*SMALL, f"data.root={fake_root}", f"hydra.run.dir={run_dir}"]
@@ -105,8 +105,8 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(sig, refe
         time.sleep(0.05)
     process.send_signal(sig)
     output = process.communicate(timeout=120)[0]
-    if sig == signal.SIGTERM:  # preemption: the state of the current step is saved
-        assert process.returncode == 128 + signal.SIGTERM, output
+    if sig != signal.SIGKILL:  # preemption or Ctrl-C: the state of the current step is saved
+        assert process.returncode == 128 + sig, output
         metrics = read_metrics(run_dir)
         assert metrics["status"] == "interrupted"
         assert metrics["reason"].endswith(f"rerun the same command with hydra.run.dir={run_dir} to resume")
@@ -349,6 +349,30 @@ def test_resuming_on_another_device_type_is_refused(reference_run, fake_root, tm
     assert (run_dir / "metrics.json").read_bytes() == before
 
 
+def test_a_cuda_device_that_torch_cannot_see_is_named_with_what_to_do(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"trainer.device=cuda but torch sees no CUDA device: use trainer.device=cpu"):
+        select_device("cuda")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # submitit_local without gpus_per_node
+    with pytest.raises(ValueError, match="device=cuda but torch sees no CUDA device"):
+        select_device("cuda", key="device")  # eval.py's setting
+    assert select_device("auto") == torch.device("cpu")
+
+
+def test_a_damaged_or_foreign_checkpoint_is_named_and_the_run_left_as_it_is(reference_run, fake_root, tmp_path):
+    run_dir = tmp_path / "run"
+    copy_stopped_after_epoch_2(reference_run, run_dir)
+    checkpoint, before = last_checkpoint(run_dir), (run_dir / "metrics.json").read_bytes()
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # cut short by a full disk, say
+    cfg = train_config(*SMALL, f"data.root={fake_root}")
+    with pytest.raises(ValueError, match=re.escape(f"{checkpoint}: not a readable checkpoint") + ".*can be moved away"):
+        train_module.train(cfg, run_dir)
+    torch.save({"weights": {}}, checkpoint)
+    with pytest.raises(ValueError, match="not a train.py checkpoint"):
+        train_module.train(cfg, run_dir)
+    assert (run_dir / "metrics.json").read_bytes() == before
+
+
 @pytest.mark.parametrize("override,message", [
     ("trainer.batch_size=0", "trainer.batch_size must be an int >= 1, got 0"),
     ("trainer.epochs=-1", "trainer.epochs must be an int >= 1, got -1"),
@@ -370,6 +394,9 @@ def test_resuming_on_another_device_type_is_refused(reference_run, fake_root, tm
     ("model.num_classes=abc", "model.num_classes must be an int >= 1, got 'abc'"),
     ("trainer.compile=fast", "trainer.compile must be auto, true, false or a torch.compile mode"),
     ("trainer.hetconv=fast", "trainer.hetconv must be one of auto, grouped, dense, got 'fast'"),
+    ("trainer.device=gpu", "trainer.device must be auto, cpu or cuda, got 'gpu'"),
+    ("optim.name=adam", "optim.name must be sgd, got 'adam'"),
+    ("schedule.name=cosine", "schedule.name must be step, got 'cosine'"),
 ])
 def test_settings_that_cannot_train_are_rejected_before_training(override, message, fake_root, tmp_path):
     with pytest.raises(ValueError, match=re.escape(message)):
