@@ -349,14 +349,16 @@ def test_resuming_on_another_device_type_is_refused(reference_run, fake_root, tm
     assert (run_dir / "metrics.json").read_bytes() == before
 
 
-def test_a_cuda_device_that_torch_cannot_see_is_named_with_what_to_do(monkeypatch):
+def test_a_cuda_device_that_torch_cannot_see_is_named_with_what_to_do(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"trainer.device=cuda but torch sees no CUDA device: use trainer.device=cpu"):
         select_device("cuda")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # submitit_local without gpus_per_node
-    with pytest.raises(ValueError, match="device=cuda but torch sees no CUDA device"):
+    with pytest.raises(ValueError, match=r"^device=cuda but .*: use device=cpu or auto"):
         select_device("cuda", key="device")  # eval.py's setting
-    assert select_device("auto") == torch.device("cpu")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a launcher that hid every GPU: submitit_local, say
+    with caplog.at_level(logging.WARNING):
+        assert select_device("auto") == torch.device("cpu")
+    assert "CUDA_VISIBLE_DEVICES is empty" in caplog.text and "hydra.launcher.gpus_per_node" in caplog.text
 
 
 def test_a_damaged_or_foreign_checkpoint_is_named_and_the_run_left_as_it_is(reference_run, fake_root, tmp_path):
