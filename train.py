@@ -201,13 +201,21 @@ def training_data(cfg: DictConfig, device: torch.device, run_dir: Path,
     return {name: split.to(device) for name, split in splits.items()}, data_info
 
 
+def configured_keys(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """The settings that the configs define, which train.py reads: not a key that `++` forced in."""
+    forced = [override for override in overrides if override.startswith("++")]
+    if forced:
+        cfg = hydra.compose("train", overrides=[override for override in overrides if override not in forced])
+    return list(flatten(OmegaConf.to_container(cfg)))
+
+
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     try:
         hydra_cfg = HydraConfig.get()
-        check_overrides(list(hydra_cfg.overrides.task), list(flatten(OmegaConf.to_container(cfg))),
-                        hydra_cfg.runtime.choices, "train.py",
-                        "`python train.py --cfg job` lists them; set one without the +.")
+        overrides = list(hydra_cfg.overrides.task)
+        check_overrides(overrides, configured_keys(cfg, overrides), hydra_cfg.runtime.choices, "train.py",
+                        "`python train.py --cfg job` lists them; set one without + or ++.")
         return train(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN)
     except Exception as error:
         log.error("%s: %s", type(error).__name__, error)  # into train.log too: under SLURM stderr is the launcher's

@@ -14,13 +14,14 @@ import time
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.utils.tensorboard import SummaryWriter
 
 import eval as eval_module
 import train as train_module
-from conftest import SMALL, comparable, read_metrics, script, start
+from conftest import REPO, SMALL, comparable, read_metrics, script, start
 from hetconv import HetConv2d
 from hetconv.data import DatasetError, load_cifar10
 from hetconv.flops import count_flops
@@ -266,6 +267,15 @@ def test_a_setting_that_nothing_would_read_is_refused(reference_run, fake_root, 
                                        "configs' settings, so it would be ignored (did you mean trainer.epochs?)"
                                        ) in result.stderr
     assert not (tmp_path / "metrics.json").exists()
+    result = script("train.py", *SMALL, "++trainer.epoch=3", f"data.root={fake_root}", f"hydra.run.dir={tmp_path}",
+                    check=False)  # ++ sets a key the configs define, or forces in one that nothing reads
+    assert result.returncode != 0 and ("++trainer.epoch=3: train.py does not read trainer.epoch, so it would be "
+                                       "ignored (did you mean trainer.epochs?)") in result.stderr
+    assert not (tmp_path / "metrics.json").exists()
+    forced = ["++trainer.epoch=3", "++trainer.epochs=5"]
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        keys = train_module.configured_keys(compose("train", overrides=forced), forced)
+    assert "trainer.epochs" in keys and "trainer.epoch" not in keys
     result = script("eval.py", f"checkpoint={reference_run}", "data.normalize=true", check=False, cwd=tmp_path)
     assert result.returncode != 0 and ("data.normalize=true: eval.py does not read data.normalize, so it would be "
                                        "ignored") in result.stderr
