@@ -2,10 +2,12 @@
 
 import csv
 import json
+import logging
 import os
 import shlex
 import shutil
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -218,6 +220,28 @@ def test_gpu_slots_fill_every_gpu_before_doubling_up(tmp_path, monkeypatch):
         handles += gpus._held
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert claimed == ["3", "5", "3"]
+
+
+def test_a_job_waits_for_a_free_gpu_slot_and_a_reused_worker_keeps_its_gpu(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    held = {}
+    for _ in range(2):  # two running jobs fill both GPUs' single slots
+        monkeypatch.setattr(gpus, "_held", [])
+        gpu = gpus.claim_gpu(jobs_per_gpu=1, lock_dir=tmp_path)
+        held[gpu] = gpus._held[0]
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.setattr(gpus, "_held", [])
+    claimed = []
+    waiting = threading.Thread(target=lambda: claimed.append(gpus.claim_gpu(1, lock_dir=tmp_path, poll_s=0.01)))
+    with caplog.at_level(logging.INFO, logger=gpus.__name__):
+        waiting.start()
+        waiting.join(timeout=0.5)
+        assert waiting.is_alive() and not claimed
+        held["5"].close()  # the job on GPU 5 ends
+        waiting.join(timeout=30)
+    assert claimed == ["5"] and "all 2 GPU slots (2 GPUs x trainer.jobs_per_gpu=1) are busy" in caplog.text
+    assert gpus.claim_gpu(1, lock_dir=tmp_path) == "5" and len(gpus._held) == 1  # its next job: same GPU, same slot
+    held["3"].close()
 
 
 def test_job_folders_are_named_by_every_override_that_changes_what_the_job_computes():

@@ -350,6 +350,18 @@ def test_a_second_ctrl_c_stops_at_once_and_an_ignored_sigint_stays_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
+def test_sigusr2_without_a_launchers_handler_stops_the_run_with_its_exit_code():
+    """SIGUSR2's default action would kill the run unsaved; taken over, it stops it after saving, exit 128 + 12."""
+    assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
+    with train_module.StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stop.received == signal.SIGUSR2
+        with pytest.raises(train_module.Interrupted) as stopped:
+            stop.pass_on()
+    assert stopped.value.code == 128 + signal.SIGUSR2 and stop.received is None
+    assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL  # given back on leaving
+
+
 def test_resuming_on_another_device_type_is_refused(reference_run, fake_root, tmp_path):
     run_dir = tmp_path / "run"
     copy_stopped_after_epoch_2(reference_run, run_dir, lambda state: state.update(device_type="cuda"))
