@@ -6,6 +6,7 @@ Writes flops.csv and flops.md. Counts are measured with fvcore on the real model
 """
 
 import argparse
+import csv
 from pathlib import Path
 
 from hetconv.flops import model_costs, truncate_millions
@@ -59,6 +60,16 @@ def render_markdown(rows: list[dict], command: str) -> str:
     )
 
 
+def holds(out: Path, rows: list[dict], text: str) -> bool:
+    """Whether out/ already holds these rows and this report below its first line (what made it, and when)."""
+    csv_path, md_path = out / "flops.csv", out / "flops.md"
+    if not (csv_path.is_file() and md_path.is_file()):
+        return False
+    with open(csv_path, newline="") as f:
+        same_rows = list(csv.DictReader(f)) == [{k: str(v) for k, v in row.items()} for row in rows]
+    return same_rows and md_path.read_text().partition("\n| P |")[2] == text.partition("\n| P |")[2]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for flops.csv and flops.md")
@@ -66,6 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = flops_rows()
     # Rendered before writing: the commit it names is not dirty with this run's own files.
     text = render_markdown(rows, typed_command("scripts/flops_table.py", argv))
+    if holds(out, rows, text):  # rewritten, only its date and commit would change, and the checkout with them
+        print(f"{out / 'flops.csv'} and flops.md already hold these counts: left as they are, naming the commit "
+              "that made them")
+        return
     write_csv(out / "flops.csv", rows)
     (out / "flops.md").write_text(text)
     print(text)
