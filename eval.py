@@ -24,7 +24,8 @@ from hetconv.flops import describe_flops, model_costs
 from hetconv.provenance import device_name, git_commit, library_versions, now
 from hetconv.layer import resolved_impl
 from hetconv.runfiles import command_line_override, last_checkpoint, load, write_json
-from hetconv.training import Preprocess, check_flags, check_overrides, configure_backend, evaluate, select_device
+from hetconv.training import (Preprocess, check_flags, check_overrides, configure_backend, evaluate, explained,
+                              select_device)
 from models import vgg16
 
 # What eval.py reads from its command line; the model, its preprocessing and batch size are the checkpoint's.
@@ -90,8 +91,16 @@ def trained_on(state: dict) -> dict:
 
 @hydra.main(config_path="configs", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
-    hydra_cfg = HydraConfig.get()
-    check_overrides(list(hydra_cfg.overrides.task), list(SETTINGS), ["data"], "eval.py",
+    try:
+        return evaluate_checkpoint(cfg)
+    except Exception as error:
+        if explained(error):
+            raise SystemExit(f"error: {type(error).__name__}: {error}") from None
+        raise
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict:
+    check_overrides(list(HydraConfig.get().overrides.task), list(SETTINGS), ["data"], "eval.py",
                     f"It reads {', '.join(SETTINGS)}; the model and its preprocessing are the checkpoint's.")
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ValueError("no checkpoint given: name a run folder, its model.pt or its checkpoints/last.pt with "

@@ -38,7 +38,8 @@ from hetconv.layer import resolved_impl
 from hetconv.runfiles import (RunRecord, command_line_override, config_differences, exclusive, flatten,
                               how_to_resume, last_checkpoint, load, read_metrics, save)
 from hetconv.training import (Preprocess, build_optimizer, build_scheduler, check_overrides, check_settings,
-                              compile_mode, compiled, configure_backend, evaluate, percent, select_device, train_step)
+                              compile_mode, compiled, configure_backend, evaluate, explained, percent, select_device,
+                              train_step)
 from models import vgg16
 from models.vgg import check_part_fits
 
@@ -211,14 +212,16 @@ def configured_keys(cfg: DictConfig, overrides: list[str]) -> list[str]:
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
+    hydra_cfg = HydraConfig.get()
     try:
-        hydra_cfg = HydraConfig.get()
         overrides = list(hydra_cfg.overrides.task)
         check_overrides(overrides, configured_keys(cfg, overrides), hydra_cfg.runtime.choices, "train.py",
                         "`python train.py --cfg job` lists them; set one without + or ++.")
         return train(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN)
     except Exception as error:
         log.error("%s: %s", type(error).__name__, error)  # into train.log too: under SLURM stderr is the launcher's
+        if hydra_cfg.mode == RunMode.RUN and explained(error):  # a sweep's launcher records each job's error
+            raise SystemExit(1) from None  # logged, on stderr too
         raise
 
 

@@ -13,6 +13,7 @@ import re
 import shlex
 import shutil
 from pathlib import Path
+from pickle import UnpicklingError
 
 import torch
 
@@ -61,9 +62,11 @@ def load(path: Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)  # tensors and plain data only
     except Exception as error:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error}); a run's model.pt "
-                         "or checkpoints/last.pt is. A damaged last.pt can be moved away to start its run over."
-                         ) from error
+        # torch's own message for the first would advise weights_only=False: unsafe, and no help with a foreign file
+        reason = ("it holds more than tensors and plain data, or is no torch file" if isinstance(error, UnpicklingError)
+                  else f"{type(error).__name__}: {error}")
+        raise ValueError(f"{path}: not a readable checkpoint ({reason}); a run's model.pt or checkpoints/last.pt is. "
+                         "A damaged last.pt can be moved away to start its run over.") from error
     if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
         raise ValueError(f"{path}: not a train.py checkpoint (it needs 'model' and 'config' entries)")
     return state

@@ -18,7 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from hetconv.data import Split, to_inputs
+from hetconv.data import DatasetError, Split, to_inputs
 from hetconv.layer import check_impl
 from hetconv.provenance import REPO_ROOT
 
@@ -60,6 +60,14 @@ def check_flags(cfg, keys: tuple[str, ...]) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, bool):
             raise ValueError(f"{key} must be true or false, got {value!r}")
+
+
+def explained(error: Exception) -> bool:
+    """Whether the error's message names the problem and its fix (a setting, the data, a file, a refused resume, a
+    diverged run): a single run ends on it with that message alone, not inside Hydra's traceback that repeats it.
+    HYDRA_FULL_ERROR=1 keeps the traceback, as it does Hydra's own; any other error is a bug and keeps it too."""
+    return (isinstance(error, (ValueError, OSError, DatasetError, FloatingPointError))
+            and os.environ.get("HYDRA_FULL_ERROR") != "1")
 
 
 def check_overrides(overrides: list[str], readable: list[str], groups, script: str, listing: str) -> None:

@@ -82,7 +82,8 @@ def check_one_recipe(jobs: list[Job]) -> None:
         if differences:
             raise SystemExit(f"error: {jobs[0].path} and {job.path} ran different recipes ({'; '.join(differences)}); "
                              "make a table of each recipe's jobs separately: give its sweep folders, or, where two "
-                             "recipes share a sweep folder, its job folders")
+                             "recipes share a sweep folder, its job folders. A sweep with other settings belongs in "
+                             "a folder of its own: hydra.sweep.dir=..., or make reproduce SWEEP=...")
 
 
 def check_each_job_once(jobs: list[Job]) -> None:

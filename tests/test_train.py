@@ -257,6 +257,10 @@ def test_eval_names_what_is_wrong_with_the_checkpoint_data_or_settings_it_is_giv
                                        f"\"checkpoint='{sweep}/part=4,seed=0'\"") in result.stderr
     result = script("eval.py", check=False, cwd=tmp_path)
     assert result.returncode != 0 and "no checkpoint given: name a run folder" in result.stderr
+    result = script("eval.py", f"checkpoint={REPO / 'README.md'}", check=False, cwd=tmp_path)
+    assert result.stderr == (f"error: ValueError: {REPO / 'README.md'}: not a readable checkpoint (it holds more than "
+                             "tensors and plain data, or is no torch file); a run's model.pt or checkpoints/last.pt "
+                             "is. A damaged last.pt can be moved away to start its run over.\n")  # not torch's advice
 
 
 def test_a_setting_that_nothing_would_read_is_refused(reference_run, fake_root, tmp_path):
@@ -620,6 +624,16 @@ def test_a_resume_that_fails_on_bad_input_keeps_the_record_and_logs_why(referenc
     assert result.returncode != 0 and "DatasetError" in result.stderr
     assert (run_dir / "metrics.json").read_bytes() == before  # still resumable, not "failed"
     assert "DatasetError: CIFAR-10 not found" in (run_dir / "train.log").read_text()
+
+
+def test_a_single_run_stopped_by_bad_input_prints_the_message_once_and_a_traceback_only_when_asked(tmp_path):
+    message = "ValueError: vgg16(part=3, width=0.25): conv layer 2 of 13"
+    result = script("train.py", *SMALL, "model.part=3", f"hydra.run.dir={tmp_path}", check=False)
+    assert result.returncode == 1 and result.stderr.count(message) == 1 and "Traceback" not in result.stderr
+    assert message in (tmp_path / "train.log").read_text() and read_metrics(tmp_path)["status"] == "failed"
+    result = script("train.py", *SMALL, "model.part=3", f"hydra.run.dir={tmp_path}", check=False,
+                    env={"HYDRA_FULL_ERROR": "1"})
+    assert result.returncode == 1 and "Traceback" in result.stderr and "check_part_fits" in result.stderr
 
 
 class Counting(torch.nn.Module):
