@@ -24,8 +24,8 @@ from hetconv.flops import describe_flops, model_costs
 from hetconv.provenance import device_name, git_commit, library_versions, now
 from hetconv.layer import resolved_impl
 from hetconv.runfiles import command_line_override, last_checkpoint, load, write_json
-from hetconv.training import (Preprocess, check_flags, check_overrides, configure_backend, evaluate, explained,
-                              select_device)
+from hetconv.training import (Preprocess, check_flags, check_overrides, configure_backend, ends_without_traceback,
+                              evaluate, select_device)
 from models import vgg16
 
 # What eval.py reads from its command line; the model, its preprocessing and batch size are the checkpoint's.
@@ -94,7 +94,7 @@ def main(cfg: DictConfig) -> dict:
     try:
         return evaluate_checkpoint(cfg)
     except Exception as error:
-        if explained(error):
+        if ends_without_traceback(error):
             raise SystemExit(f"error: {type(error).__name__}: {error}") from None
         raise
 

@@ -38,13 +38,14 @@ from hetconv.layer import resolved_impl
 from hetconv.runfiles import (RunRecord, command_line_override, config_differences, exclusive, flatten,
                               how_to_resume, last_checkpoint, load, read_metrics, save)
 from hetconv.training import (Preprocess, build_optimizer, build_scheduler, check_overrides, check_settings,
-                              compile_mode, compiled, configure_backend, evaluate, explained, percent, select_device,
-                              train_step)
+                              compile_mode, compiled, configure_backend, ends_without_traceback, evaluate, percent,
+                              select_device, train_step)
 from models import vgg16
 from models.vgg import check_part_fits
 
 log = logging.getLogger("train")
-# Sweep jobs are named by part and seed, then by whatever else the command line sweeps.
+# Sweep jobs are named by part and seed, then by every other override that changes what the job computes
+# (train.yaml's exclude_keys leave out the rest).
 OmegaConf.register_new_resolver(
     "job_name", lambda part, seed, others: f"part={part},seed={seed}" + (f",{others}" if others else ""),
     replace=True)
@@ -212,16 +213,16 @@ def configured_keys(cfg: DictConfig, overrides: list[str]) -> list[str]:
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
-    hydra_cfg = HydraConfig.get()
     try:
+        hydra_cfg = HydraConfig.get()
         overrides = list(hydra_cfg.overrides.task)
         check_overrides(overrides, configured_keys(cfg, overrides), hydra_cfg.runtime.choices, "train.py",
                         "`python train.py --cfg job` lists them; set one without + or ++.")
         return train(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN)
     except Exception as error:
         log.error("%s: %s", type(error).__name__, error)  # into train.log too: under SLURM stderr is the launcher's
-        if hydra_cfg.mode == RunMode.RUN and explained(error):  # a sweep's launcher records each job's error
-            raise SystemExit(1) from None  # logged, on stderr too
+        if ends_without_traceback(error):
+            raise SystemExit(1) from None  # its message is the line just logged, on stderr too
         raise
 
 

@@ -211,7 +211,8 @@ class TrainBatches:
 
     def __init__(self, split: Split, batch_size: int, generator: torch.Generator, crop_padding: int, flip: bool):
         if batch_size > len(split):
-            raise DatasetError(f"trainer.batch_size={batch_size} exceeds the {len(split)} training images")
+            raise ValueError(f"trainer.batch_size={batch_size} exceeds the {len(split)} training images: set "
+                             f"trainer.batch_size <= {len(split)}")
         self.split, self.batch_size, self.generator = split, batch_size, generator
         self.crop_padding, self.flip = crop_padding, flip
 

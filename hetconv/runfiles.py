@@ -54,15 +54,15 @@ def save(path: Path, state: dict) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load(path: Path, map_location="cpu") -> dict:
+def load(path: Path) -> dict:
     """A checkpoint written by train.py; a clear error for a missing, damaged or foreign file."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (expected a run's checkpoints/last.pt or "
                                 "model.pt, written by train.py)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)  # tensors and plain data only
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
     except Exception as error:
-        # torch's own message for the first would advise weights_only=False: unsafe, and no help with a foreign file
+        # torch's message for an UnpicklingError advises weights_only=False: unsafe, and no help with a foreign file
         reason = ("it holds more than tensors and plain data, or is no torch file" if isinstance(error, UnpicklingError)
                   else f"{type(error).__name__}: {error}")
         raise ValueError(f"{path}: not a readable checkpoint ({reason}); a run's model.pt or checkpoints/last.pt is. "
@@ -185,8 +185,8 @@ def exclusive(run_dir: Path):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"another process is training in {run_dir}; wait for it, or use another folder "
-                               "(hydra.run.dir=... / hydra.sweep.dir=...)") from None
+            raise BlockingIOError(f"another process is training in {run_dir}; wait for it, or use another folder "
+                                  "(hydra.run.dir=... / hydra.sweep.dir=...)") from None
         for stale in run_dir.rglob(".*.tmp"):  # left by a writer killed mid-write; no writer can be running now
             stale.unlink()
         yield

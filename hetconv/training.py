@@ -10,11 +10,14 @@ import difflib
 import logging
 import math
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -62,12 +65,24 @@ def check_flags(cfg, keys: tuple[str, ...]) -> None:
             raise ValueError(f"{key} must be true or false, got {value!r}")
 
 
-def explained(error: Exception) -> bool:
-    """Whether the error's message names the problem and its fix (a setting, the data, a file, a refused resume, a
-    diverged run): a single run ends on it with that message alone, not inside Hydra's traceback that repeats it.
-    HYDRA_FULL_ERROR=1 keeps the traceback, as it does Hydra's own; any other error is a bug and keeps it too."""
-    return (isinstance(error, (ValueError, OSError, DatasetError, FloatingPointError))
-            and os.environ.get("HYDRA_FULL_ERROR") != "1")
+def ends_without_traceback(error: Exception) -> bool:
+    """Whether a run stopped by this error ends with its message alone (exit status 1) rather than inside Hydra's
+    traceback, which repeats it: a single run (a sweep's launcher records each job's error and runs the others), an
+    error that this project's code raised for a setting, the data, a file, a refused resume or a diverged run, with
+    a message that names the fix, and HYDRA_FULL_ERROR unset. A library's error, or one of another type, is a bug
+    to trace: it keeps the traceback."""
+    if HydraConfig.get().mode != RunMode.RUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return False
+    return isinstance(error, (ValueError, OSError, DatasetError, FloatingPointError)) and raised_here(error)
+
+
+def raised_here(error: Exception) -> bool:
+    """Whether the innermost Python frame of the error's traceback is this repository's code, not a library's."""
+    trace = error.__traceback__
+    while trace.tb_next:
+        trace = trace.tb_next
+    path = Path(trace.tb_frame.f_code.co_filename).resolve()
+    return path.is_relative_to(REPO_ROOT) and "site-packages" not in path.parts
 
 
 def check_overrides(overrides: list[str], readable: list[str], groups, script: str, listing: str) -> None:
@@ -91,7 +106,8 @@ def check_overrides(overrides: list[str], readable: list[str], groups, script: s
 
 def check_settings(cfg) -> None:
     """Reject settings that cannot train, naming the key, before anything starts."""
-    for key, least in (("trainer.epochs", 1), ("trainer.batch_size", 1), ("trainer.eval_batch_size", 1),
+    # a training batch of one image has no batch statistics for the classifier's BatchNorm1d
+    for key, least in (("trainer.epochs", 1), ("trainer.batch_size", 2), ("trainer.eval_batch_size", 1),
                        ("schedule.reference_epochs", 1), ("data.crop_padding", 0), ("model.num_classes", 1)):
         value = OmegaConf.select(cfg, key)
         if not is_int(value) or value < least:

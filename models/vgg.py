@@ -61,7 +61,6 @@ class VGG(nn.Module):
     def __init__(self, part: int = 1, num_classes: int = 10, width: float = 1.0, impl: str = "auto"):
         super().__init__()
         check_part_fits(part, width)
-        self.part, self.width = part, width
         channels = conv_channels(width)
         pairs = iter(enumerate(channels))
         layers = []

@@ -7,6 +7,7 @@ Writes flops.csv and flops.md. Counts are measured with fvcore on the real model
 
 import argparse
 import csv
+import re
 from pathlib import Path
 
 from hetconv.flops import model_costs, truncate_millions
@@ -60,14 +61,18 @@ def render_markdown(rows: list[dict], command: str) -> str:
     )
 
 
-def holds(out: Path, rows: list[dict], text: str) -> bool:
-    """Whether out/ already holds these rows and this report below its first line (what made it, and when)."""
+def already_written(out: Path, rows: list[dict], text: str) -> bool:
+    """Whether out/ holds these rows and this report, but for the date and commit it was made at."""
     csv_path, md_path = out / "flops.csv", out / "flops.md"
     if not (csv_path.is_file() and md_path.is_file()):
         return False
     with open(csv_path, newline="") as f:
         same_rows = list(csv.DictReader(f)) == [{k: str(v) for k, v in row.items()} for row in rows]
-    return same_rows and md_path.read_text().partition("\n| P |")[2] == text.partition("\n| P |")[2]
+    return same_rows and without_date_and_commit(md_path.read_text()) == without_date_and_commit(text)
+
+
+def without_date_and_commit(text: str) -> str:
+    return re.sub(r" on \S+, commit \S+,", "", text, count=1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,9 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = flops_rows()
     # Rendered before writing: the commit it names is not dirty with this run's own files.
     text = render_markdown(rows, typed_command("scripts/flops_table.py", argv))
-    if holds(out, rows, text):  # rewritten, only its date and commit would change, and the checkout with them
-        print(f"{out / 'flops.csv'} and flops.md already hold these counts: left as they are, naming the commit "
-              "that made them")
+    if already_written(out, rows, text):  # rewritten, only its date and commit would change, and the checkout with them
+        print((out / "flops.md").read_text())
+        print(f"{out / 'flops.csv'} and flops.md already held these counts: left as they are, with the commit that "
+              "made them")
         return
     write_csv(out / "flops.csv", rows)
     (out / "flops.md").write_text(text)

@@ -40,7 +40,8 @@ def test_an_epoch_shows_every_image_once_in_full_batches_and_replays_from_its_st
     assert len(seen) == 200 and len(set(seen.tolist())) == 200  # the last, partial batch is dropped
     batches.generator.set_state(start)
     assert torch.equal(torch.cat([labels for _, labels in batches.epoch(start_step=1)]), seen[100:])
-    with pytest.raises(DatasetError, match="trainer.batch_size=300 exceeds the 250 training images"):
+    with pytest.raises(ValueError, match="trainer.batch_size=300 exceeds the 250 training images: set "
+                                         "trainer.batch_size <= 250"):
         TrainBatches(split, 300, batches.generator, crop_padding=4, flip=True)
 
 

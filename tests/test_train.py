@@ -26,7 +26,8 @@ from hetconv import HetConv2d
 from hetconv.data import DatasetError, load_cifar10
 from hetconv.flops import count_flops
 from hetconv.runfiles import atomic_write, exclusive, last_checkpoint
-from hetconv.training import check_overrides, compile_mode, milestone_epochs, select_device, train_config
+from hetconv.training import (check_overrides, compile_mode, milestone_epochs, raised_here, select_device,
+                               train_config)
 from models import vgg16
 from scripts.make_fake_cifar import make_fake_cifar
 
@@ -402,7 +403,8 @@ def test_a_damaged_or_foreign_checkpoint_is_named_and_the_run_left_as_it_is(refe
 
 
 @pytest.mark.parametrize("override,message", [
-    ("trainer.batch_size=0", "trainer.batch_size must be an int >= 1, got 0"),
+    ("trainer.batch_size=0", "trainer.batch_size must be an int >= 2, got 0"),
+    ("trainer.batch_size=1", "trainer.batch_size must be an int >= 2, got 1"),  # BatchNorm1d would fail in step 1
     ("trainer.epochs=-1", "trainer.epochs must be an int >= 1, got -1"),
     ("data.crop_padding=-4", "data.crop_padding must be an int >= 0, got -4"),
     ("seed=abc", "seed must be an int from -2**63 to 2**64 - 1, as torch.manual_seed takes, got 'abc'"),
@@ -433,7 +435,7 @@ def test_settings_that_cannot_train_are_rejected_before_training(override, messa
 
 
 def test_a_second_process_on_the_same_folder_is_refused(fake_root, tmp_path):
-    with exclusive(tmp_path), pytest.raises(RuntimeError, match="another process is training in"):
+    with exclusive(tmp_path), pytest.raises(BlockingIOError, match="another process is training in"):
         train_module.train(train_config(*SMALL, f"data.root={fake_root}"), tmp_path)
     assert not (tmp_path / "metrics.json").exists()
 
@@ -634,6 +636,14 @@ def test_a_single_run_stopped_by_bad_input_prints_the_message_once_and_a_traceba
     result = script("train.py", *SMALL, "model.part=3", f"hydra.run.dir={tmp_path}", check=False,
                     env={"HYDRA_FULL_ERROR": "1"})
     assert result.returncode == 1 and "Traceback" in result.stderr and "check_part_fits" in result.stderr
+
+
+def test_only_errors_that_this_project_raised_count_as_explained_a_librarys_keep_their_traceback():
+    with pytest.raises(ValueError) as ours:
+        select_device("gpu")
+    with pytest.raises(ValueError) as torchs:  # a batch of one: no batch statistics
+        torch.nn.functional.batch_norm(torch.ones(1, 4), None, None, training=True)
+    assert raised_here(ours.value) and not raised_here(torchs.value)
 
 
 class Counting(torch.nn.Module):
