@@ -130,7 +130,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
 
     print(f"{path}  (VGG-16, part={report['part']}, width={report['width']}, on {report['device']}), weights "
           f"{report['trained']}")
-    if Path(run_data["root"]) != root:
+    if Path(run_data["root"]).resolve() != root.resolve():  # not the same folder, by whatever path
         print(f"note: the run trained on the data in {run_data['root']}; this evaluates the data in {root} "
               f"(data.root={cfg.data.root})")
     tested_on = run_data["test_fingerprint"]

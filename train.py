@@ -35,8 +35,8 @@ from hetconv.flops import describe_flops, model_costs
 from hetconv.gpus import claim_gpu
 from hetconv.provenance import device_name
 from hetconv.layer import resolved_impl
-from hetconv.runfiles import (RunRecord, command_line_override, config_differences, exclusive, flatten,
-                              how_to_resume, last_checkpoint, load, read_metrics, save)
+from hetconv.runfiles import (RunRecord, check_writable, command_line_override, config_differences, exclusive,
+                              flatten, how_to_resume, last_checkpoint, load, read_metrics, save)
 from hetconv.training import (Preprocess, build_optimizer, build_scheduler, check_overrides, check_settings,
                               compile_mode, compiled, configure_backend, ends_without_traceback, evaluate, percent,
                               select_device, train_step)
@@ -228,6 +228,10 @@ def main(cfg: DictConfig) -> dict:
 
 def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
+    if not in_sweep and (run_dir / "multirun.yaml").exists():
+        raise Refused(f"{run_dir} is a sweep's folder (it holds multirun.yaml): a run there would mix with its jobs. "
+                      f"To add to the sweep, rerun the sweep command with its values and "
+                      f"{command_line_override('hydra.sweep.dir', run_dir)}; for a single run, {ANOTHER_FOLDER}.")
     with exclusive(run_dir):
         state = resume_point(run_dir, config)
         metrics = read_metrics(run_dir)
@@ -235,6 +239,10 @@ def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False) -> dict:
             refuse_other_settings(run_dir, metrics["config"], config)
             leave_finished(cfg, run_dir, metrics["data"])
             return metrics
+        if state is None and (run_dir / "model.pt").exists():  # a finished run's checkpoint and record deleted
+            raise Refused(f"{run_dir} holds a run's final weights (model.pt), but neither its checkpoints/last.pt nor a "
+                          f"finished metrics.json: train.py does not train over them. Move model.pt away to train in "
+                          f"this folder again, or {ANOTHER_FOLDER}.")
         if state is None and metrics and metrics["epochs_done"]:  # a damaged last.pt moved away, say
             log.warning("%s: metrics.json records %d epochs, but there is no %s to resume them from: the run starts "
                         "over, and its new record replaces that one", run_dir, metrics["epochs_done"],
@@ -269,6 +277,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         warn_other_threads(run_dir, state, device)
     configure_backend(device)
     data, data_info = training_data(cfg, device, run_dir, record.info.get("data"))
+    check_writable(last_checkpoint(run_dir).parent)
 
     torch.manual_seed(cfg.seed)
     model = vgg16(cfg.model.part, cfg.model.num_classes, cfg.model.width, form)

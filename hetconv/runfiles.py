@@ -26,24 +26,42 @@ RESUMABLE_CHANGES = ("data.root", "data.download", "trainer.device", "trainer.jo
                      "trainer.hetconv")
 
 
+# The temporary file atomic_write writes beside its target: .<name>.<pid>.tmp
+TEMPORARY = re.compile(r"\..+\.\d+\.tmp")
+
+
 def atomic_write(path: Path, write) -> None:
     """write(file) into a temporary file beside path, flushed to disk, then renamed over path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as error:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # none was made where its folder could not be
+            tmp.unlink(missing_ok=True)
         if isinstance(error, Exception):  # a full disk surfaces as anything from OSError to torch's RuntimeError
-            free_mb = shutil.disk_usage(path.parent).free / 2**20
+            free_mb = shutil.disk_usage(existing_parent(path)).free / 2**20
             raise OSError(f"could not write {path} ({type(error).__name__}: {error}); {free_mb:.0f} MB are free "
-                          f"there. Free space or fix the folder, then rerun the same command: the run resumes "
-                          f"from its last checkpoint, or starts over if it has none yet.") from error
+                          f"there. Free space or fix the folder, then rerun the same command (a training run "
+                          f"resumes from its last checkpoint, or starts over if it has none yet).") from error
         raise
+
+
+def existing_parent(path: Path) -> Path:
+    while not path.parent.is_dir():
+        path = path.parent
+    return path.parent
+
+
+def check_writable(folder: Path) -> None:
+    """Fail now, not when the first epoch has trained, where its checkpoint could not be written."""
+    probe = folder / ".writable"
+    atomic_write(probe, lambda f: None)
+    probe.unlink()
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -166,11 +184,15 @@ def read_metrics(run_dir: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except ValueError as error:  # written atomically by train.py, so damaged by something else
-        raise ValueError(f"{path} is not readable JSON ({error}). Move it away: the run's checkpoint holds its whole "
-                         "record, and the run's next launch writes it again (a run without a checkpoint starts "
-                         "over).") from error
+        metrics = json.loads(path.read_text())
+        if not (isinstance(metrics, dict) and {"status", "config", "epochs_done"} <= metrics.keys()):
+            raise ValueError("not a run's record: it lacks status, config or epochs_done")
+    except ValueError as error:  # written atomically by train.py, so damaged or replaced by something else
+        then = ("the run's next launch writes it again from checkpoints/last.pt, which holds its whole record"
+                if last_checkpoint(run_dir).exists() else "with no checkpoints/last.pt to rebuild it from, the run's "
+                "next launch starts it over")
+        raise ValueError(f"{path} is not readable ({error}). Move it away: {then}.") from error
+    return metrics
 
 
 def lock_path(run_dir: Path) -> Path:
@@ -187,8 +209,10 @@ def exclusive(run_dir: Path):
         except BlockingIOError:
             raise BlockingIOError(f"another process is training in {run_dir}; wait for it, or use another folder "
                                   "(hydra.run.dir=... / hydra.sweep.dir=...)") from None
-        for stale in run_dir.rglob(".*.tmp"):  # left by a writer killed mid-write; no writer can be running now
-            stale.unlink()
+        for folder in (run_dir, last_checkpoint(run_dir).parent):  # where train.py writes
+            for stale in folder.glob(".*.tmp"):  # left by a writer killed mid-write; no writer can be running now
+                if TEMPORARY.fullmatch(stale.name):
+                    stale.unlink()
         yield
 
 

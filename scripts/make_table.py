@@ -24,7 +24,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from hetconv.flops import count_flops, count_params, truncate_millions  # noqa: E402
 from hetconv.provenance import git_commit, now  # noqa: E402
 from hetconv.report import RESULTS_DIR, load_published, markdown_table, typed_command, write_csv  # noqa: E402
-from hetconv.runfiles import config_differences, held_by_a_process, read_metrics  # noqa: E402
+from hetconv.runfiles import config_differences, held_by_a_process, last_checkpoint, read_metrics  # noqa: E402
 from models import vgg16  # noqa: E402
 from models.vgg import PAPER_PARTS  # noqa: E402
 
@@ -41,6 +41,8 @@ class Job:
 
     def describe(self) -> str:
         """The job's status as the table shows it, with why when it did not finish."""
+        if self.metrics is None and last_checkpoint(self.path).exists():
+            return f"{self.path.name}: no metrics.json, but a checkpoint: relaunch the sweep to resume it"
         if self.metrics is None:
             return f"{self.path.name}: no metrics.json (never started, or killed before its first write)"
         m = self.metrics
@@ -60,7 +62,8 @@ def find_jobs(sweep_dirs: list[Path]) -> list[Job]:
     for sweep in sweep_dirs:
         if not sweep.is_dir():
             raise SystemExit(f"error: {sweep} is not a folder; give the sweep folder(s) train.py -m wrote")
-        paths += [c.parent.parent.resolve() for c in sorted(sweep.glob("**/.hydra/config.yaml"))]
+        paths += [c.parent.parent.resolve() for c in sorted(sweep.glob("**/.hydra/config.yaml"))
+                  if not (c.parent.parent / "multirun.yaml").exists()]  # a sweep's own folder, not a job's
     jobs = []
     for path in dict.fromkeys(paths):
         try:

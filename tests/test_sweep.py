@@ -122,8 +122,25 @@ def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, seed=
 def test_a_damaged_metrics_json_is_named_with_what_to_do(tmp_path):
     job = fake_job(tmp_path / "sweep", 1, 1.0, "finished")
     (job / "metrics.json").write_text('{"status": ')  # truncated by something other than train.py
-    with pytest.raises(SystemExit, match=r"metrics.json is not readable JSON .*Move it away"):
+    with pytest.raises(SystemExit, match=r"metrics.json is not readable \(.*Move it away: with no checkpoints/last"):
         make_table.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "table")])
+    (job / "metrics.json").write_text('{"x": 1}')  # JSON, but not a run's record
+    with pytest.raises(SystemExit, match=r"metrics.json is not readable \(not a run's record"):
+        make_table.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "table")])
+
+
+def test_the_table_skips_the_sweeps_own_folder_and_names_a_job_that_lost_its_metrics(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    fake_job(sweep_dir, 1, 1.0, "finished")
+    job = fake_job(sweep_dir, 4, 1.0, "running")
+    shutil.copytree(job / ".hydra", sweep_dir / ".hydra")  # a run launched in the sweep's folder itself
+    (sweep_dir / "multirun.yaml").touch()
+    (job / "metrics.json").unlink()
+    (job / "checkpoints").mkdir()
+    (job / "checkpoints" / "last.pt").touch()
+    make_table.main([str(sweep_dir), "--out", str(tmp_path / "table")])
+    rows = {r["part"]: r for r in csv.DictReader(open(tmp_path / "table" / "table.csv"))}
+    assert rows["4"]["status"] == "part=4,width=1.0: no metrics.json, but a checkpoint: relaunch the sweep to resume it"
 
 
 def test_a_job_launched_with_a_mistyped_part_is_a_failed_row_of_the_table(tmp_path):

@@ -216,6 +216,9 @@ def test_eval_says_when_weights_are_from_part_way_or_the_data_is_elsewhere_or_ot
     assert "weights at epoch 3 of 3, step 7: the run had not finished" in result.stdout
     assert f"note: the run trained on the data in {fake_root}; this evaluates the data in {moved}" in result.stdout
     assert "not the test images" not in result.stdout  # moved, not changed
+    (tmp_path / "link").symlink_to(fake_root)
+    result = script("eval.py", f"checkpoint={run_dir}", f"data.root={tmp_path / 'link'}", "device=cpu", cwd=tmp_path)
+    assert "note:" not in result.stdout  # the same folder, by another path
 
     make_fake_cifar(tmp_path / "other", train=500, test=500, seed=1)  # as many test images, other ones
     result = script("eval.py", f"checkpoint={run_dir}", f"data.root={tmp_path / 'other'}", "device=cpu", cwd=tmp_path)
@@ -497,12 +500,14 @@ def test_an_epoch_is_logged_before_its_checkpoint_so_a_kill_between_loses_nothin
     assert [e.step for e in EventAccumulator(str(tmp_path)).Reload().Scalars("test/acc")] == [1, 2, 3]
 
 
-def test_a_stale_temporary_file_is_removed_when_the_folder_is_taken(tmp_path):
-    stale = tmp_path / "checkpoints" / ".last.pt.12345.tmp"
-    stale.parent.mkdir()
-    stale.write_bytes(b"half a checkpoint")
+def test_a_stale_temporary_file_is_removed_when_the_folder_is_taken_and_no_other_file(tmp_path):
+    stale = [tmp_path / "checkpoints" / ".last.pt.12345.tmp", tmp_path / ".metrics.json.77.tmp"]
+    others = [tmp_path / ".draft.tmp", tmp_path / "notes" / ".last.pt.12345.tmp"]  # not what train.py leaves
+    for path in stale + others:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half a file")
     with exclusive(tmp_path):
-        assert not stale.exists()
+        assert [path.exists() for path in stale + others] == [False, False, True, True]
 
 
 def test_a_failed_write_names_the_file_and_the_free_space(tmp_path):
@@ -512,6 +517,34 @@ def test_a_failed_write_names_the_file_and_the_free_space(tmp_path):
     with pytest.raises(OSError, match=r"could not write .*last\.pt \(RuntimeError: unexpected pos.*MB are free"):
         atomic_write(tmp_path / "last.pt", fail)
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "a-file").touch()
+    with pytest.raises(OSError, match=r"could not write .*a-file/out/eval\.json \((FileExists|NotADirectory)Error"):
+        atomic_write(tmp_path / "a-file" / "out" / "eval.json", lambda f: None)  # eval.py's output=, say
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_fails_the_run_before_it_trains(fake_root, tmp_path):
+    (tmp_path / "checkpoints").write_text("not a folder")
+    with pytest.raises(OSError, match=r"could not write .*checkpoints/\.writable"):
+        train_module.train(train_config(*SMALL, f"data.root={fake_root}"), tmp_path)
+    assert read_metrics(tmp_path)["status"] == "failed" and read_metrics(tmp_path)["epochs_done"] == 0
+
+
+def test_final_weights_without_their_checkpoint_and_record_are_not_trained_over(reference_run, fake_root, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    shutil.rmtree(run_dir / "checkpoints")
+    (run_dir / "metrics.json").unlink()
+    weights = (run_dir / "model.pt").read_bytes()
+    with pytest.raises(train_module.Refused, match=r"holds a run's final weights \(model.pt\), but neither"):
+        train_module.train(train_config(*SMALL, "seed=1", f"data.root={fake_root}"), run_dir)
+    assert (run_dir / "model.pt").read_bytes() == weights and not (run_dir / "metrics.json").exists()
+
+
+def test_a_single_run_in_a_sweeps_folder_is_refused(fake_root, tmp_path):
+    (tmp_path / "multirun.yaml").touch()
+    with pytest.raises(train_module.Refused, match=f"{tmp_path} is a sweep's folder .* hydra.sweep.dir={tmp_path};"):
+        train_module.train(train_config(*SMALL, f"data.root={fake_root}"), tmp_path)
+    assert list(tmp_path.iterdir()) == [tmp_path / "multirun.yaml"]
 
 
 def test_the_test_split_loads_alone_and_a_misplaced_or_incomplete_data_root_is_named(tmp_path):
