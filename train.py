@@ -240,9 +240,9 @@ def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False) -> dict:
             leave_finished(cfg, run_dir, metrics["data"])
             return metrics
         if state is None and (run_dir / "model.pt").exists():  # a finished run's checkpoint and record deleted
-            raise Refused(f"{run_dir} holds a run's final weights (model.pt), but neither its checkpoints/last.pt nor a "
-                          f"finished metrics.json: train.py does not train over them. Move model.pt away to train in "
-                          f"this folder again, or {ANOTHER_FOLDER}.")
+            raise Refused(f"{run_dir} holds a run's final weights (model.pt), but neither its checkpoints/last.pt nor "
+                          f"a finished metrics.json: train.py does not train over them. Move model.pt away to train "
+                          f"in this folder again, or {ANOTHER_FOLDER}.")
         if state is None and metrics and metrics["epochs_done"]:  # a damaged last.pt moved away, say
             log.warning("%s: metrics.json records %d epochs, but there is no %s to resume them from: the run starts "
                         "over, and its new record replaces that one", run_dir, metrics["epochs_done"],
