@@ -39,7 +39,7 @@ from hetconv.runfiles import (RunRecord, check_writable, command_line_override, 
                               flatten, how_to_resume, last_checkpoint, load, read_metrics, save)
 from hetconv.training import (Preprocess, build_optimizer, build_scheduler, check_overrides, check_settings,
                               compile_mode, compiled, configure_backend, ends_without_traceback, evaluate, percent,
-                              select_device, train_step)
+                              select_device, train_step, uses_amp)
 from models import vgg16
 from models.vgg import check_part_fits
 
@@ -302,7 +302,9 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
 
     where = {"device": device_name(device), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     record.launched(**where, data_root=data_info["root"])
-    info = dict(**costs, **where, torch_compile=compile_as, hetconv=form, data=data_info, resume=resume)
+    precision = "bf16 autocast" if uses_amp(device, cfg.trainer.amp) else "float32"  # trainer.amp runs on CUDA only
+    info = dict(**costs, **where, torch_compile=compile_as, hetconv=form, precision=precision, data=data_info,
+                resume=resume)
     record.update("running", **info)
     log.info("VGG-16 part=%d width=%s: %s, %.3fM params, on %s, %s, HetConv %s", cfg.model.part, cfg.model.width,
              describe_flops(costs), costs["params"] / 1e6, info["device"], how_it_runs(compile_as), form)

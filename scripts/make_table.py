@@ -10,6 +10,7 @@ official CIFAR-10 files can only be written outside the repository's results/.
 """
 
 import argparse
+import math
 import statistics
 import sys
 from dataclasses import dataclass
@@ -103,9 +104,10 @@ def check_each_job_once(jobs: list[Job]) -> None:
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample std, rounded as metrics.json rounds; no std from a single seed."""
     if not values:
         return None, None
-    return round(statistics.mean(values), 2), round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
+    return round(statistics.mean(values), 2), round(statistics.stdev(values), 2) if len(values) > 1 else None
 
 
 def paper_costs(part: int, width: float) -> tuple[float | None, float | None]:
@@ -142,14 +144,17 @@ def table_rows(jobs: list[Job], published: dict) -> list[dict]:
         best, best_std = mean_std([m["best_test_acc"] for m in finished])
         flops_m, params_m = paper_costs(part, width)
         paper = published_figures(part, width, published)
-        not_finished = [j.describe() for j in group if j.status != "finished"]
+        statuses = ([f"{len(finished)} finished"] if finished else []) + [
+            j.describe() for j in group if j.status != "finished"]
+        if not group:
+            statuses = ["not run" if flops_m is not None else f"not run: P={part} does not split width {width}'s layers"]
         rows.append({
             "part": part, "width": width, "flops_m": flops_m, "published_flops_m": paper.get("flops_m"),
             "params_m": params_m, "n": len(finished), "test_acc": final, "test_acc_std": final_std,
             "best_test_acc": best, "best_test_acc_std": best_std, "published_test_acc": paper.get("test_acc"),
             "reimpl_best_test_acc": paper.get("reimpl_best_test_acc"),
             "diff": None if final is None or "test_acc" not in paper else round(final - paper["test_acc"], 2),
-            "status": "; ".join(not_finished) if not_finished else (f"{len(finished)} finished" if group else "not run"),
+            "status": "; ".join(statuses),
         })
     return rows
 
@@ -182,6 +187,10 @@ def provenance(jobs: list[Job]) -> dict:
         "epochs": sorted({c["trainer"]["epochs"] for c in configs}),
         "seeds": sorted({c["seed"] for c in configs}),
         "devices": sorted({launch["device"] for launch in every_launch if launch["device"]}),
+        # how the finished jobs computed: a sweep may mix them (RESUMABLE_CHANGES), and they round differently
+        "computed": sorted({f"HetConv {m['hetconv']}, {m['torch_compile'] or 'eager'}, "
+                            f"{m.get('precision', 'precision unrecorded')}" for m in metrics if m["status"] == "finished"}),
+        "not_finished": sum(j.status != "finished" for j in jobs),
         "commits": sorted({launch["git_commit"] for launch in every_launch}),
         "torch": sorted({launch["versions"]["torch"] for launch in every_launch}),
         "not_cifar10": [str(j.path) for j in jobs
@@ -205,12 +214,14 @@ def render_markdown(rows: list[dict], info: dict, command: str) -> str:
         "# HetConv VGG-16 on CIFAR-10: accuracy and FLOPs, ours beside the paper's\n"
         + warning +
         f"\nMade by `{command}` on {now()} (commit "
-        f"{git_commit()}) from {sum(r['n'] for r in rows)} finished jobs.\n\n"
+        f"{git_commit()}) from {sum(r['n'] for r in rows)} finished jobs"
+        + (f" ({info['not_finished']} more did not finish: see the jobs column)" if info["not_finished"] else "")
+        + ".\n\n"
         f"- Recipe: {info['recipe']}.\n"
         f"- Epochs: {', '.join(map(str, info['epochs']))}; seeds: {', '.join(map(str, info['seeds']))}; "
         f"runs started {', '.join(info['run_dates']) or '-'}.\n"
-        f"- Devices: {'; '.join(info['devices']) or '-'}. Code: {', '.join(info['commits']) or '-'}; torch "
-        f"{', '.join(info['torch']) or '-'}.\n\n"
+        f"- Devices: {'; '.join(info['devices']) or '-'}. Computed as: {'; '.join(info['computed']) or '-'}. Code: "
+        f"{', '.join(info['commits']) or '-'}; torch {', '.join(info['torch']) or '-'}.\n\n"
         + markdown_table(header, body) +
         "\nFinal-epoch accuracy is the test accuracy after the last epoch, mean ± sample std over seeds. "
         "*Best-epoch accuracy is the highest test accuracy over all epochs: it is selected on the test set, "
@@ -229,7 +240,8 @@ def plot(rows: list[dict], path: Path, official: bool) -> None:
     for width in sorted({r["width"] for r in ours}, reverse=True):  # one curve per width: P moves along it
         curve = [r for r in ours if r["width"] == width]
         ax.errorbar([r["flops_m"] for r in curve], [r["test_acc"] for r in curve],
-                    yerr=[r["test_acc_std"] for r in curve], fmt="o-", capsize=4,
+                    yerr=[math.nan if r["test_acc_std"] is None else r["test_acc_std"] for r in curve],  # one seed: none
+                    fmt="o-", capsize=4,
                     label=f"ours{'' if width == 1 else f', width {width}'} (final epoch, mean ± std)")
     if paper:  # no legend entry for a curve that width-scaled rows leave empty
         ax.plot([r["published_flops_m"] for r in paper], [r["published_test_acc"] for r in paper], "s--",

@@ -62,6 +62,7 @@ def test_sweep_keeps_going_past_a_failed_job_and_the_table_shows_it(fake_root, t
     assert rows[4]["published_test_acc"] == "" and rows[4]["status"] == "1 finished"  # width 0.25: not the paper's
     assert "failed" in rows[64]["status"] and "part=64 must divide in_channels=16" in rows[64]["status"]
     assert rows[2]["status"] == "not run" and rows[64]["test_acc"] == ""
+    assert rows[32]["status"] == "not run: P=32 does not split width 0.25's layers"
     markdown = (out / "table.md").read_text()
     assert "Not CIFAR-10" in markdown and "selected on the test set" in markdown and "Epochs: 2" in markdown
 
@@ -111,7 +112,8 @@ def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, seed=
     finished = status == "finished"
     metrics = {"status": status, "reason": None, "epochs": 2, "epochs_done": epochs_done,
                "test_acc": test_acc if finished else None, "best_test_acc": test_acc + 1 if finished else None,
-               "device": "cpu", "git_commit": "abc", "started": "2024-01-01T00:00:00",
+               "device": "cpu", "git_commit": "abc", "started": "2024-01-01T00:00:00", "hetconv": "grouped",
+               "torch_compile": None, "precision": "float32",
                "launches": launches or [{"device": "cpu", "git_commit": "abc", "versions": {"torch": "2.14.1"}}],
                "resume": how_to_resume(run_dir, in_sweep=True),
                "config": OmegaConf.to_container(cfg, resolve=True)}
@@ -192,6 +194,15 @@ def test_a_row_pools_its_seeds_as_mean_and_sample_std(tmp_path):
     assert (row["n"], row["test_acc"], row["test_acc_std"], row["best_test_acc"]) == ("3", "94.17", "1.26", "95.17")
     assert row["diff"] == "0.24" and row["status"] == "3 finished"  # 94.17 - the paper's 93.93
     assert "| 94.17 ± 1.26 (n=3) |" in (tmp_path / "table" / "table.md").read_text()
+    fake_job(tmp_path / "sweep", 4, 1.0, "failed", seed=3)
+    fake_job(tmp_path / "sweep", 8, 1.0, "finished")
+    make_table.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "table")])
+    rows = {r["part"]: r for r in csv.DictReader(open(tmp_path / "table" / "table.csv"))}
+    assert rows["4"]["status"] == "3 finished; part=4,width=1.0,seed=3: failed, 2/2 epochs done"  # none hidden
+    assert (rows["8"]["n"], rows["8"]["test_acc_std"]) == ("1", "")  # one seed: no std
+    markdown = (tmp_path / "table" / "table.md").read_text()
+    assert "from 4 finished jobs (1 more did not finish: see the jobs column)" in markdown
+    assert "Computed as: HetConv grouped, eager, float32." in markdown
 
 
 def test_the_table_names_every_launch_and_plots_one_curve_per_width(tmp_path, monkeypatch):
@@ -208,7 +219,8 @@ def test_the_table_names_every_launch_and_plots_one_curve_per_width(tmp_path, mo
     make_table.main([str(sweep_dir), "--out", str(out)])
 
     markdown = (out / "table.md").read_text()
-    assert "- Devices: CPU A; GPU B; GPU C; cpu. Code: abc, def, old; torch 2.11.0, 2.14.1, 2.14.2." in markdown
+    assert ("- Devices: CPU A; GPU B; GPU C; cpu. Computed as: HetConv grouped, eager, float32. Code: abc, def, old; "
+            "torch 2.11.0, 2.14.1, 2.14.2.") in markdown
     assert "momentum 0.9, weight decay 0.0005, batch 100;" in markdown and "; random crop (pad 4) + flip;" in markdown
     assert make_table.augmentation({"crop_padding": 0, "flip": False}) == "no crop, no flip"
     legend = [text.get_text() for text in figures[0].axes[0].get_legend().get_texts()]

@@ -52,6 +52,7 @@ def test_a_small_run_learns_and_leaves_every_artefact(reference_run):
                 "wall_s", "device", "torch", "git_commit"):
         assert metrics[key] is not None, key
     assert metrics["part"] == 4 and metrics["seed"] == 0 and metrics["torch"] == torch.__version__
+    assert (metrics["hetconv"], metrics["torch_compile"], metrics["precision"]) == ("grouped", None, "float32")
     [launch] = metrics["launches"]
     assert launch["versions"]["torch"] == torch.__version__ and launch["git_commit"] == metrics["git_commit"]
     assert launch["device"] == metrics["device"] and launch["data_root"] == metrics["data"]["root"]
