@@ -144,17 +144,18 @@ def table_rows(jobs: list[Job], published: dict) -> list[dict]:
         best, best_std = mean_std([m["best_test_acc"] for m in finished])
         flops_m, params_m = paper_costs(part, width)
         paper = published_figures(part, width, published)
-        statuses = ([f"{len(finished)} finished"] if finished else []) + [
-            j.describe() for j in group if j.status != "finished"]
-        if not group:
-            statuses = ["not run" if flops_m is not None else f"not run: P={part} does not split width {width}'s layers"]
+        if not group:  # a part of the paper that no job ran
+            status = "not run" if flops_m is not None else f"not run: P={part} does not split width {width}'s layers"
+        else:
+            status = "; ".join(([f"{len(finished)} finished"] if finished else [])
+                               + [j.describe() for j in group if j.status != "finished"])
         rows.append({
             "part": part, "width": width, "flops_m": flops_m, "published_flops_m": paper.get("flops_m"),
             "params_m": params_m, "n": len(finished), "test_acc": final, "test_acc_std": final_std,
             "best_test_acc": best, "best_test_acc_std": best_std, "published_test_acc": paper.get("test_acc"),
             "reimpl_best_test_acc": paper.get("reimpl_best_test_acc"),
             "diff": None if final is None or "test_acc" not in paper else round(final - paper["test_acc"], 2),
-            "status": "; ".join(statuses),
+            "status": status,
         })
     return rows
 
@@ -173,6 +174,13 @@ def augmentation(data_cfg: dict) -> str:
     return crop + (" + flip" if data_cfg["flip"] else ", no flip")
 
 
+def computed_as(metrics: dict) -> str:
+    """How a job computed. A sweep may mix HetConv forms, compile modes and precisions (RESUMABLE_CHANGES): they
+    compute the same model, rounded differently."""
+    return (f"HetConv {metrics['hetconv']}, {metrics['torch_compile'] or 'eager'}, "
+            f"{metrics.get('precision', 'precision unrecorded')}")  # runs before a971463 did not record it
+
+
 def provenance(jobs: list[Job]) -> dict:
     configs = [j.config for j in jobs]
     metrics = [j.metrics for j in jobs if j.metrics]
@@ -187,9 +195,7 @@ def provenance(jobs: list[Job]) -> dict:
         "epochs": sorted({c["trainer"]["epochs"] for c in configs}),
         "seeds": sorted({c["seed"] for c in configs}),
         "devices": sorted({launch["device"] for launch in every_launch if launch["device"]}),
-        # how the finished jobs computed: a sweep may mix them (RESUMABLE_CHANGES), and they round differently
-        "computed": sorted({f"HetConv {m['hetconv']}, {m['torch_compile'] or 'eager'}, "
-                            f"{m.get('precision', 'precision unrecorded')}" for m in metrics if m["status"] == "finished"}),
+        "computed": sorted({computed_as(m) for m in metrics if m["status"] == "finished"}),
         "not_finished": sum(j.status != "finished" for j in jobs),
         "commits": sorted({launch["git_commit"] for launch in every_launch}),
         "torch": sorted({launch["versions"]["torch"] for launch in every_launch}),
@@ -239,9 +245,8 @@ def plot(rows: list[dict], path: Path, official: bool) -> None:
     paper = [r for r in rows if r["published_test_acc"] is not None and r["published_flops_m"]]
     for width in sorted({r["width"] for r in ours}, reverse=True):  # one curve per width: P moves along it
         curve = [r for r in ours if r["width"] == width]
-        ax.errorbar([r["flops_m"] for r in curve], [r["test_acc"] for r in curve],
-                    yerr=[math.nan if r["test_acc_std"] is None else r["test_acc_std"] for r in curve],  # one seed: none
-                    fmt="o-", capsize=4,
+        errors = [math.nan if r["test_acc_std"] is None else r["test_acc_std"] for r in curve]  # one seed: no bar
+        ax.errorbar([r["flops_m"] for r in curve], [r["test_acc"] for r in curve], yerr=errors, fmt="o-", capsize=4,
                     label=f"ours{'' if width == 1 else f', width {width}'} (final epoch, mean ± std)")
     if paper:  # no legend entry for a curve that width-scaled rows leave empty
         ax.plot([r["published_flops_m"] for r in paper], [r["published_test_acc"] for r in paper], "s--",
