@@ -169,6 +169,13 @@ def refuse_other_data(run_dir: Path, started_on: dict | None, data: dict) -> Non
             f"{ANOTHER_FOLDER}.")
 
 
+def launch_overrides(run_dir: Path) -> list[str] | None:
+    """This launch's command-line overrides, as Hydra wrote them into the run folder before starting it (a sweep's
+    job: its own values); None when train() was called without Hydra."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else None
+
+
 def load_data(cfg: DictConfig) -> tuple[dict[str, Split], dict]:
     """CIFAR-10's splits from data.root, and what the run's record keeps of them."""
     data_root = Path(to_absolute_path(cfg.data.root))
@@ -301,7 +308,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         log.info("resuming %s at epoch %d, step %d", run_dir, epoch + 1, step)
 
     where = {"device": device_name(device), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
-    record.launched(**where, data_root=data_info["root"])
+    record.launched(**where, data_root=data_info["root"], overrides=launch_overrides(run_dir))
     precision = "bf16 autocast" if uses_amp(device, cfg.trainer.amp) else "float32"  # trainer.amp runs on CUDA only
     info = dict(**costs, **where, torch_compile=compile_as, hetconv=form, precision=precision, data=data_info,
                 resume=resume)

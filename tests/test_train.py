@@ -56,6 +56,7 @@ def test_a_small_run_learns_and_leaves_every_artefact(reference_run):
     [launch] = metrics["launches"]
     assert launch["versions"]["torch"] == torch.__version__ and launch["git_commit"] == metrics["git_commit"]
     assert launch["device"] == metrics["device"] and launch["data_root"] == metrics["data"]["root"]
+    assert launch["overrides"] == [*SMALL, f"data.root={metrics['data']['root']}"]  # the command, as typed
     assert metrics["best_test_acc"] == max(h["test_acc"] for h in metrics["history"])
     # 6 milestones in 3 epochs, none at the end: the last epoch trains at the recipe's final lr, 0.1 * 0.2**6
     assert [h["lr"] for h in metrics["history"]] == pytest.approx([0.1, 0.004, 6.4e-6])
