@@ -318,7 +318,10 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     # Scalars from after the checkpoint, or from a launch that left none, are written again: purge them.
     writer = SummaryWriter(run_dir, purge_step=epoch + 1)
     hparam_values = {"part": cfg.model.part, "width": cfg.model.width, "seed": cfg.seed, "epochs": cfg.trainer.epochs,
-                     "flops_m": costs["flops"] / 1e6, "params_m": costs["params"] / 1e6}
+                     "flops_m": costs["flops"] / 1e6, "params_m": costs["params"] / 1e6,
+                     # to filter out runs that do not compare: other data, another form or precision
+                     "data": "official CIFAR-10" if data_info["official_cifar10"] else "other",  # a bool shows as 0/1
+                     "hetconv": form, "precision": precision}
     for summary in hparams(hparam_values, {f"hparam/{k}": 0 for k in ("test_acc", "best_test_acc", "train_loss")}):
         writer.file_writer.add_summary(summary)
 

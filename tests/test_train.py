@@ -66,9 +66,11 @@ def test_a_small_run_learns_and_leaves_every_artefact(reference_run):
     assert [e.step for e in events.Scalars("test/acc")] == [1, 2, 3]
     assert events.Scalars("test/acc")[-1].value == pytest.approx(metrics["test_acc"])
     hparams = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
-    assert {k: v.number_value for k, v in hparams.session_start_info.hparams.items()} == pytest.approx(
+    values = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+              for k, v in hparams.session_start_info.hparams.items()}
+    assert values == pytest.approx(
         {"part": 4, "width": 0.25, "seed": 0, "epochs": 3, "flops_m": metrics["flops"] / 1e6,
-         "params_m": metrics["params"] / 1e6})
+         "params_m": metrics["params"] / 1e6, "data": "other", "hetconv": "grouped", "precision": "float32"})
     assert len(list(reference_run.glob("events.out.tfevents.*"))) == 1 and not any(
         p.is_dir() for p in reference_run.iterdir() if p.name not in {".hydra", "checkpoints"})
 
