@@ -72,6 +72,9 @@ def find_jobs(sweep_dirs: list[Path]) -> list[Job]:
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
         config = metrics["config"] if metrics else OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "config.yaml"))
+        if not isinstance(config.get("model"), dict):
+            raise SystemExit(f"error: {path / '.hydra' / 'config.yaml'} holds no train.py config, and the job has no "
+                             "metrics.json: relaunch its sweep, which writes both again, or move the folder away")
         jobs.append(Job(path, config, metrics))
     if not jobs:
         raise SystemExit(f"error: no jobs (folders with .hydra/config.yaml) under {', '.join(map(str, sweep_dirs))}")
