@@ -36,10 +36,10 @@ from hetconv.gpus import claim_gpu
 from hetconv.provenance import device_name
 from hetconv.layer import resolved_impl
 from hetconv.runfiles import (RunRecord, check_writable, command_line_override, config_differences, exclusive,
-                              flatten, how_to_resume, last_checkpoint, load, read_metrics, save)
+                              flatten, how_to_resume, is_sweep_folder, last_checkpoint, load, read_metrics, save)
 from hetconv.training import (Preprocess, build_optimizer, build_scheduler, check_overrides, check_settings,
                               compile_mode, compiled, configure_backend, ends_without_traceback, evaluate, percent,
-                              select_device, train_step, uses_amp)
+                              precision, select_device, train_step)
 from models import vgg16
 from models.vgg import check_part_fits
 
@@ -235,7 +235,7 @@ def main(cfg: DictConfig) -> dict:
 
 def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
-    if not in_sweep and (run_dir / "multirun.yaml").exists():
+    if not in_sweep and is_sweep_folder(run_dir):
         raise Refused(f"{run_dir} is a sweep's folder (it holds multirun.yaml): a run there would mix with its jobs. "
                       f"To add to the sweep, rerun the sweep command with its values and "
                       f"{command_line_override('hydra.sweep.dir', run_dir)}; for a single run, {ANOTHER_FOLDER}.")
@@ -309,8 +309,8 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
 
     where = {"device": device_name(device), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     record.launched(**where, data_root=data_info["root"], overrides=launch_overrides(run_dir))
-    precision = "bf16 autocast" if uses_amp(device, cfg.trainer.amp) else "float32"  # trainer.amp runs on CUDA only
-    info = dict(**costs, **where, torch_compile=compile_as, hetconv=form, precision=precision, data=data_info,
+    computes_in = precision(device, cfg.trainer.amp)  # float32 on the CPU: trainer.amp asks bf16 of CUDA only
+    info = dict(**costs, **where, torch_compile=compile_as, hetconv=form, precision=computes_in, data=data_info,
                 resume=resume)
     record.update("running", **info)
     log.info("VGG-16 part=%d width=%s: %s, %.3fM params, on %s, %s, HetConv %s", cfg.model.part, cfg.model.width,
@@ -321,7 +321,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
                      "flops_m": costs["flops"] / 1e6, "params_m": costs["params"] / 1e6,
                      # to filter out runs that do not compare: other data, another form or precision
                      "data": "official CIFAR-10" if data_info["official_cifar10"] else "other",  # a bool shows as 0/1
-                     "hetconv": form, "precision": precision}
+                     "hetconv": form, "precision": computes_in}
     for summary in hparams(hparam_values, {f"hparam/{k}": 0 for k in ("test_acc", "best_test_acc", "train_loss")}):
         writer.file_writer.add_summary(summary)
 

@@ -131,6 +131,11 @@ def last_checkpoint(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / "last.pt"
 
 
+def is_sweep_folder(path: Path) -> bool:
+    """A sweep's own folder, where Hydra writes multirun.yaml, not one of its jobs'."""
+    return (path / "multirun.yaml").exists()
+
+
 def metrics_path(run_dir: Path) -> Path:
     return run_dir / "metrics.json"
 

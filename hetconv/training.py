@@ -159,6 +159,11 @@ def uses_amp(device: torch.device, amp: bool) -> bool:
     return amp and device.type == "cuda"
 
 
+def precision(device: torch.device, amp: bool) -> str:
+    """What a run computes in, as its record and the bench report name it."""
+    return "bf16 autocast" if uses_amp(device, amp) else "float32"
+
+
 def autocast(device: torch.device, amp: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_amp(device, amp))
 

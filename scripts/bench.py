@@ -47,7 +47,7 @@ from hetconv.layer import IMPLS, resolved_impl
 from hetconv.provenance import device_name, git_commit, library_versions, now
 from hetconv.report import RESULTS_DIR, markdown_table, positive_int, typed_command
 from hetconv.training import (COMPILE_MODES, Preprocess, autocast, build_optimizer, compile_mode, compiled,
-                              configure_backend, select_device, train_config, train_step, uses_amp)
+                              configure_backend, precision, select_device, train_config, train_step)
 from models import vgg16
 from models.vgg import PAPER_PARTS, conv_channels, conv_sides
 
@@ -624,7 +624,7 @@ def main(argv: list[str] | None = None) -> None:
     model_rows, compile_rows = rows["eager"], rows.get("compiled", [])
     layer_rows = [] if args.skip_layers else bench_layers(device, cfg, parts, args.repeats)
     label = device_name(device)
-    setup = (f"{'bf16 autocast' if uses_amp(device, cfg.trainer.amp) else 'float32'}, "
+    setup = (f"{precision(device, cfg.trainer.amp)}, "
              f"{'channels_last' if cfg.trainer.channels_last else 'NCHW'}, {torch.get_num_threads()} CPU threads, "
              f"HetConv layers computed {resolved_impl(args.impl, device)} (trainer.hetconv={args.impl})")
     command = typed_command("scripts/bench.py", argv)

@@ -25,7 +25,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from hetconv.flops import count_flops, count_params, truncate_millions  # noqa: E402
 from hetconv.provenance import git_commit, now  # noqa: E402
 from hetconv.report import RESULTS_DIR, load_published, markdown_table, typed_command, write_csv  # noqa: E402
-from hetconv.runfiles import config_differences, held_by_a_process, last_checkpoint, read_metrics  # noqa: E402
+from hetconv.runfiles import (config_differences, held_by_a_process, is_sweep_folder, last_checkpoint,  # noqa: E402
+                              read_metrics)
 from models import vgg16  # noqa: E402
 from models.vgg import PAPER_PARTS  # noqa: E402
 
@@ -64,7 +65,7 @@ def find_jobs(sweep_dirs: list[Path]) -> list[Job]:
         if not sweep.is_dir():
             raise SystemExit(f"error: {sweep} is not a folder; give the sweep folder(s) train.py -m wrote")
         paths += [c.parent.parent.resolve() for c in sorted(sweep.glob("**/.hydra/config.yaml"))
-                  if not (c.parent.parent / "multirun.yaml").exists()]  # a sweep's own folder, not a job's
+                  if not is_sweep_folder(c.parent.parent)]
     jobs = []
     for path in dict.fromkeys(paths):
         try:
