@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# How HetConv2d computes its output: "grouped", a grouped 3x3 conv plus a 1x1 conv (the FLOPs of the paper);
-# "dense", one 3x3 conv over the assembled weight; "auto", dense on CUDA, where cuDNN's grouped kernels run
-# slower than its dense ones, and grouped elsewhere (scripts/bench.py times both, layer by layer).
+# How HetConv2d computes its output: "grouped", a grouped 3x3 conv plus a 1x1 conv (the paper's FLOPs, plus the
+# 1x1's masked block diagonal); "dense", one 3x3 conv over the assembled weight; "auto", dense on CUDA, where
+# cuDNN's grouped kernels run slower than its dense ones, and grouped elsewhere (scripts/bench.py times both).
 IMPLS = ("auto", "grouped", "dense")
 
 

@@ -156,9 +156,10 @@ def masked_entries(layer):
     lambda p: torch.optim.Adam(p, lr=0.1, weight_decay=5e-4),
     lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1),
 ], ids=["sgd-momentum-wd", "adam-l2", "adamw"])
-def test_structural_zeros_survive_optimizer_steps(make_optimizer):
+@pytest.mark.parametrize("impl", ["grouped", "dense"])
+def test_structural_zeros_survive_optimizer_steps(make_optimizer, impl):
     torch.manual_seed(2)
-    layer = HetConv2d(8, 8, 4)
+    layer = HetConv2d(8, 8, 4, impl=impl)
     optimizer = make_optimizer(layer.parameters())
     kept_before = layer.weight1x1[layer.mask1x1].clone()
     for _ in range(5):
@@ -172,16 +173,17 @@ def test_structural_zeros_survive_optimizer_steps(make_optimizer):
     assert int((layer.to_dense().weight[:, :, 1, 1] != 0).sum()) == 8 * 8
 
 
-def test_loaded_state_dict_cannot_fill_the_masked_block():
+@pytest.mark.parametrize("impl", ["grouped", "dense"])
+def test_loaded_state_dict_cannot_fill_the_masked_block(impl):
     torch.manual_seed(3)
-    layer = HetConv2d(8, 8, 2)
+    layer = HetConv2d(8, 8, 2, impl=impl)
     x = torch.randn(2, 8, 5, 5)
     expected = layer(x)
     state = layer.state_dict()
     state["weight1x1"] = state["weight1x1"] + 10.0 * (~layer.mask1x1)  # garbage on the masked block only
     assert "mask1x1" not in state  # the structure is the layer's, not the checkpoint's
 
-    fresh = HetConv2d(8, 8, 2)
+    fresh = HetConv2d(8, 8, 2, impl=impl)
     with pytest.warns(UserWarning, match="the loaded weight1x1 has 32 nonzero weights on the structural zeros"):
         fresh.load_state_dict(state)  # 2 groups of 4 filters x 4 channels
     assert torch.count_nonzero(masked_entries(fresh)) == 0
