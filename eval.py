@@ -19,13 +19,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from hetconv.data import CLASSES, FOLDER, DatasetError, fingerprint, is_official, load_cifar10, memory_format
+from hetconv.data import CLASSES, FOLDER, DatasetError, fingerprint_of_test, is_official, load_cifar10, memory_format
 from hetconv.flops import describe_flops, model_costs
 from hetconv.provenance import device_name, git_commit, library_versions, now
 from hetconv.layer import resolved_impl
-from hetconv.runfiles import command_line_override, last_checkpoint, load, write_json
-from hetconv.training import (Preprocess, check_flags, check_overrides, configure_backend, ends_without_traceback,
-                              evaluate, select_device)
+from hetconv.runfiles import command_line_override, final_weights, last_checkpoint, load, write_json
+from hetconv.settings import check_flags, check_overrides, ends_without_traceback
+from hetconv.training import Preprocess, configure_backend, evaluate, select_device
 from models import vgg16
 
 # What eval.py reads from its command line; the model, its preprocessing and batch size are the checkpoint's.
@@ -60,8 +60,8 @@ def checkpoint_path(setting: str) -> Path:
     path = Path(to_absolute_path(setting))
     if not path.is_dir():
         return path
-    if (path / "model.pt").exists():
-        return path / "model.pt"
+    if final_weights(path).exists():
+        return final_weights(path)
     if last_checkpoint(path).exists():
         raise FileNotFoundError(f"{path} has no model.pt: its run has not finished. To evaluate the weights it "
                                 f"has so far: {command_line_override('checkpoint', last_checkpoint(path))}")
@@ -69,7 +69,7 @@ def checkpoint_path(setting: str) -> Path:
     if jobs:
         raise FileNotFoundError(f"{path} holds the runs of a sweep, {len(jobs)} of them finished: name one, e.g. "
                                 f"{command_line_override('checkpoint', jobs[0])}")
-    return path / "model.pt"  # missing: load() says what it expected
+    return final_weights(path)  # missing: load() says what it expected
 
 
 def data_root(setting: str | None, run_data: dict) -> Path:
@@ -101,7 +101,7 @@ def main(cfg: DictConfig) -> dict:
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
     check_overrides(list(HydraConfig.get().overrides.task), list(SETTINGS), ["data"], "eval.py",
-                    f"It reads {', '.join(SETTINGS)}; the model and its preprocessing are the checkpoint's.")
+                    hint=f"It reads {', '.join(SETTINGS)}; the model and its preprocessing are the checkpoint's.")
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ValueError("no checkpoint given: name a run folder, its model.pt or its checkpoints/last.pt with "
                          "checkpoint=...")
@@ -114,7 +114,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     run_data = trained_on(state)
     root = data_root(cfg.data.root, run_data)
     test = load_cifar10(root, cfg.data.download, splits=("test",))["test"]
-    test_fingerprint = fingerprint({"test": test})
+    evaluated_images = fingerprint_of_test(test)
     test = test.to(device)
     costs = model_costs(model)
     model = model.to(device, memory_format=memory_format(run_cfg.trainer.channels_last))
@@ -123,29 +123,33 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
                       run_cfg.model.num_classes)
     report = {"checkpoint": str(path), "trained": training_point(state), "part": run_cfg.model.part,
               "width": run_cfg.model.width, "data_root": str(root), "trained_on": run_data["root"],
-              "test_fingerprint": test_fingerprint, "official_cifar10": is_official(root),
+              "test_fingerprint": evaluated_images, "official_cifar10": is_official(root),
               "test_acc": result["acc"], "test_loss": round(result["loss"], 6), "images": len(test), **costs,
               "per_class_acc": dict(zip(CLASSES, result["per_class_acc"])), "device": device_name(device),
               "git_commit": git_commit(), "versions": library_versions(), "evaluated": now()}
-
-    print(f"{path}  (VGG-16, part={report['part']}, width={report['width']}, on {report['device']}), weights "
-          f"{report['trained']}")
-    if Path(run_data["root"]).resolve() != root.resolve():  # not the same folder, by whatever path
-        print(f"note: the run trained on the data in {run_data['root']}; this evaluates the data in {root} "
-              f"(data.root={cfg.data.root})")
-    tested_on = run_data["test_fingerprint"]
-    if tested_on != test_fingerprint:
-        print(f"note: these are not the test images the run was tested on (fingerprint {tested_on}; these: "
-              f"{test_fingerprint}), so this accuracy is not comparable with the run's")
-    print(f"test accuracy {report['test_acc']:.2f}%   loss {report['test_loss']:.4f}   ({len(test)} images)")
-    print(describe_flops(costs))
-    print(f"parameters {costs['params'] / 1e6:.3f}M effective, {costs['stored_params'] / 1e6:.3f}M stored")
-    print("per-class accuracy: " + ", ".join(
-        f"{name} {'-' if acc is None else f'{acc:.2f}%'}" for name, acc in report["per_class_acc"].items()))
+    print_report(report, run_data["test_fingerprint"], cfg.data.root)
     if cfg.output:
         write_json(Path(to_absolute_path(cfg.output)), report)
         print(f"wrote {cfg.output}")
     return report
+
+
+def print_report(report: dict, tested_on: str, root_setting: str | None) -> None:
+    """The report, with a note where the data is not the run's own: another folder (root_setting, data.root's
+    value), or other test images than those the run was tested on (tested_on, their fingerprint)."""
+    print(f"{report['checkpoint']}  (VGG-16, part={report['part']}, width={report['width']}, on {report['device']}), "
+          f"weights {report['trained']}")
+    if Path(report["trained_on"]).resolve() != Path(report["data_root"]).resolve():  # not the same folder, by any path
+        print(f"note: the run trained on the data in {report['trained_on']}; this evaluates the data in "
+              f"{report['data_root']} (data.root={root_setting})")
+    if tested_on != report["test_fingerprint"]:
+        print(f"note: these are not the test images the run was tested on (fingerprint {tested_on}; these: "
+              f"{report['test_fingerprint']}), so this accuracy is not comparable with the run's")
+    print(f"test accuracy {report['test_acc']:.2f}%   loss {report['test_loss']:.4f}   ({report['images']} images)")
+    print(describe_flops(report))
+    print(f"parameters {report['params'] / 1e6:.3f}M effective, {report['stored_params'] / 1e6:.3f}M stored")
+    print("per-class accuracy: " + ", ".join(
+        f"{name} {'-' if acc is None else f'{acc:.2f}%'}" for name, acc in report["per_class_acc"].items()))
 
 
 if __name__ == "__main__":

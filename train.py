@@ -26,20 +26,23 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
-from hetconv.data import Split, TrainBatches, fingerprint, is_official, load_cifar10, memory_format
+from hetconv.data import (Split, TrainBatches, fingerprint, fingerprint_of_test, is_official, load_cifar10,
+                          memory_format)
 from hetconv.flops import describe_flops, model_costs
 from hetconv.gpus import claim_gpu
 from hetconv.provenance import device_name
 from hetconv.layer import resolved_impl
-from hetconv.runfiles import (RunRecord, check_writable, command_line_override, config_differences, exclusive,
-                              flatten, how_to_resume, is_sweep_folder, last_checkpoint, load, read_metrics, save)
-from hetconv.training import (Preprocess, build_optimizer, build_scheduler, check_overrides, check_settings,
-                              compile_mode, compiled, configure_backend, ends_without_traceback, evaluate, percent,
-                              precision, select_device, train_step)
+from hetconv.runfiles import (ANOTHER_FOLDER, RunRecord, check_writable, command_line_override, config_differences,
+                              exclusive, final_weights, flatten, how_to_resume, is_sweep_folder, last_checkpoint, load,
+                              read_metrics, save, save_final_weights)
+from hetconv.settings import check_overrides, check_settings, ends_without_traceback
+from hetconv.training import (Preprocess, build_optimizer, build_scheduler, compile_mode, compiled, configure_backend,
+                              evaluate, how_it_runs, percent, precision, select_device, train_step)
 from models import vgg16
 from models.vgg import check_part_fits
 
@@ -49,10 +52,6 @@ log = logging.getLogger("train")
 OmegaConf.register_new_resolver(
     "job_name", lambda part, seed, others: f"part={part},seed={seed}" + (f",{others}" if others else ""),
     replace=True)
-
-
-# What a refused or failed run tells the user to do when its settings must change.
-ANOTHER_FOLDER = "train in another folder (hydra.run.dir=... for a run, hydra.sweep.dir=... for a sweep)"
 
 
 class Refused(ValueError):
@@ -89,7 +88,7 @@ class StopSignals:
             self.received = signal.Signals(signum)
         elif signum == signal.SIGINT:
             log.warning("SIGINT again: stopping now, without saving the current step")
-            self.__exit__()
+            self.restore_handlers()
             signal.raise_signal(signum)  # to the handler from before ours: KeyboardInterrupt, by default
 
     def pass_on(self) -> None:
@@ -101,9 +100,12 @@ class StopSignals:
             return
         raise Interrupted(128 + sig)
 
-    def __exit__(self, *exc):
+    def restore_handlers(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+    def __exit__(self, *exc):
+        self.restore_handlers()
 
 
 def refuse_other_settings(run_dir: Path, saved: dict, config: dict) -> None:
@@ -155,10 +157,6 @@ def warn_other_threads(run_dir: Path, state: dict, device: torch.device) -> None
                     started_with, torch.get_num_threads(), started_with)
 
 
-def how_it_runs(compile_as: str | None) -> str:
-    return f"with torch.compile mode {compile_as}" if compile_as else "eagerly"
-
-
 def refuse_other_data(run_dir: Path, started_on: dict | None, data: dict) -> None:
     """data.root may move between a run's starts; the images and labels under it may not change."""
     if started_on and started_on["fingerprint"] != data["fingerprint"]:
@@ -169,20 +167,13 @@ def refuse_other_data(run_dir: Path, started_on: dict | None, data: dict) -> Non
             f"{ANOTHER_FOLDER}.")
 
 
-def launch_overrides(run_dir: Path) -> list[str] | None:
-    """This launch's command-line overrides, as Hydra wrote them into the run folder before starting it (a sweep's
-    job: its own values); None when train() was called without Hydra."""
-    path = run_dir / ".hydra" / "overrides.yaml"
-    return OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else None
-
-
 def load_data(cfg: DictConfig) -> tuple[dict[str, Split], dict]:
     """CIFAR-10's splits from data.root, and what the run's record keeps of them."""
     data_root = Path(to_absolute_path(cfg.data.root))
     splits = load_cifar10(data_root, cfg.data.download)
     return splits, {"root": str(data_root), "official_cifar10": is_official(data_root),
                     "fingerprint": fingerprint(splits),
-                    "test_fingerprint": fingerprint({"test": splits["test"]}),  # what eval.py checks it evaluates
+                    "test_fingerprint": fingerprint_of_test(splits["test"]),
                     "train_images": len(splits["train"]), "test_images": len(splits["test"])}
 
 
@@ -224,8 +215,9 @@ def main(cfg: DictConfig) -> dict:
         hydra_cfg = HydraConfig.get()
         overrides = list(hydra_cfg.overrides.task)
         check_overrides(overrides, configured_keys(cfg, overrides), hydra_cfg.runtime.choices, "train.py",
-                        "`python train.py --cfg job` lists them; set one without + or ++.")
-        return train(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN)
+                        hint="`python train.py --cfg job` lists them; set one without + or ++.")
+        return train(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN,
+                     overrides=overrides)
     except Exception as error:
         log.error("%s: %s", type(error).__name__, error)  # into train.log too: under SLURM stderr is the launcher's
         if ends_without_traceback(error):
@@ -233,7 +225,9 @@ def main(cfg: DictConfig) -> dict:
         raise
 
 
-def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False) -> dict:
+def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: list[str] | None = None) -> dict:
+    """Train, resume or leave as finished the run in run_dir. overrides: the command line's, for the run's record (a
+    sweep's job: its own values); None when called without Hydra."""
     config = OmegaConf.to_container(cfg, resolve=True)
     if not in_sweep and is_sweep_folder(run_dir):
         raise Refused(f"{run_dir} is a sweep's folder (it holds multirun.yaml): a run there would mix with its jobs. "
@@ -242,26 +236,27 @@ def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False) -> dict:
     with exclusive(run_dir):
         state = resume_point(run_dir, config)
         metrics = read_metrics(run_dir)
-        if state is None and metrics and metrics["status"] == "finished":  # its checkpoint was deleted
-            refuse_other_settings(run_dir, metrics["config"], config)
-            leave_finished(cfg, run_dir, metrics["data"])
-            return metrics
-        if state is None and (run_dir / "model.pt").exists():  # a finished run's checkpoint and record deleted
-            raise Refused(f"{run_dir} holds a run's final weights (model.pt), but neither its checkpoints/last.pt nor "
-                          f"a finished metrics.json: train.py does not train over them. Move model.pt away to train "
-                          f"in this folder again, or {ANOTHER_FOLDER}.")
-        if state is None and metrics and metrics["epochs_done"]:  # a damaged last.pt moved away, say
-            log.warning("%s: metrics.json records %d epochs, but there is no %s to resume them from: the run starts "
-                        "over, and its new record replaces that one", run_dir, metrics["epochs_done"],
-                        last_checkpoint(run_dir).relative_to(run_dir))
+        if state is None:
+            if metrics and metrics["status"] == "finished":  # its checkpoint was deleted
+                refuse_other_settings(run_dir, metrics["config"], config)
+                leave_finished(cfg, run_dir, metrics["data"])
+                return metrics
+            if final_weights(run_dir).exists():  # a finished run's checkpoint and record deleted
+                raise Refused(f"{run_dir} holds a run's final weights (model.pt), but neither its checkpoints/last.pt "
+                              f"nor a finished metrics.json: train.py does not train over them. Move model.pt away to "
+                              f"train in this folder again, or {ANOTHER_FOLDER}.")
+            if metrics and metrics["epochs_done"]:  # a damaged last.pt moved away, say
+                log.warning("%s: metrics.json records %d epochs, but there is no %s to resume them from: the run "
+                            "starts over, and its new record replaces that one", run_dir, metrics["epochs_done"],
+                            last_checkpoint(run_dir).relative_to(run_dir))
         record = RunRecord(run_dir, config, state and state["record"])
         if state and state["epoch"] == cfg.trainer.epochs:
             leave_finished(cfg, run_dir, record.info["data"])
-            if not (run_dir / "model.pt").exists():  # killed between the last checkpoint and the final save
+            if not final_weights(run_dir).exists():  # killed between the last checkpoint and the final save
                 save_final_weights(run_dir, state["model"], config, state["epoch"], record.info["data"])
             return metrics if metrics and metrics["status"] == "finished" else record.update("finished")
         try:
-            return run(cfg, config, run_dir, state, record, how_to_resume(run_dir, in_sweep))
+            return run(cfg, config, run_dir, state, record, how_to_resume(run_dir, in_sweep), overrides)
         except Exception as error:
             # A run with a checkpoint that this launch did not get to train (bad input on resume, say) keeps
             # the record it had: it is still resumable.
@@ -270,19 +265,12 @@ def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False) -> dict:
             raise
 
 
-def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record: RunRecord, resume: str) -> dict:
+def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record: RunRecord, resume: str,
+        overrides: list[str] | None) -> dict:
     # Everything that bad input can break comes first, before any training.
     check_settings(cfg)
     check_part_fits(cfg.model.part, cfg.model.width)
-    if cfg.trainer.jobs_per_gpu is not None:
-        claim_gpu(cfg.trainer.jobs_per_gpu)  # before anything initialises CUDA
-    device = select_device(cfg.trainer.device)
-    compile_as = compile_mode(cfg.trainer.compile, device)
-    form = resolved_impl(cfg.trainer.hetconv, device)
-    if state:
-        refuse_other_execution(run_dir, state, device, compile_as, form)
-        warn_other_threads(run_dir, state, device)
-    configure_backend(device)
+    device, compile_as, form = choose_execution(cfg, run_dir, state)
     data, data_info = training_data(cfg, device, run_dir, record.info.get("data"))
     check_writable(last_checkpoint(run_dir).parent)
 
@@ -297,45 +285,27 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     preprocess = Preprocess(cfg.data, cfg.trainer.channels_last, device)
     forward_model = compiled(model, compile_as)
 
-    epoch, step, partial = 0, 0, None
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        epoch, step, partial = state["epoch"], state["step"], state["partial"]
-        log.info("resuming %s at epoch %d, step %d", run_dir, epoch + 1, step)
-
-    where = {"device": device_name(device), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
-    record.launched(**where, data_root=data_info["root"], overrides=launch_overrides(run_dir))
-    computes_in = precision(device, cfg.trainer.amp)  # float32 on the CPU: trainer.amp asks bf16 of CUDA only
-    info = dict(**costs, **where, torch_compile=compile_as, hetconv=form, precision=computes_in, data=data_info,
-                resume=resume)
-    record.update("running", **info)
-    log.info("VGG-16 part=%d width=%s: %s, %.3fM params, on %s, %s, HetConv %s", cfg.model.part, cfg.model.width,
-             describe_flops(costs), costs["params"] / 1e6, info["device"], how_it_runs(compile_as), form)
-    # Scalars from after the checkpoint, or from a launch that left none, are written again: purge them.
-    writer = SummaryWriter(run_dir, purge_step=epoch + 1)
-    hparam_values = {"part": cfg.model.part, "width": cfg.model.width, "seed": cfg.seed, "epochs": cfg.trainer.epochs,
-                     "flops_m": costs["flops"] / 1e6, "params_m": costs["params"] / 1e6,
-                     # to filter out runs that do not compare: other data, another form or precision
-                     "data": "official CIFAR-10" if data_info["official_cifar10"] else "other",  # a bool shows as 0/1
-                     "hetconv": form, "precision": computes_in}
-    for summary in hparams(hparam_values, {f"hparam/{k}": 0 for k in ("test_acc", "best_test_acc", "train_loss")}):
-        writer.file_writer.add_summary(summary)
-
-    def checkpoint(step_in_epoch: int, epoch_rng: torch.Tensor, partial_sums: dict | None) -> dict:
+    def checkpoint(epoch: int, step: int, epoch_rng: torch.Tensor, partial_sums: dict | None) -> dict:
+        """Everything to resume from after `step` steps of epoch `epoch` + 1 (read back by `restore`)."""
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "config": config, "epoch": epoch, "step": step_in_epoch,
+                "scheduler": scheduler.state_dict(), "config": config, "epoch": epoch, "step": step,
                 "data_rng": epoch_rng, "partial": partial_sums, "torch_rng": torch.get_rng_state(),
                 "device_type": device.type, "record": record.state(),
                 "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None}
 
-    wall_before, clock_started = record.wall_s, time.perf_counter()
+    epoch, step, partial = 0, 0, None
+    if state:
+        epoch, step, partial = restore(state, model, optimizer, scheduler, generator)
+        log.info("resuming %s at epoch %d, step %d", run_dir, epoch + 1, step)
 
-    def tick() -> None:
-        record.wall_s = wall_before + time.perf_counter() - clock_started
+    where = {"device": device_name(device), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    record.launched(**where, data_root=data_info["root"], overrides=overrides)
+    info = dict(**costs, **where, torch_compile=compile_as, hetconv=form, data=data_info, resume=resume,
+                precision=precision(device, cfg.trainer.amp))  # float32 on the CPU: amp asks bf16 of CUDA only
+    record.update("running", **info)
+    log.info("VGG-16 part=%d width=%s: %s, %.3fM params, on %s, %s, HetConv %s", cfg.model.part, cfg.model.width,
+             describe_flops(costs), costs["params"] / 1e6, info["device"], how_it_runs(compile_as), form)
+    writer = open_tensorboard(run_dir, epoch, cfg, info)
 
     def interrupted(stop: StopSignals, reason: str) -> None:
         record.update("interrupted", f"{reason}: {resume} to resume")
@@ -344,6 +314,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         record.update("running")
         log.info("%s: the launcher's own signal handler let training go on", run_dir)
 
+    record.start_clock()
     with StopSignals() as stop:
         while epoch < cfg.trainer.epochs:
             model.train()
@@ -365,26 +336,20 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
                 seen += len(labels)
                 step += 1
                 if stop.received:
-                    tick()
+                    record.tick()
                     so_far = {"loss": loss_sum.item(), "correct": correct.item(), "seen": seen,
                               "train_s": time.perf_counter() - started}
-                    save(last_checkpoint(run_dir), checkpoint(step, epoch_rng, so_far))
+                    save(last_checkpoint(run_dir), checkpoint(epoch, step, epoch_rng, so_far))
                     interrupted(stop, f"{stop.received.name} at epoch {epoch + 1}, step {step}")
             train_loss = loss_sum.item() / seen  # the epoch's first host synchronisation: none between its steps
             train_s = time.perf_counter() - started
             test = evaluate(forward_model, data["test"], preprocess, cfg.trainer.eval_batch_size, cfg.trainer.amp,
                             cfg.model.num_classes)
-            if not (math.isfinite(train_loss) and math.isfinite(test["loss"])):
-                kept = (f"The last good state, after epoch {epoch}, is kept in {last_checkpoint(run_dir)}. " if epoch
-                        else "")
-                raise FloatingPointError(
-                    f"the loss became {train_loss} (train) / {test['loss']} (test) in epoch {epoch + 1}: training "
-                    f"diverged. {kept}Check the data, or lower optim.lr and {ANOTHER_FOLDER}: a run resumes only "
-                    f"with the settings it started with.")
+            stop_if_diverged(run_dir, epoch, train_loss, test["loss"])
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             epoch += 1
-            tick()
+            record.tick()
             record.history.append({
                 "epoch": epoch, "train_loss": round(train_loss, 6), "train_acc": percent(correct.item(), seen),
                 "test_loss": round(test["loss"], 6), "test_acc": test["acc"], "lr": lr,
@@ -395,7 +360,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
             # rewrites this epoch's scalars (purge_step) rather than leaving it out.
             metrics = record.update("running")
             log_epoch(writer, record.history[-1], metrics, cfg.trainer.epochs, record.wall_s - wall_at_start)
-            save(last_checkpoint(run_dir), checkpoint(0, generator.get_state(), None))
+            save(last_checkpoint(run_dir), checkpoint(epoch, 0, generator.get_state(), None))
             if stop.received and epoch < cfg.trainer.epochs:  # arrived during evaluation: the state is saved
                 interrupted(stop, f"{stop.received.name} after epoch {epoch}")
 
@@ -410,9 +375,59 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     return metrics
 
 
-def save_final_weights(run_dir: Path, weights: dict, config: dict, epoch: int, data: dict) -> None:
-    """What eval.py reads: the weights, the config that made them and the data they were trained on."""
-    save(run_dir / "model.pt", {"model": weights, "config": config, "epoch": epoch, "data": data})
+def choose_execution(cfg: DictConfig, run_dir: Path, state: dict | None) -> tuple[torch.device, str | None, str]:
+    """The device, torch.compile mode (None: eager) and HetConv form the run computes with: a resumed run's own."""
+    if cfg.trainer.jobs_per_gpu is not None:
+        claim_gpu(cfg.trainer.jobs_per_gpu)  # before anything initialises CUDA
+    device = select_device(cfg.trainer.device)
+    compile_as = compile_mode(cfg.trainer.compile, device)
+    form = resolved_impl(cfg.trainer.hetconv, device)
+    if state:
+        refuse_other_execution(run_dir, state, device, compile_as, form)
+        warn_other_threads(run_dir, state, device)
+    configure_backend(device)
+    return device, compile_as, form
+
+
+def restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, generator: torch.Generator
+            ) -> tuple[int, int, dict | None]:
+    """Loads a checkpoint into the run's objects; returns where it was saved: the epochs done, the steps done of the
+    next one and their partial sums."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["data_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["epoch"], state["step"], state["partial"]
+
+
+def stop_if_diverged(run_dir: Path, epoch: int, train_loss: float, test_loss: float) -> None:
+    """A loss that is no longer a number stays so: the epochs after it would only spend the machine."""
+    if math.isfinite(train_loss) and math.isfinite(test_loss):
+        return
+    kept = f"The last good state, after epoch {epoch}, is kept in {last_checkpoint(run_dir)}. " if epoch else ""
+    raise FloatingPointError(
+        f"the loss became {train_loss} (train) / {test_loss} (test) in epoch {epoch + 1}: training diverged. "
+        f"{kept}Check the data, or lower optim.lr and {ANOTHER_FOLDER}: a run resumes only with the settings it "
+        f"started with.")
+
+
+# The record's figures that TensorBoard's HParams tab shows beside each run's settings.
+HPARAM_METRICS = ("test_acc", "best_test_acc", "train_loss")
+
+
+def open_tensorboard(run_dir: Path, epoch: int, cfg: DictConfig, info: dict) -> SummaryWriter:
+    """The run's TensorBoard writer, with the settings that tell runs apart in the HParams tab."""
+    # Scalars from after the checkpoint, or from a launch that left none, are written again: purge them.
+    writer = SummaryWriter(run_dir, purge_step=epoch + 1)
+    values = {"part": cfg.model.part, "width": cfg.model.width, "seed": cfg.seed, "epochs": cfg.trainer.epochs,
+              "flops_m": info["flops"] / 1e6, "params_m": info["params"] / 1e6,
+              # to filter out runs that do not compare: other data, another form or precision
+              "data": "official CIFAR-10" if info["data"]["official_cifar10"] else "other",  # a bool shows as 0/1
+              "hetconv": info["hetconv"], "precision": info["precision"]}
+    for summary in hparams(values, {f"hparam/{key}": 0 for key in HPARAM_METRICS}):
+        writer.file_writer.add_summary(summary)
+    return writer
 
 
 def log_epoch(writer: SummaryWriter, h: dict, metrics: dict, epochs: int, epoch_wall_s: float) -> None:
@@ -421,7 +436,7 @@ def log_epoch(writer: SummaryWriter, h: dict, metrics: dict, epochs: int, epoch_
                      ("test/acc", "test_acc"), ("lr", "lr"), ("time/epoch_s", "epoch_s"),
                      ("time/images_per_s", "images_per_s")):
         writer.add_scalar(tag, h[key], epoch)
-    for key in ("test_acc", "best_test_acc", "train_loss"):
+    for key in HPARAM_METRICS:
         writer.add_scalar(f"hparam/{key}", metrics[key], epoch)
     writer.flush()
     eta_s = (epochs - epoch) * epoch_wall_s  # the last epoch's pace: the first one includes compiling the model

@@ -1,4 +1,5 @@
-"""HetConv (Singh et al., CVPR 2019): the layer and its cost accounting."""
+"""HetConv (Singh et al., CVPR 2019): the layer (layer.py) and its cost accounting (flops.py), with the parts of a
+training run that train.py, eval.py and the scripts share."""
 
 from hetconv.layer import HetConv2d, shift_permutation
 

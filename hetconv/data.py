@@ -101,6 +101,11 @@ def fingerprint(splits: dict[str, Split]) -> str:
     return digest.hexdigest()[:16]
 
 
+def fingerprint_of_test(test: Split) -> str:
+    """The test split's own fingerprint: what eval.py checks it evaluates on the images the run was tested on."""
+    return fingerprint({"test": test})
+
+
 def is_official(root: Path | str) -> bool:
     """Whether root holds the official CIFAR-10 batch files, byte for byte (md5 of each file), and no other
     data_batch_N, which load_cifar10 would train on too."""

@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import shutil
+import time
 from pathlib import Path
 from pickle import UnpicklingError
 
@@ -25,6 +26,8 @@ from hetconv.provenance import git_commit, library_versions, now
 RESUMABLE_CHANGES = ("data.root", "data.download", "trainer.device", "trainer.jobs_per_gpu", "trainer.compile",
                      "trainer.hetconv")
 
+# What a refused or failed run tells the user to do when its settings must change, or its folder is taken.
+ANOTHER_FOLDER = "train in another folder (hydra.run.dir=... for a run, hydra.sweep.dir=... for a sweep)"
 
 # The temporary file atomic_write writes beside its target: .<name>.<pid>.tmp
 TEMPORARY = re.compile(r"\..+\.\d+\.tmp")
@@ -131,6 +134,15 @@ def last_checkpoint(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / "last.pt"
 
 
+def final_weights(run_dir: Path) -> Path:
+    return run_dir / "model.pt"
+
+
+def save_final_weights(run_dir: Path, weights: dict, config: dict, epoch: int, data: dict) -> None:
+    """What eval.py reads: the weights, the config that made them and the data they were trained on."""
+    save(final_weights(run_dir), {"model": weights, "config": config, "epoch": epoch, "data": data})
+
+
 def is_sweep_folder(path: Path) -> bool:
     """A sweep's own folder, where Hydra writes multirun.yaml, not one of its jobs'."""
     return (path / "multirun.yaml").exists()
@@ -165,6 +177,13 @@ class RunRecord:
         The run's own git_commit, versions and started are its first launch's."""
         self.info["launches"].append({"started": now(), "git_commit": git_commit(), "versions": library_versions(),
                                       **where})
+
+    def start_clock(self) -> None:
+        """wall_s counts on from here, after the time of the run's earlier launches."""
+        self.wall_before, self.clock_started = self.wall_s, time.perf_counter()
+
+    def tick(self) -> None:
+        self.wall_s = self.wall_before + time.perf_counter() - self.clock_started
 
     def state(self) -> dict:
         return {"info": self.info, "history": self.history, "wall_s": self.wall_s}
@@ -212,8 +231,8 @@ def exclusive(run_dir: Path):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BlockingIOError(f"another process is training in {run_dir}; wait for it, or use another folder "
-                                  "(hydra.run.dir=... / hydra.sweep.dir=...)") from None
+            raise BlockingIOError(f"another process is training in {run_dir}; wait for it, or "
+                                  f"{ANOTHER_FOLDER}") from None
         for folder in (run_dir, last_checkpoint(run_dir).parent):  # where train.py writes
             for stale in folder.glob(".*.tmp"):  # left by a writer killed mid-write; no writer can be running now
                 if TEMPORARY.fullmatch(stale.name):

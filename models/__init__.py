@@ -1,3 +1,3 @@
-from models.vgg import VGG, vgg16
+from models.vgg import vgg16
 
-__all__ = ["VGG", "vgg16"]
+__all__ = ["vgg16"]

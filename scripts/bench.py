@@ -46,8 +46,9 @@ from hetconv.flops import count_flops, paper_ratio
 from hetconv.layer import IMPLS, resolved_impl
 from hetconv.provenance import device_name, git_commit, library_versions, now
 from hetconv.report import RESULTS_DIR, markdown_table, positive_int, typed_command
+from hetconv.settings import train_config
 from hetconv.training import (COMPILE_MODES, Preprocess, autocast, build_optimizer, compile_mode, compiled,
-                              configure_backend, precision, select_device, train_config, train_step)
+                              configure_backend, precision, select_device, train_step)
 from models import vgg16
 from models.vgg import PAPER_PARTS, conv_channels, conv_sides
 
@@ -438,7 +439,10 @@ def part_one(rows: list[dict]) -> dict | None:
 
 def model_section(rows: list[dict], recipe_modes: set) -> str:
     base = part_one(rows)
-    speedup = lambda r, kind: f"{r[kind + '_speedup']:.2f}x" if base else "-"  # noqa: E731
+
+    def speedup(r: dict, kind: str) -> str:
+        return f"{r[kind + '_speedup']:.2f}x" if base else "-"
+
     text = ("\n## Whole model: training step of train.py\n\n"
             "Each part runs in a process of its own; the parts are timed in turns, and a speed-up is the median of "
             "the per-turn ratios to P=1, so that a drift of the machine cancels in it: *spread* is that of the "

@@ -173,6 +173,10 @@ def fmt(value, std=None, n=None, digits=2) -> str:
     return text
 
 
+def millions(value: float | None, digits: int = 2) -> str:
+    return f"{value:.{digits}f}M" if value else "-"
+
+
 def augmentation(data_cfg: dict) -> str:
     crop = f"random crop (pad {data_cfg['crop_padding']})" if data_cfg["crop_padding"] else "no crop"
     return crop + (" + flip" if data_cfg["flip"] else ", no flip")
@@ -212,9 +216,8 @@ def provenance(jobs: list[Job]) -> dict:
 def render_markdown(rows: list[dict], info: dict, command: str) -> str:
     header = ["P", "width", "FLOPs (ours)", "FLOPs (paper)", "params", "final-epoch acc %", "best-epoch acc %*",
               "paper acc %", "diff (final - paper)", "jobs"]
-    body = [[r["part"], r["width"], fmt(r["flops_m"]) + "M" if r["flops_m"] else "-",
-             fmt(r["published_flops_m"]) + "M" if r["published_flops_m"] else "-", fmt(r["params_m"], digits=3) + "M"
-             if r["params_m"] else "-", fmt(r["test_acc"], r["test_acc_std"], r["n"]),
+    body = [[r["part"], r["width"], millions(r["flops_m"]), millions(r["published_flops_m"]),
+             millions(r["params_m"], digits=3), fmt(r["test_acc"], r["test_acc_std"], r["n"]),
              fmt(r["best_test_acc"], r["best_test_acc_std"], r["n"]), fmt(r["published_test_acc"]),
              "-" if r["diff"] is None else f"{r['diff']:+.2f}", r["status"]] for r in rows]
     warning = "" if not info["not_cifar10"] else (

@@ -9,7 +9,8 @@ import torch
 from conftest import script
 from torch.profiler import profile
 
-from hetconv.training import build_optimizer, train_config, train_step
+from hetconv.settings import train_config
+from hetconv.training import build_optimizer, train_step
 from models import vgg16
 from scripts.bench import (CATEGORIES, bench_models, breakdown_section, compile_section, conv_weight, gains, in_turns,
                            layer_rows, main, median_breakdown, model_row, parse_compile_parts, step_breakdown,

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from hetconv import data as data_module
 from hetconv.data import FOLDER, DatasetError, Split, TrainBatches, augment, fingerprint, is_official, load_cifar10
-from hetconv.training import Preprocess, train_config
+from hetconv.settings import train_config
+from hetconv.training import Preprocess
 from scripts import make_fake_cifar as make_fake_cifar_script
 from scripts.make_fake_cifar import make_fake_cifar
 

@@ -26,8 +26,8 @@ from hetconv import HetConv2d
 from hetconv.data import DatasetError, load_cifar10
 from hetconv.flops import count_flops
 from hetconv.runfiles import atomic_write, exclusive, last_checkpoint
-from hetconv.training import (check_overrides, compile_mode, milestone_epochs, raised_here, select_device,
-                               train_config)
+from hetconv.settings import check_overrides, raised_here, train_config
+from hetconv.training import compile_mode, milestone_epochs, select_device
 from models import vgg16
 from scripts.make_fake_cifar import make_fake_cifar
 

@@ -1,0 +1,123 @@
+"""What a command line may set, and how a run that bad input stops ends.
+
+train.py and eval.py check their overrides and settings here before anything starts (a mistyped key, a value that
+cannot train), and end a run stopped by such an error with its message alone.
+"""
+
+import difflib
+import math
+import os
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from hetconv.data import DatasetError
+from hetconv.layer import check_impl
+from hetconv.provenance import REPO_ROOT
+from hetconv.training import compile_mode
+
+
+def train_config(*overrides: str) -> DictConfig:
+    """configs/train.yaml composed with these overrides, as train.py would see it (without hydra's node)."""
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+# The true/false settings. Hydra reads `off` or `no` as a string, which Python would take for true.
+FLAGS = ("data.download", "data.flip", "data.normalize", "optim.nesterov", "trainer.amp", "trainer.channels_last")
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_flags(cfg, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+
+
+def check_settings(cfg) -> None:
+    """Reject settings that cannot train, naming the key, before anything starts."""
+    for key, least in (("trainer.epochs", 1),
+                       ("trainer.batch_size", 2),  # one image has no batch statistics for the classifier's BatchNorm1d
+                       ("trainer.eval_batch_size", 1),
+                       ("schedule.reference_epochs", 1), ("data.crop_padding", 0), ("model.num_classes", 1)):
+        value = OmegaConf.select(cfg, key)
+        if not is_int(value) or value < least:
+            raise ValueError(f"{key} must be an int >= {least}, got {value!r}")
+    for key, zero_allowed in (("optim.lr", False), ("schedule.gamma", False), ("optim.momentum", True),
+                              ("optim.weight_decay", True)):
+        value = OmegaConf.select(cfg, key)
+        if not is_finite_number(value) or value < 0 or (value == 0 and not zero_allowed):
+            raise ValueError(f"{key} must be a finite number {'>=' if zero_allowed else '>'} 0, got {value!r}")
+    if not (is_int(cfg.seed) and -2**63 <= cfg.seed < 2**64):
+        raise ValueError(f"seed must be an int from -2**63 to 2**64 - 1, as torch.manual_seed takes, got {cfg.seed!r}")
+    milestones = OmegaConf.select(cfg, "schedule.milestones")
+    if not (OmegaConf.is_list(milestones) and all(is_int(m) and m >= 0 for m in milestones)):
+        raise ValueError(f"schedule.milestones must be a list of epochs (ints >= 0) at schedule.reference_epochs, "
+                         f"got {milestones!r}")
+    jobs_per_gpu = cfg.trainer.jobs_per_gpu
+    if jobs_per_gpu is not None and not (is_int(jobs_per_gpu) and jobs_per_gpu >= 1):
+        raise ValueError(f"trainer.jobs_per_gpu must be an int >= 1 (or null to not pin jobs), got {jobs_per_gpu!r}")
+    check_flags(cfg, FLAGS)
+    for key, positive in (("data.mean", False), ("data.std", True)):
+        values = OmegaConf.select(cfg, key)
+        if not (OmegaConf.is_list(values) and len(values) == 3
+                and all(is_finite_number(v) and (v > 0 or not positive) for v in values)):
+            raise ValueError(f"{key} must be 3 finite numbers{' > 0' if positive else ''}, one per RGB channel, "
+                             f"got {values}")
+    if cfg.optim.nesterov and cfg.optim.momentum == 0:
+        raise ValueError("optim.nesterov=true needs optim.momentum > 0: set a momentum, or optim.nesterov=false")
+    # An unknown trainer.compile or trainer.hetconv fails here, before a GPU is claimed.
+    compile_mode(cfg.trainer.compile, torch.device("cpu"))
+    check_impl(cfg.trainer.hetconv, "trainer.hetconv")
+
+
+def check_overrides(overrides: list[str], readable: list[str], groups, script: str, hint: str) -> None:
+    """Refuse a command-line setting that nothing would read: a key added with Hydra's `+` (which Hydra suggests
+    for a mistyped key) or one the script does not use (`readable`: its settings; `groups`: the config groups it
+    may be given, such as experiment=demo). Removing a setting (~key) is refused too: the script reads them all."""
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        parts = key.split(".")
+        known = any(".".join(parts[:i]) in readable for i in range(1, len(parts) + 1))  # data.mean.0: data.mean's
+        if override.is_delete():
+            raise ValueError(f"{override.input_line}: {script} does not take a setting away; set {key} instead")
+        if key in groups or (known and not override.is_add()):
+            continue
+        problem = f"adds {key} with +, but {script} reads only its configs' settings" if override.is_add() else (
+            f"{script} does not read {key}")
+        close = difflib.get_close_matches(key, [k for k in readable if k != key], n=1)
+        raise ValueError(f"{override.input_line}: {problem}, so it would be ignored"
+                         + (f" (did you mean {close[0]}?)" if close else "") + f". {hint}")
+
+
+def ends_without_traceback(error: Exception) -> bool:
+    """Whether a run stopped by this error ends with its message alone (exit status 1) rather than inside Hydra's
+    traceback, which repeats it: a single run (a sweep's launcher records each job's error and runs the others), an
+    error that this project's code raised for a setting, the data, a file, a refused resume or a diverged run, with
+    a message that names the fix, and HYDRA_FULL_ERROR unset. A library's error, or one of another type, is a bug
+    to trace: it keeps the traceback."""
+    if HydraConfig.get().mode != RunMode.RUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return False
+    return isinstance(error, (ValueError, OSError, DatasetError, FloatingPointError)) and raised_here(error)
+
+
+def raised_here(error: Exception) -> bool:
+    """Whether the innermost Python frame of the error's traceback is this repository's code, not a library's."""
+    trace = error.__traceback__
+    while trace.tb_next:
+        trace = trace.tb_next
+    path = Path(trace.tb_frame.f_code.co_filename).resolve()
+    return path.is_relative_to(REPO_ROOT) and "site-packages" not in path.parts
