@@ -134,12 +134,21 @@ def test_an_extra_training_batch_is_not_the_official_cifar10(tmp_path, monkeypat
     assert not is_official(tmp_path) and not is_official(tmp_path / "nowhere")
 
 
-def test_a_changed_pixel_changes_the_fingerprint_and_the_official_verdict(tmp_path, monkeypatch):
+def change_one_pixel(batch: dict) -> None:
+    batch[b"data"][7, 1000] ^= 1  # one pixel of one image, one bit
+
+
+def change_one_label(batch: dict) -> None:
+    batch[b"labels"][7] = (batch[b"labels"][7] + 1) % 10
+
+
+@pytest.mark.parametrize("change", [change_one_pixel, change_one_label])
+def test_a_changed_pixel_or_label_changes_the_fingerprint_and_the_official_verdict(change, tmp_path, monkeypatch):
     folder = official_copy(tmp_path, monkeypatch)
     before = fingerprint(load_cifar10(tmp_path, download_if_missing=False))
     batch_file = folder / "data_batch_3"
     batch = pickle.loads(batch_file.read_bytes())
-    batch[b"data"][7, 1000] ^= 1  # one pixel of one image, one bit
+    change(batch)
     batch_file.write_bytes(pickle.dumps(batch))
     assert fingerprint(load_cifar10(tmp_path, download_if_missing=False)) != before
     assert not is_official(tmp_path)

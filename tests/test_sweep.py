@@ -8,6 +8,7 @@ import shlex
 import shutil
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -243,8 +244,13 @@ def test_parallel_launchers_run_the_sweep_with_one_gpu_per_job(launcher, fake_ro
     assert sorted(m["cuda_visible_devices"] for m in metrics) == ["0", "1"]  # not both on GPU 0
 
 
+def never_wait(seconds):
+    raise AssertionError("claim_gpu waited for a slot while one was free")
+
+
 def test_gpu_slots_fill_every_gpu_before_doubling_up(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.setattr(gpus.time, "sleep", never_wait)  # a claim that finds no free slot fails rather than hangs
     claimed, handles = [], []
     for _ in range(3):  # three jobs, as three processes would: a fresh slot table each time
         monkeypatch.setattr(gpus, "_held", [])
@@ -263,12 +269,18 @@ def test_a_job_waits_for_a_free_gpu_slot_and_a_reused_worker_keeps_its_gpu(tmp_p
         held[gpu] = gpus._held[0]
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     monkeypatch.setattr(gpus, "_held", [])
-    claimed = []
+    claimed, waits = [], threading.Event()
+    real_sleep = time.sleep
+
+    def sleep(seconds):  # claim_gpu sleeps only when it found every slot busy
+        waits.set()
+        real_sleep(seconds)
+
+    monkeypatch.setattr(gpus.time, "sleep", sleep)
     waiting = threading.Thread(target=lambda: claimed.append(gpus.claim_gpu(1, lock_dir=tmp_path, poll_s=0.01)))
     with caplog.at_level(logging.INFO, logger=gpus.__name__):
         waiting.start()
-        waiting.join(timeout=0.5)
-        assert waiting.is_alive() and not claimed
+        assert waits.wait(timeout=30) and not claimed
         held["5"].close()  # the job on GPU 5 ends
         waiting.join(timeout=30)
     assert claimed == ["5"] and "all 2 GPU slots (2 GPUs x trainer.jobs_per_gpu=1) are busy" in caplog.text

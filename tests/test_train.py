@@ -23,11 +23,11 @@ import eval as eval_module
 import train as train_module
 from conftest import REPO, SMALL, comparable, read_metrics, script, start
 from hetconv import HetConv2d
-from hetconv.data import DatasetError, load_cifar10
+from hetconv.data import DatasetError, Split, load_cifar10
 from hetconv.flops import count_flops
 from hetconv.runfiles import atomic_write, exclusive, last_checkpoint
 from hetconv.settings import check_overrides, raised_here, train_config
-from hetconv.training import compile_mode, milestone_epochs, select_device
+from hetconv.training import Preprocess, compile_mode, evaluate, milestone_epochs, percent, select_device
 from models import vgg16
 from scripts.make_fake_cifar import make_fake_cifar
 
@@ -738,6 +738,27 @@ def test_the_milestones_are_the_recipe_s_at_330_epochs_and_keep_their_fractions_
     assert milestone_epochs(schedule, 330) == [50, 140, 210, 240, 270, 300] and schedule.gamma == 0.2
     assert milestone_epochs(schedule, 33) == [5, 14, 21, 24, 27, 30]
     assert milestone_epochs(schedule, 6) == [1, 3, 4, 4, 5, 5]  # experiment=demo: milestones that meet compound
+
+
+def test_evaluate_scores_the_model_in_eval_mode_and_leaves_it_as_it_was():
+    torch.manual_seed(0)
+    model = vgg16(2, 10, width=0.125)
+    model(torch.randn(16, 3, 32, 32))  # running statistics of their own, unlike a fresh model's 0 and 1
+    weights = {key: value.clone() for key, value in model.state_dict().items()}
+    split = Split(torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8), torch.arange(20) % 10)
+    preprocess = Preprocess(train_config().data, channels_last=False, device=torch.device("cpu"))
+    result = evaluate(model, split, preprocess, batch_size=8, amp=False, num_classes=10)  # a short last batch
+
+    assert model.training  # handed back in the mode it came in
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, weights[key], rtol=0, atol=0)  # BatchNorm's statistics too
+    model.eval()
+    with torch.no_grad():
+        logits = model(preprocess(split.images))  # the whole split at once, in eval mode
+    correct = logits.argmax(1) == split.labels
+    assert result["acc"] == percent(correct.sum().item(), 20)
+    assert result["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, split.labels).item(), rel=1e-5)
+    assert result["per_class_acc"] == [percent(correct[split.labels == c].sum().item(), 2) for c in range(10)]
 
 
 def test_the_eta_follows_the_last_epochs_pace(caplog, tmp_path):
