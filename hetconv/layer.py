@@ -73,6 +73,7 @@ def pointwise_mask(in_channels: int, out_channels: int, part: int) -> torch.Tens
 
 
 def _zero_masked_weights_after_load(module: "HetConv2d", incompatible_keys) -> None:
+    # After load_state_dict(..., assign=True) the layer's weight1x1 is the caller's tensor: it is zeroed there too.
     if module.weight1x1 is not None:
         filled = int(torch.count_nonzero(module.weight1x1.detach()[~module.mask1x1]))
         if filled:  # weights trained without the mask, say: the layer they came from is not this one
