@@ -1,7 +1,7 @@
-"""What a command line may set, and how a run that bad input stops ends.
+"""The settings train.py and eval.py take: composed, checked before anything starts, and how bad ones end a run.
 
-train.py and eval.py check their overrides and settings here before anything starts (a mistyped key, a value that
-cannot train), and end a run stopped by such an error with its message alone.
+A mistyped or unread key and a value that cannot train are refused here, naming the key; a run stopped by such an
+error ends with its message alone. `train_config` composes train.py's config for the tests and bench.py.
 """
 
 import difflib
