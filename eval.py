@@ -114,7 +114,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     run_data = trained_on(state)
     root = data_root(cfg.data.root, run_data)
     test = load_cifar10(root, cfg.data.download, splits=("test",))["test"]
-    evaluated_images = fingerprint_of_test(test)
+    test_fingerprint = fingerprint_of_test(test)
     test = test.to(device)
     costs = model_costs(model)
     model = model.to(device, memory_format=memory_format(run_cfg.trainer.channels_last))
@@ -123,7 +123,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
                       run_cfg.model.num_classes)
     report = {"checkpoint": str(path), "trained": training_point(state), "part": run_cfg.model.part,
               "width": run_cfg.model.width, "data_root": str(root), "trained_on": run_data["root"],
-              "test_fingerprint": evaluated_images, "official_cifar10": is_official(root),
+              "test_fingerprint": test_fingerprint, "official_cifar10": is_official(root),
               "test_acc": result["acc"], "test_loss": round(result["loss"], 6), "images": len(test), **costs,
               "per_class_acc": dict(zip(CLASSES, result["per_class_acc"])), "device": device_name(device),
               "git_commit": git_commit(), "versions": library_versions(), "evaluated": now()}

@@ -285,17 +285,18 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     preprocess = Preprocess(cfg.data, cfg.trainer.channels_last, device)
     forward_model = compiled(model, compile_as)
 
-    def checkpoint(epoch: int, step: int, epoch_rng: torch.Tensor, partial_sums: dict | None) -> dict:
-        """Everything to resume from after `step` steps of epoch `epoch` + 1 (read back by `restore`)."""
+    def checkpoint(epochs_done: int, steps_done: int, epoch_rng: torch.Tensor, partial_sums: dict | None) -> dict:
+        """Everything a resume after `steps_done` steps of the next epoch needs: `resume_from` loads the training
+        state; resume_point, refuse_other_execution, warn_other_threads and RunRecord check and carry on the rest."""
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "config": config, "epoch": epoch, "step": step,
+                "scheduler": scheduler.state_dict(), "config": config, "epoch": epochs_done, "step": steps_done,
                 "data_rng": epoch_rng, "partial": partial_sums, "torch_rng": torch.get_rng_state(),
                 "device_type": device.type, "record": record.state(),
                 "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None}
 
     epoch, step, partial = 0, 0, None
     if state:
-        epoch, step, partial = restore(state, model, optimizer, scheduler, generator)
+        epoch, step, partial = resume_from(state, model, optimizer, scheduler, generator)
         log.info("resuming %s at epoch %d, step %d", run_dir, epoch + 1, step)
 
     where = {"device": device_name(device), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
@@ -389,8 +390,8 @@ def choose_execution(cfg: DictConfig, run_dir: Path, state: dict | None) -> tupl
     return device, compile_as, form
 
 
-def restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, generator: torch.Generator
-            ) -> tuple[int, int, dict | None]:
+def resume_from(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                generator: torch.Generator) -> tuple[int, int, dict | None]:
     """Loads a checkpoint into the run's objects; returns where it was saved: the epochs done, the steps done of the
     next one and their partial sums."""
     model.load_state_dict(state["model"])

@@ -12,7 +12,7 @@ import logging
 import os
 import subprocess
 import tempfile
-import time
+from time import sleep
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -65,4 +65,4 @@ def claim_gpu(jobs_per_gpu: int, lock_dir: Path | None = None, poll_s: float = 5
             announced = True
             log.info("all %d GPU slots (%d GPUs x trainer.jobs_per_gpu=%d) are busy: waiting for one",
                      len(gpus) * jobs_per_gpu, len(gpus), jobs_per_gpu)
-        time.sleep(poll_s)
+        sleep(poll_s)

@@ -165,12 +165,13 @@ class RunRecord:
         if saved:
             self.info, self.history, self.wall_s = dict(saved["info"]), list(saved["history"]), saved["wall_s"]
             self.info["launches"] = list(self.info["launches"])  # this launch is added to a copy
-            return
-        versions = library_versions()
-        self.info = {"part": config["model"]["part"], "width": config["model"]["width"], "seed": config["seed"],
-                     "epochs": config["trainer"]["epochs"], "torch": versions["torch"], "git_commit": git_commit(),
-                     "versions": versions, "started": now(), "config": config, "launches": []}
-        self.history, self.wall_s = [], 0.0
+        else:
+            versions = library_versions()
+            self.info = {"part": config["model"]["part"], "width": config["model"]["width"], "seed": config["seed"],
+                         "epochs": config["trainer"]["epochs"], "torch": versions["torch"], "git_commit": git_commit(),
+                         "versions": versions, "started": now(), "config": config, "launches": []}
+            self.history, self.wall_s = [], 0.0
+        self.start_clock()
 
     def launched(self, **where) -> None:
         """Adds this launch to the record: when, at which commit, with which libraries, and where (device, data).
@@ -179,10 +180,11 @@ class RunRecord:
                                       **where})
 
     def start_clock(self) -> None:
-        """wall_s counts on from here, after the time of the run's earlier launches."""
+        """wall_s counts on from here (train.py: when training starts), after the run's earlier launches' time."""
         self.wall_before, self.clock_started = self.wall_s, time.perf_counter()
 
     def tick(self) -> None:
+        """wall_s brought up to now."""
         self.wall_s = self.wall_before + time.perf_counter() - self.clock_started
 
     def state(self) -> dict:

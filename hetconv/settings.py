@@ -84,10 +84,11 @@ def check_settings(cfg) -> None:
     check_impl(cfg.trainer.hetconv, "trainer.hetconv")
 
 
-def check_overrides(overrides: list[str], readable: list[str], groups, script: str, hint: str) -> None:
+def check_overrides(overrides: list[str], readable: list[str], groups, script: str, *, hint: str) -> None:
     """Refuse a command-line setting that nothing would read: a key added with Hydra's `+` (which Hydra suggests
     for a mistyped key) or one the script does not use (`readable`: its settings; `groups`: the config groups it
-    may be given, such as experiment=demo). Removing a setting (~key) is refused too: the script reads them all."""
+    may be given, such as experiment=demo). Removing a setting (~key) is refused too: the script reads them all.
+    `hint`, where to find the settings, ends the refusal."""
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.key_or_group
         parts = key.split(".")

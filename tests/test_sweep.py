@@ -242,6 +242,7 @@ def test_parallel_launchers_run_the_sweep_with_one_gpu_per_job(launcher, fake_ro
     metrics = [read_metrics(sweep_dir / JOB.format(p)) for p in (1, 4)]
     assert [m["status"] for m in metrics] == ["finished", "finished"]
     assert sorted(m["cuda_visible_devices"] for m in metrics) == ["0", "1"]  # not both on GPU 0
+    assert [f"model.part={p}" in m["launches"][0]["overrides"] for p, m in zip((1, 4), metrics)] == [True, True]
 
 
 def never_wait(seconds):
@@ -250,7 +251,7 @@ def never_wait(seconds):
 
 def test_gpu_slots_fill_every_gpu_before_doubling_up(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    monkeypatch.setattr(gpus.time, "sleep", never_wait)  # a claim that finds no free slot fails rather than hangs
+    monkeypatch.setattr(gpus, "sleep", never_wait)  # a claim that finds no free slot fails rather than hangs
     claimed, handles = [], []
     for _ in range(3):  # three jobs, as three processes would: a fresh slot table each time
         monkeypatch.setattr(gpus, "_held", [])
@@ -276,7 +277,7 @@ def test_a_job_waits_for_a_free_gpu_slot_and_a_reused_worker_keeps_its_gpu(tmp_p
         waits.set()
         real_sleep(seconds)
 
-    monkeypatch.setattr(gpus.time, "sleep", sleep)
+    monkeypatch.setattr(gpus, "sleep", sleep)
     waiting = threading.Thread(target=lambda: claimed.append(gpus.claim_gpu(1, lock_dir=tmp_path, poll_s=0.01)))
     with caplog.at_level(logging.INFO, logger=gpus.__name__):
         waiting.start()

@@ -124,7 +124,9 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(sig, refe
     resumed = script("train.py", *command)
     assert "resuming" in resumed.stdout + resumed.stderr
     assert comparable(read_metrics(run_dir)) == comparable(read_metrics(reference_run))
-    assert read_metrics(run_dir)["status"] == "finished" and len(read_metrics(run_dir)["launches"]) == 2
+    assert read_metrics(run_dir)["status"] == "finished"
+    typed = [*SMALL, f"data.root={fake_root}"]  # each launch's overrides, as typed (Hydra keeps hydra.* apart)
+    assert [launch["overrides"] for launch in read_metrics(run_dir)["launches"]] == [typed, typed]
 
 
 def test_a_finished_run_is_left_alone(reference_run, fake_root, tmp_path):
@@ -292,11 +294,12 @@ def test_a_setting_that_nothing_would_read_is_refused(reference_run, fake_root, 
     assert result.returncode != 0 and ("data.normalize=true: eval.py does not read data.normalize, so it would be "
                                        "ignored") in result.stderr
     readable = ["model.part", "data.mean"]
-    check_overrides(["experiment=demo", "model.part=4", "data.mean.0=0.5"], readable, ["experiment"], "train.py", "")
+    check_overrides(["experiment=demo", "model.part=4", "data.mean.0=0.5"], readable, ["experiment"], "train.py",
+                    hint="")
     with pytest.raises(ValueError, match="train.py does not take a setting away; set data.mean instead"):
-        check_overrides(["~data.mean"], readable, ["experiment"], "train.py", "")
+        check_overrides(["~data.mean"], readable, ["experiment"], "train.py", hint="")
     with pytest.raises(ValueError, match="eval.py does not read experiment"):  # it would set the model's width
-        check_overrides(["experiment=demo"], list(eval_module.SETTINGS), ["data"], "eval.py", "")
+        check_overrides(["experiment=demo"], list(eval_module.SETTINGS), ["data"], "eval.py", hint="")
 
 
 def test_a_launchers_own_signal_handler_runs_after_the_state_is_saved(reference_run, fake_root, tmp_path, monkeypatch):
