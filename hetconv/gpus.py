@@ -12,8 +12,8 @@ import logging
 import os
 import subprocess
 import tempfile
-from time import sleep
 from pathlib import Path
+from time import sleep
 
 log = logging.getLogger(__name__)
 _held = []  # the open lock file of this process's slot: closing it would release the slot
