@@ -57,6 +57,16 @@ def test_executed_flops_are_what_fvcore_measures_on_the_running_module(part, wid
     assert count_flops(model, "executed") == fvcore_total == expected_executed_flops(part, width)
 
 
+def test_a_literal_count_of_non_zero_weights_is_not_the_papers_convention():
+    """What the README says of the convention: it prices a HetConv layer's one operation per output at R(P) too, so a
+    literal count (every non-zero weight's multiply-add, plus one per output) misses the published column."""
+    part, total = 2, 512 * 512 + 512 * 10  # the linear layers' multiply-adds
+    for index, ((inp, out), side) in enumerate(zip(conv_channels(), conv_sides())):
+        non_zero = 9 * inp if index == 0 else 9 * (inp // part) + inp - inp // part  # per filter
+        total += side * side * out * (non_zero + 1)
+    assert truncate_millions(total) == 175.32 != PUBLISHED[part]["flops_m"] == 175.23
+
+
 def test_paper_convention_prices_a_single_layer_by_the_papers_ratio():
     layer = torch.nn.Sequential(HetConv2d(16, 32, 4))
     side, standard = 32, 32 * 32 * 32 * (9 * 16 + 1)
