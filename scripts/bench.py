@@ -1,7 +1,8 @@
 """How fast HetConv trains, layer by layer and as the whole model, beside the dense convolution.
 
     python scripts/bench.py [--device auto] [--parts 1,2,4,8,16,32,64] [--compile-parts auto]
-                            [--compile reduce-overhead] [--impl auto] [--repeats 7] [--skip-layers] [--out results]
+                            [--compile reduce-overhead] [--impl auto] [--batch 128] [--repeats 7] [--skip-layers]
+                            [--out results]
     (also: make bench)
 
 Layer level: for every distinct HetConv shape of VGG-16 (at the training batch of configs/), forward +
@@ -20,7 +21,8 @@ if HetConv's layers ran at their FLOP-proportional share of the dense layers' ti
 its layers as --impl says (trainer.hetconv; auto: dense on CUDA, grouped on the CPU). Median of
 repeats (a layer's ratios are medians of per-repeat ratios, and on the CPU its row is timed in
 turns); the spread (max - min) / median says how noisy each figure is. Writes
-results/bench-<device>.md, or bench-<device>-<impl>.md for an --impl other than auto.
+results/bench-<device>.md, or bench-<device>-<impl>.md for an --impl other than auto, and with -batch<N> added
+for a --batch other than the recipe's (trainer.batch_size in configs/).
 """
 
 import argparse
@@ -611,6 +613,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--impl", default="auto", choices=IMPLS,
                         help="how the model's HetConv layers compute (trainer.hetconv): auto is dense on CUDA, "
                              "grouped on the CPU")
+    parser.add_argument("--batch", type=positive_int,
+                        help="training batch, layers' and inference's too (default: the recipe's trainer.batch_size)")
     parser.add_argument("--repeats", type=positive_int, default=7)
     parser.add_argument("--skip-layers", action="store_true", help="model level only")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -619,7 +623,10 @@ def main(argv: list[str] | None = None) -> None:
     device = select_device(args.device)
     configure_backend(device)
     overrides = [f"trainer.device={args.device}", f"trainer.hetconv={args.impl}"]
+    if args.batch is not None:
+        overrides.append(f"trainer.batch_size={args.batch}")
     cfg = train_config(*overrides)
+    recipe_batch = cfg.trainer.batch_size == train_config().trainer.batch_size
     compile_parts = parse_compile_parts(parser, args.compile_parts, parts, device)  # a typo fails before any timing
     setups = {"eager": (parts, [*overrides, "trainer.compile=false"])}
     if compile_parts:
@@ -632,12 +639,13 @@ def main(argv: list[str] | None = None) -> None:
              f"{'channels_last' if cfg.trainer.channels_last else 'NCHW'}, {torch.get_num_threads()} CPU threads, "
              f"HetConv layers computed {resolved_impl(args.impl, device)} (trainer.hetconv={args.impl})")
     command = typed_command("scripts/bench.py", argv)
-    # The step the default recipe (trainer.compile and trainer.hetconv auto) trains with, if this report times its form.
-    default_form = resolved_impl(args.impl, device) == resolved_impl("auto", device)
+    # The step the default recipe (trainer.compile and trainer.hetconv auto) trains with, if this report times its form
+    # at its batch.
+    default_form = resolved_impl(args.impl, device) == resolved_impl("auto", device) and recipe_batch
     recipe_modes = {compile_mode("auto", device)} if default_form else set()
     report = render(label, setup, layer_rows, model_rows, compile_rows, args.compile, recipe_modes, command)
-    impl_suffix = "" if args.impl == "auto" else f"-{args.impl}"
-    path = args.out / f"bench-{'cpu' if device.type == 'cpu' else slug(label)}{impl_suffix}.md"
+    suffix = ("" if args.impl == "auto" else f"-{args.impl}") + ("" if recipe_batch else f"-batch{cfg.trainer.batch_size}")
+    path = args.out / f"bench-{'cpu' if device.type == 'cpu' else slug(label)}{suffix}.md"
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(report)
     print(report)

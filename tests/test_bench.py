@@ -19,11 +19,12 @@ from scripts.bench import (CATEGORIES, bench_models, breakdown_section, compile_
 
 def test_bench_writes_a_report_with_every_section(tmp_path):
     result = script("scripts/bench.py", "--parts", "1,8", "--repeats", "1", "--device", "cpu", "--impl", "dense",
-                    "--compile-parts", "none", "--out", str(tmp_path))
-    report = (tmp_path / "bench-cpu-dense.md").read_text()  # an --impl other than auto names its report
+                    "--batch", "8", "--compile-parts", "none", "--out", str(tmp_path))
+    report = (tmp_path / "bench-cpu-dense-batch8.md").read_text()  # an --impl or --batch not the recipe's names it
     assert report in result.stdout
-    assert "Made by `python scripts/bench.py --parts 1,8 --repeats 1 --device cpu --impl dense --compile-parts none " \
-           "--out" in report
+    assert "Made by `python scripts/bench.py --parts 1,8 --repeats 1 --device cpu --impl dense --batch 8 " \
+           "--compile-parts none --out" in report
+    assert "Batch 8 (inference too)" in report
     assert "HetConv layers computed dense (trainer.hetconv=dense)" in report
     assert "## Whole model: training step of train.py" in report
     # P=8's model row: FLOPs reduction, train img/s, speed-up, inference img/s, speed-up, peak MB, both spreads
