@@ -24,8 +24,9 @@ flops: install
 	$(PY) scripts/flops_table.py
 
 # Speed on this machine's device (a few minutes on 2 CPU cores; a GPU also compiles all seven parts): results/bench-<device>.md
+# make bench ARGS="--batch 512" passes ARGS to scripts/bench.py.
 bench: install
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py $(ARGS)
 
 # The paper's sweep, then its table (also built when some jobs failed; make still reports the failure).
 reproduce: install
