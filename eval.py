@@ -11,11 +11,11 @@ the evaluation batch size come from the checkpoint's config, so the run's final 
 exactly on the same device type. The output file also records the commit, library versions and date.
 """
 
+import sys
 from pathlib import Path
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,7 +24,7 @@ from hetconv.flops import describe_flops, model_costs
 from hetconv.provenance import device_name, git_commit, library_versions, now
 from hetconv.layer import resolved_impl
 from hetconv.runfiles import command_line_override, final_weights, last_checkpoint, load, write_json
-from hetconv.settings import check_flags, check_overrides, ends_without_traceback
+from hetconv.settings import check_command_line, check_flags, ends_without_traceback
 from hetconv.training import Preprocess, configure_backend, evaluate, select_device
 from models import vgg16
 
@@ -100,8 +100,6 @@ def main(cfg: DictConfig) -> dict:
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
-    check_overrides(list(HydraConfig.get().overrides.task), list(SETTINGS), ["data"], "eval.py",
-                    hint=f"It reads {', '.join(SETTINGS)}; the model and its preprocessing are the checkpoint's.")
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ValueError("no checkpoint given: name a run folder, its model.pt or its checkpoints/last.pt with "
                          "checkpoint=...")
@@ -153,4 +151,6 @@ def print_report(report: dict, tested_on: str, root_setting: str | None) -> None
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:], list(SETTINGS), ["data"], "eval.py",
+                       hint=f"It reads {', '.join(SETTINGS)}; the model and its preprocessing are the checkpoint's.")
     main()

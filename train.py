@@ -35,12 +35,12 @@ from hetconv.data import (Split, TrainBatches, fingerprint, fingerprint_of_test,
                           memory_format)
 from hetconv.flops import describe_flops, model_costs
 from hetconv.gpus import claim_gpu
-from hetconv.provenance import device_name
+from hetconv.provenance import REPO_ROOT, device_name
 from hetconv.layer import resolved_impl
 from hetconv.runfiles import (ANOTHER_FOLDER, RunRecord, check_writable, command_line_override, config_differences,
                               exclusive, final_weights, flatten, how_to_resume, is_sweep_folder, last_checkpoint, load,
                               read_metrics, save, save_final_weights)
-from hetconv.settings import check_overrides, check_settings, ends_without_traceback
+from hetconv.settings import check_command_line, check_settings, ends_without_traceback, train_config
 from hetconv.training import (Preprocess, build_optimizer, build_scheduler, compile_mode, compiled, configure_backend,
                               evaluate, how_it_runs, percent, precision, select_device, train_step)
 from models import vgg16
@@ -201,23 +201,12 @@ def training_data(cfg: DictConfig, device: torch.device, run_dir: Path,
     return {name: split.to(device) for name, split in splits.items()}, data_info
 
 
-def configured_keys(cfg: DictConfig, overrides: list[str]) -> list[str]:
-    """The settings that the configs define, which train.py reads: not a key that `++` forced in."""
-    forced = [override for override in overrides if override.startswith("++")]
-    if forced:
-        cfg = hydra.compose("train", overrides=[override for override in overrides if override not in forced])
-    return list(flatten(OmegaConf.to_container(cfg)))
-
-
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     try:
         hydra_cfg = HydraConfig.get()
-        overrides = list(hydra_cfg.overrides.task)
-        check_overrides(overrides, configured_keys(cfg, overrides), hydra_cfg.runtime.choices, "train.py",
-                        hint="`python train.py --cfg job` lists them; set one without + or ++.")
         return train(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN,
-                     overrides=overrides)
+                     overrides=list(hydra_cfg.overrides.task))
     except Exception as error:
         log.error("%s: %s", type(error).__name__, error)  # into train.log too: under SLURM stderr is the launcher's
         if ends_without_traceback(error):
@@ -447,4 +436,7 @@ def log_epoch(writer: SummaryWriter, h: dict, metrics: dict, epochs: int, epoch_
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:], list(flatten(OmegaConf.to_container(train_config()))),
+                       [group.name for group in (REPO_ROOT / "configs").iterdir() if group.is_dir()], "train.py",
+                       hint="`python train.py --cfg job` lists them; set one without + or ++.")
     main()

@@ -7,12 +7,15 @@ error ends with its message alone. `train_config` composes train.py's config for
 import difflib
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra._internal.utils import get_args_parser  # Hydra's own command-line parser (hydra-core is pinned)
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -82,6 +85,23 @@ def check_settings(cfg) -> None:
     # An unknown trainer.compile or trainer.hetconv fails here, before a GPU is claimed.
     compile_mode(cfg.trainer.compile, torch.device("cpu"))
     check_impl(cfg.trainer.hetconv, "trainer.hetconv")
+
+
+def check_command_line(argv: list[str], readable: list[str], groups: list[str], script: str, *, hint: str) -> None:
+    """`check_overrides` on a script's command line, before Hydra composes anything: a refusal exits with status 1
+    and its message alone. Hydra's own answer to a mistyped key, "To append to your config use +key=value", would
+    lead to a setting that nothing reads, and a sweep is refused once rather than in every job. Hydra checks its own
+    settings (hydra.*, hydra/launcher=...), a malformed override, and everything when another config is named."""
+    args = get_args_parser().parse_args(argv)
+    if args.config_path or args.config_name or args.config_dir:
+        return
+    ours = [override for override in args.overrides if not re.match(r"[+~]*hydra[./=]", override)]
+    try:
+        check_overrides(ours, readable, groups, script, hint=hint)
+    except OverrideParseException:
+        return
+    except ValueError as error:
+        raise SystemExit(f"error: ValueError: {error}") from None
 
 
 def check_overrides(overrides: list[str], readable: list[str], groups, script: str, *, hint: str) -> None:

@@ -14,7 +14,6 @@ import time
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.utils.tensorboard import SummaryWriter
@@ -274,25 +273,30 @@ def test_eval_names_what_is_wrong_with_the_checkpoint_data_or_settings_it_is_giv
 
 
 def test_a_setting_that_nothing_would_read_is_refused(reference_run, fake_root, tmp_path):
-    # Hydra answers trainer.epoch=3 with "To append to your config use +trainer.epoch=3"
-    result = script("train.py", *SMALL, "+trainer.epoch=3", f"data.root={fake_root}", f"hydra.run.dir={tmp_path}",
+    # Hydra's own answer to trainer.epoch=3 is "To append to your config use +trainer.epoch=3"
+    run = tmp_path / "run"
+    result = script("train.py", *SMALL, "trainer.epoch=3", f"data.root={fake_root}", f"hydra.run.dir={run}",
                     check=False)
-    assert result.returncode != 0 and ("+trainer.epoch=3: adds trainer.epoch with +, but train.py reads only its "
+    assert result.returncode == 1 and result.stderr == (
+        "error: ValueError: trainer.epoch=3: train.py does not read trainer.epoch, so it would be ignored (did you "
+        "mean trainer.epochs?). `python train.py --cfg job` lists them; set one without + or ++.\n")
+    result = script("train.py", *SMALL, "+trainer.epoch=3", f"data.root={fake_root}", f"hydra.run.dir={run}",
+                    check=False)
+    assert result.returncode == 1 and ("+trainer.epoch=3: adds trainer.epoch with +, but train.py reads only its "
                                        "configs' settings, so it would be ignored (did you mean trainer.epochs?)"
                                        ) in result.stderr
-    assert not (tmp_path / "metrics.json").exists()
-    result = script("train.py", *SMALL, "++trainer.epoch=3", f"data.root={fake_root}", f"hydra.run.dir={tmp_path}",
-                    check=False)  # ++ sets a key the configs define, or forces in one that nothing reads
-    assert result.returncode != 0 and ("++trainer.epoch=3: train.py does not read trainer.epoch, so it would be "
-                                       "ignored (did you mean trainer.epochs?)") in result.stderr
-    assert not (tmp_path / "metrics.json").exists()
-    forced = ["++trainer.epoch=3", "++trainer.epochs=5"]
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        keys = train_module.configured_keys(compose("train", overrides=forced), forced)
-    assert "trainer.epochs" in keys and "trainer.epoch" not in keys
+    assert not run.exists()  # refused before Hydra makes the run's folder
+    sweep = tmp_path / "sweep"  # ++ sets a key the configs define, or forces in one that nothing reads
+    result = script("train.py", "-m", *SMALL, "model.part=1,4", "++trainer.epochs=2", "++trainer.epoch=3",
+                    f"data.root={fake_root}", f"hydra.sweep.dir={sweep}", check=False)
+    assert result.returncode == 1 and result.stderr.count("++trainer.epoch=3: train.py does not read trainer.epoch, "
+                                                          "so it would be ignored (did you mean trainer.epochs?)") == 1
+    assert not sweep.exists()  # refused once, before the sweep's first job
     result = script("eval.py", f"checkpoint={reference_run}", "data.normalize=true", check=False, cwd=tmp_path)
-    assert result.returncode != 0 and ("data.normalize=true: eval.py does not read data.normalize, so it would be "
+    assert result.returncode == 1 and ("data.normalize=true: eval.py does not read data.normalize, so it would be "
                                        "ignored") in result.stderr
+    result = script("eval.py", f"checkpoint={reference_run}", "data.rot=x", check=False, cwd=tmp_path)
+    assert "eval.py does not read data.rot, so it would be ignored (did you mean data.root?)" in result.stderr
     readable = ["model.part", "data.mean"]
     check_overrides(["experiment=demo", "model.part=4", "data.mean.0=0.5"], readable, ["experiment"], "train.py",
                     hint="")
