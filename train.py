@@ -10,6 +10,7 @@ Running a command again on the same folder resumes it from checkpoints/last.pt; 
 left as it is. SIGINT, SIGTERM and SIGUSR2 save the current step's state, to resume from exactly there.
 """
 
+import contextlib
 import datetime
 import logging
 import math
@@ -26,6 +27,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.plugins.hparams.api_pb2 import Status
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
@@ -305,7 +310,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         log.info("%s: the launcher's own signal handler let training go on", run_dir)
 
     record.start_clock()
-    with StopSignals() as stop:
+    with StopSignals() as stop, hparams_session(writer):
         while epoch < cfg.trainer.epochs:
             model.train()
             epoch_rng = generator.get_state()  # the whole epoch's random draws follow from it
@@ -355,7 +360,6 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
                 interrupted(stop, f"{stop.received.name} after epoch {epoch}")
 
         # Still under StopSignals: a signal from here on lets the run finish, which takes less than stopping.
-        writer.close()
         metrics = record.update("finished")
         save_final_weights(run_dir, model.state_dict(), config, epoch, data_info)
         if stop.received:
@@ -415,9 +419,32 @@ def open_tensorboard(run_dir: Path, epoch: int, cfg: DictConfig, info: dict) -> 
               # to filter out runs that do not compare: other data, another form or precision
               "data": "official CIFAR-10" if info["data"]["official_cifar10"] else "other",  # a bool shows as 0/1
               "hetconv": info["hetconv"], "precision": info["precision"]}
-    for summary in hparams(values, {f"hparam/{key}": 0 for key in HPARAM_METRICS}):
-        writer.file_writer.add_summary(summary)
+    experiment, session_start, _ = hparams(values, {f"hparam/{key}": 0 for key in HPARAM_METRICS})  # _: "success"
+    writer.file_writer.add_summary(experiment)
+    writer.file_writer.add_summary(session_start)
     return writer
+
+
+@contextlib.contextmanager
+def hparams_session(writer: SummaryWriter):
+    """Closes the writer, with the run's status for the HParams tab's filter: success when the run finishes, failure
+    on an error (a diverged loss, say). An interruption leaves the session open, for the resumed launch to end."""
+    try:
+        yield
+        end_session(writer, Status.STATUS_SUCCESS)
+    except Exception:
+        end_session(writer, Status.STATUS_FAILURE)
+        raise
+    finally:
+        writer.close()
+
+
+def end_session(writer: SummaryWriter, status: int) -> None:
+    content = HParamsPluginData(session_end_info=SessionEndInfo(status=status, end_time_secs=time.time()),
+                                version=hparams_metadata.PLUGIN_DATA_VERSION)
+    plugin = SummaryMetadata.PluginData(plugin_name=hparams_metadata.PLUGIN_NAME, content=content.SerializeToString())
+    writer.file_writer.add_summary(Summary(value=[
+        Summary.Value(tag=hparams_metadata.SESSION_END_INFO_TAG, metadata=SummaryMetadata(plugin_data=plugin))]))
 
 
 def log_epoch(writer: SummaryWriter, h: dict, metrics: dict, epochs: int, epoch_wall_s: float) -> None:

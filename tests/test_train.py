@@ -11,10 +11,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.api_pb2 import Status
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.utils.tensorboard import SummaryWriter
 
@@ -64,12 +66,13 @@ def test_a_small_run_learns_and_leaves_every_artefact(reference_run):
     assert SCALARS <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("test/acc")] == [1, 2, 3]
     assert events.Scalars("test/acc")[-1].value == pytest.approx(metrics["test_acc"])
-    hparams = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    hparams = hparams_data(reference_run, "session_start_info")
     values = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
               for k, v in hparams.session_start_info.hparams.items()}
     assert values == pytest.approx(
         {"part": 4, "width": 0.25, "seed": 0, "epochs": 3, "flops_m": metrics["flops"] / 1e6,
          "params_m": metrics["params"] / 1e6, "data": "other", "hetconv": "grouped", "precision": "float32"})
+    assert hparams_data(reference_run, "session_end_info").session_end_info.status == Status.STATUS_SUCCESS
     assert len(list(reference_run.glob("events.out.tfevents.*"))) == 1 and not any(
         p.is_dir() for p in reference_run.iterdir() if p.name not in {".hydra", "checkpoints"})
 
@@ -179,6 +182,13 @@ def test_diverging_loss_fails_the_run_and_keeps_the_last_good_checkpoint(fake_ro
     state = torch.load(last_checkpoint(tmp_path), weights_only=False)
     assert state["epoch"] == 1 and len(state["record"]["history"]) == 1
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert hparams_data(tmp_path, "session_end_info").session_end_info.status == Status.STATUS_FAILURE
+
+
+def hparams_data(run_dir: Path, kind: str) -> HParamsPluginData:
+    """The run's latest HParams record of this kind (session_start_info, session_end_info), as TensorBoard reads it."""
+    events = EventAccumulator(str(run_dir)).Reload()
+    return HParamsPluginData.FromString(events.PluginTagToContent("hparams")[f"_hparams_/{kind}"])
 
 
 def test_missing_data_without_download_fails_before_training_naming_path_and_files(tmp_path):
