@@ -48,7 +48,7 @@ from hetconv.flops import count_flops, paper_ratio
 from hetconv.layer import IMPLS, resolved_impl
 from hetconv.provenance import device_name, git_commit, library_versions, now
 from hetconv.report import RESULTS_DIR, markdown_table, positive_int, typed_command
-from hetconv.settings import train_config
+from hetconv.settings import check_settings, train_config
 from hetconv.training import (COMPILE_MODES, Preprocess, autocast, build_optimizer, compile_mode, compiled,
                               configure_backend, precision, select_device, train_step)
 from models import vgg16
@@ -474,8 +474,8 @@ def sweep_projection(rows: list[dict], compile_as: str | None, recipe_modes: set
     if compile_as in recipe_modes:
         how += ", the default recipe's step here"
     return (f"\n- Projected time of the sweep over P = {', '.join(str(r['part']) for r in rows)} ({epochs} epochs "
-            f"of {trained:,} training and {CIFAR10_TEST:,} test images each, as the recipe on record, one job at a "
-            f"time on this device), {how}: {hours:.1f} hours.")
+            f"each, as the recipe on record, of {trained:,} training images in batches of {batch} and "
+            f"{CIFAR10_TEST:,} test images, one job at a time on this device), {how}: {hours:.1f} hours.")
 
 
 def breakdown_section(rows: list[dict]) -> str:
@@ -620,12 +620,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     parts = parse_parts(parser, args.parts)
-    device = select_device(args.device)
-    configure_backend(device)
     overrides = [f"trainer.device={args.device}", f"trainer.hetconv={args.impl}"]
     if args.batch is not None:
         overrides.append(f"trainer.batch_size={args.batch}")
     cfg = train_config(*overrides)
+    try:  # what train.py would refuse (a batch of one, say), before any timing
+        device = select_device(args.device, key="--device")
+        check_settings(cfg)
+    except ValueError as error:
+        parser.error(str(error))
+    configure_backend(device)
     recipe_batch = cfg.trainer.batch_size == train_config().trainer.batch_size
     compile_parts = parse_compile_parts(parser, args.compile_parts, parts, device)  # a typo fails before any timing
     setups = {"eager": (parts, [*overrides, "trainer.compile=false"])}

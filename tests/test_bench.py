@@ -187,16 +187,23 @@ def test_bad_parts_or_repeats_fail_before_any_timing(tmp_path, capsys, monkeypat
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--repeats", "0", "--out", str(tmp_path)])
     assert "argument --repeats: expected a whole number >= 1, got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # train.py's own checks, before any timing
+        main(["--device", "cpu", "--batch", "1", "--out", str(tmp_path)])
+    assert "trainer.batch_size must be an int >= 2, got 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--device", "gpu", "--out", str(tmp_path)])
+    assert "--device must be auto, cpu or cuda, got 'gpu'" in capsys.readouterr().err
 
 
 def test_the_sweep_projection_adds_every_parts_training_and_test_epochs():
     # 49,920 training images (the last partial batch dropped) in 30 minutes, and 10,000 test images in 30 minutes
     row = {"epochs": 2, "batch": 128, "train_ips": 49_920 / 1800, "infer_ips": 10_000 / 1800}
     projection = sweep_projection([{**row, "part": 1}, {**row, "part": 4}], None, set())
-    assert projection.endswith("(2 epochs of 49,920 training and 10,000 test images each, as the recipe on record, "
-                               "one job at a time on this device), eager: 4.0 hours.")
-    # the batch is the config's: at 1000 no partial batch is left to drop
-    assert "(2 epochs of 50,000 training" in sweep_projection([{**row, "part": 1, "batch": 1000}], None, set())
+    assert projection.endswith("(2 epochs each, as the recipe on record, of 49,920 training images in batches of 128 "
+                               "and 10,000 test images, one job at a time on this device), eager: 4.0 hours.")
+    # the batch is the config's or --batch: at 1000 no partial batch is left to drop
+    assert "of 50,000 training images in batches of 1000" in sweep_projection([{**row, "part": 1, "batch": 1000}],
+                                                                              None, set())
 
 
 def test_the_ceiling_puts_the_hetconv_convolutions_at_their_flop_share():
