@@ -210,6 +210,12 @@ def training_data(cfg: DictConfig, device: torch.device, run_dir: Path,
 def main(cfg: DictConfig) -> dict:
     try:
         hydra_cfg = HydraConfig.get()
+        sweep = OmegaConf.select(hydra_cfg, "sweeper.params")
+        if hydra_cfg.mode == RunMode.RUN and sweep:  # experiment=paper without -m, say
+            experiment = hydra_cfg.runtime.choices.get("experiment")
+            raise ValueError(f"this command sets a sweep ({', '.join(f'{key}={value}' for key, value in sweep.items())}"
+                             f"{f', from experiment={experiment}' if experiment else ''}), which only -m runs: add "
+                             f"-m to the command (python train.py -m ...)")
         return train(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN,
                      overrides=list(hydra_cfg.overrides.task))
     except Exception as error:

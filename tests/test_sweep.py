@@ -289,6 +289,13 @@ def test_a_job_waits_for_a_free_gpu_slot_and_a_reused_worker_keeps_its_gpu(tmp_p
     held["3"].close()
 
 
+def test_a_sweep_without_multirun_is_refused_rather_than_run_as_one_job(tmp_path):
+    result = script("train.py", "experiment=paper", f"hydra.run.dir={tmp_path}", check=False)
+    assert result.returncode == 1 and ("this command sets a sweep (model.part=1,2,4,8,16,32,64, from experiment=paper), "
+                                       "which only -m runs: add -m to the command") in result.stderr
+    assert not (tmp_path / "metrics.json").exists()
+
+
 def test_job_folders_are_named_by_every_override_that_changes_what_the_job_computes():
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", return_hydra_config=True)
