@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hetconv.data import CLASSES, FOLDER, DatasetError, fingerprint_of_test, is_official, load_cifar10, memory_format
 from hetconv.flops import describe_flops, model_costs
-from hetconv.provenance import device_name, git_commit, library_versions, now
+from hetconv.provenance import count, device_name, git_commit, library_versions, now
 from hetconv.layer import resolved_impl
 from hetconv.runfiles import command_line_override, final_weights, last_checkpoint, load, write_json
 from hetconv.settings import check_command_line, check_flags, ends_without_traceback
@@ -60,6 +60,8 @@ def checkpoint_path(setting: str) -> Path:
     path = Path(to_absolute_path(setting))
     if not path.is_dir():
         return path
+    if last_checkpoint(path.parent).parent == path:  # a run's checkpoints/ folder: the run's
+        path = path.parent
     if final_weights(path).exists():
         return final_weights(path)
     if last_checkpoint(path).exists():
@@ -67,7 +69,7 @@ def checkpoint_path(setting: str) -> Path:
                                 f"has so far: {command_line_override('checkpoint', last_checkpoint(path))}")
     jobs = sorted(weights.parent for weights in path.glob("*/model.pt"))
     if jobs:
-        raise FileNotFoundError(f"{path} holds the runs of a sweep, {len(jobs)} of them finished: name one, e.g. "
+        raise FileNotFoundError(f"{path} holds the folders of {count(len(jobs), 'finished run')}: name one, e.g. "
                                 f"{command_line_override('checkpoint', jobs[0])}")
     return final_weights(path)  # missing: load() says what it expected
 
@@ -152,5 +154,6 @@ def print_report(report: dict, tested_on: str, root_setting: str | None) -> None
 
 if __name__ == "__main__":
     check_command_line(sys.argv[1:], list(SETTINGS), ["data"], "eval.py",
-                       hint=f"It reads {', '.join(SETTINGS)}; the model and its preprocessing are the checkpoint's.")
+                       hint=f"It reads {', '.join(SETTINGS)}; the model and its preprocessing are the checkpoint's.",
+                       bare="checkpoint")
     main()

@@ -34,11 +34,16 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def count(n: int, thing: str) -> str:
+    """'1 thread', '2 threads'."""
+    return f"{n} {thing}{'' if n == 1 else 's'}"
+
+
 def device_name(device: torch.device) -> str:
     """'NVIDIA H100 80GB HBM3', or the CPU model with the number of threads torch uses."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+    return f"{cpu_model()} ({count(torch.get_num_threads(), 'thread')})"
 
 
 def cpu_model() -> str:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from hetconv.data import DatasetError
 from hetconv.layer import check_impl
 from hetconv.provenance import REPO_ROOT
+from hetconv.runfiles import command_line_override
 from hetconv.training import compile_mode
 
 
@@ -87,16 +88,22 @@ def check_settings(cfg) -> None:
     check_impl(cfg.trainer.hetconv, "trainer.hetconv")
 
 
-def check_command_line(argv: list[str], readable: list[str], groups: list[str], script: str, *, hint: str) -> None:
+def check_command_line(argv: list[str], readable: list[str], groups: list[str], script: str, *, hint: str,
+                       bare: str | None = None) -> None:
     """`check_overrides` on a script's command line, before Hydra composes anything: a refusal exits with status 1
     and its message alone. Hydra's own answer to a mistyped key, "To append to your config use +key=value", would
     lead to a setting that nothing reads, and a sweep is refused once rather than in every job. Hydra checks its own
-    settings (hydra.*, hydra/launcher=...), a malformed override, and everything when another config is named."""
+    settings (hydra.*, hydra/launcher=...), a malformed override, and everything when another config is named. An
+    argument without `=` (which Hydra cannot parse) is refused too, as `bare`=argument where it names a setting."""
     args = get_args_parser().parse_args(argv)
     if args.config_path or args.config_name or args.config_dir:
         return
     ours = [override for override in args.overrides if not re.match(r"[+~]*hydra[./=]", override)]
     try:
+        for override in ours:
+            if "=" not in override and not override.startswith("~"):  # eval.py outputs/..., say
+                meant = f" (did you mean {command_line_override(bare, Path(override))}?)" if bare else ""
+                raise ValueError(f"{override}: {script} takes its settings as key=value{meant}. {hint}")
         check_overrides(ours, readable, groups, script, hint=hint)
     except OverrideParseException:
         return

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from hetconv.flops import count_flops, count_params, truncate_millions  # noqa: E402
-from hetconv.provenance import git_commit, now  # noqa: E402
+from hetconv.provenance import count, git_commit, now  # noqa: E402
 from hetconv.report import RESULTS_DIR, load_published, markdown_table, typed_command, write_csv  # noqa: E402
 from hetconv.runfiles import (config_differences, held_by_a_process, is_sweep_folder, last_checkpoint,  # noqa: E402
                               read_metrics)
@@ -227,7 +227,7 @@ def render_markdown(rows: list[dict], info: dict, command: str) -> str:
         "# HetConv VGG-16 on CIFAR-10: accuracy and FLOPs, ours beside the paper's\n"
         + warning +
         f"\nMade by `{command}` on {now()} (commit "
-        f"{git_commit()}) from {sum(r['n'] for r in rows)} finished jobs"
+        f"{git_commit()}) from {count(sum(r['n'] for r in rows), 'finished job')}"
         + (f" ({info['not_finished']} more did not finish: see the jobs column)" if info["not_finished"] else "")
         + ".\n\n"
         f"- Recipe: {info['recipe']}.\n"

@@ -265,14 +265,19 @@ def test_eval_names_what_is_wrong_with_the_checkpoint_data_or_settings_it_is_giv
     unfinished = tmp_path / "unfinished"
     copy_stopped_after_epoch_2(reference_run, unfinished)
     (unfinished / "model.pt").unlink()
-    result = script("eval.py", f"checkpoint={unfinished}", "device=cpu", check=False, cwd=tmp_path)
-    assert result.returncode != 0 and (f"{unfinished} has no model.pt: its run has not finished. To evaluate the "
-                                       f"weights it has so far: checkpoint={last_checkpoint(unfinished)}") in result.stderr
+    for named in (unfinished, last_checkpoint(unfinished).parent):  # the run, or its checkpoints/ folder
+        result = script("eval.py", f"checkpoint={named}", "device=cpu", check=False, cwd=tmp_path)
+        assert result.returncode != 0 and (f"{unfinished} has no model.pt: its run has not finished. To evaluate the "
+                                           f"weights it has so far: checkpoint={last_checkpoint(unfinished)}"
+                                           ) in result.stderr
+    result = script("eval.py", str(reference_run), check=False, cwd=tmp_path)  # Hydra could not parse it
+    assert result.returncode == 1 and (f"{reference_run}: eval.py takes its settings as key=value (did you mean "
+                                       f"checkpoint={reference_run}?)") in result.stderr
 
     sweep = tmp_path / "sweep"
     shutil.copytree(reference_run, sweep / "part=4,seed=0")
     result = script("eval.py", f"checkpoint={sweep}", check=False, cwd=tmp_path)
-    assert result.returncode != 0 and (f"{sweep} holds the runs of a sweep, 1 of them finished: name one, e.g. "
+    assert result.returncode != 0 and (f"{sweep} holds the folders of 1 finished run: name one, e.g. "
                                        f"\"checkpoint='{sweep}/part=4,seed=0'\"") in result.stderr
     result = script("eval.py", check=False, cwd=tmp_path)
     assert result.returncode != 0 and "no checkpoint given: name a run folder" in result.stderr
