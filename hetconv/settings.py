@@ -75,6 +75,9 @@ def check_settings(cfg) -> None:
     if jobs_per_gpu is not None and not (is_int(jobs_per_gpu) and jobs_per_gpu >= 1):
         raise ValueError(f"trainer.jobs_per_gpu must be an int >= 1 (or null to not pin jobs), got {jobs_per_gpu!r}")
     check_flags(cfg, FLAGS)
+    for key, built in (("optim.name", "sgd"), ("schedule.name", "step")):  # what build_optimizer, build_scheduler make
+        if OmegaConf.select(cfg, key) != built:
+            raise ValueError(f"{key} must be {built}, got {OmegaConf.select(cfg, key)!r}")
     for key, positive in (("data.mean", False), ("data.std", True)):
         values = OmegaConf.select(cfg, key)
         if not (OmegaConf.is_list(values) and len(values) == 3

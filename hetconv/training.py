@@ -93,8 +93,7 @@ def compiled(model: nn.Module, compile_as: str | None) -> nn.Module:
 
 
 def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
-    if optim.name != "sgd":
-        raise ValueError(f"optim.name must be sgd, got {optim.name!r}")
+    """SGD, the one optimizer optim.name may name (check_settings refuses another)."""
     return torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,
                            weight_decay=optim.weight_decay, nesterov=optim.nesterov)
 
@@ -108,9 +107,7 @@ def milestone_epochs(schedule, epochs: int) -> list[int]:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule, epochs: int):
-    """Stepped once per epoch."""
-    if schedule.name != "step":
-        raise ValueError(f"schedule.name must be step, got {schedule.name!r}")
+    """Step decay, the one schedule schedule.name may name (check_settings refuses another); stepped once per epoch."""
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestone_epochs(schedule, epochs), schedule.gamma)
 
 
