@@ -80,7 +80,7 @@ def test_sweep_keeps_going_past_a_failed_job_and_the_table_shows_it(fake_root, t
     other = tmp_path / "other"
     sweep(other, fake_root, "model.part=4", "optim.lr=0.05")
     mixed = script("scripts/make_table.py", str(sweep_dir), str(other), "--out", str(out), check=False)
-    assert mixed.returncode != 0 and "ran different recipes (optim.lr: 0.1 -> 0.05)" in mixed.stderr
+    assert mixed.returncode != 0 and "ran different recipes (optim.lr: 0.02 -> 0.05)" in mixed.stderr
 
     # A copy of the sweep beside the sweep would count every job twice as two seeds.
     copy = shutil.copytree(sweep_dir, tmp_path / "copy")
