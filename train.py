@@ -10,7 +10,6 @@ Running a command again on the same folder resumes it from checkpoints/last.pt; 
 left as it is. SIGINT, SIGTERM and SIGUSR2 save the current step's state, to resume from exactly there.
 """
 
-import contextlib
 import datetime
 import logging
 import math
@@ -29,7 +28,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
 from tensorboard.plugins.hparams import metadata as hparams_metadata
-from tensorboard.plugins.hparams.api_pb2 import Status
+from tensorboard.plugins.hparams.api_pb2 import STATUS_SUCCESS
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
@@ -210,12 +209,15 @@ def training_data(cfg: DictConfig, device: torch.device, run_dir: Path,
 def main(cfg: DictConfig) -> dict:
     try:
         hydra_cfg = HydraConfig.get()
-        sweep = OmegaConf.select(hydra_cfg, "sweeper.params")
-        if hydra_cfg.mode == RunMode.RUN and sweep:  # experiment=paper without -m, say
+        sweep = OmegaConf.select(hydra_cfg, "sweeper.params") or {}
+        given = {override.split("=", 1)[0].lstrip("+") for override in hydra_cfg.overrides.task}
+        unset = [key for key in sweep if key not in given]
+        if hydra_cfg.mode == RunMode.RUN and unset:  # experiment=paper without -m, say
             experiment = hydra_cfg.runtime.choices.get("experiment")
-            raise ValueError(f"this command sets a sweep ({', '.join(f'{key}={value}' for key, value in sweep.items())}"
+            raise ValueError(f"this command sets a sweep ({', '.join(f'{key}={sweep[key]}' for key in unset)}"
                              f"{f', from experiment={experiment}' if experiment else ''}), which only -m runs: add "
-                             f"-m to the command (python train.py -m ...)")
+                             f"-m to the command (python train.py -m ...), or give {' and '.join(unset)} one value "
+                             f"for a single run")
         return train(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN,
                      overrides=list(hydra_cfg.overrides.task))
     except Exception as error:
@@ -316,7 +318,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         log.info("%s: the launcher's own signal handler let training go on", run_dir)
 
     record.start_clock()
-    with StopSignals() as stop, hparams_session(writer):
+    with StopSignals() as stop:
         while epoch < cfg.trainer.epochs:
             model.train()
             epoch_rng = generator.get_state()  # the whole epoch's random draws follow from it
@@ -366,6 +368,8 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
                 interrupted(stop, f"{stop.received.name} after epoch {epoch}")
 
         # Still under StopSignals: a signal from here on lets the run finish, which takes less than stopping.
+        end_session_finished(writer)
+        writer.close()
         metrics = record.update("finished")
         save_final_weights(run_dir, model.state_dict(), config, epoch, data_info)
         if stop.received:
@@ -425,28 +429,17 @@ def open_tensorboard(run_dir: Path, epoch: int, cfg: DictConfig, info: dict) -> 
               # to filter out runs that do not compare: other data, another form or precision
               "data": "official CIFAR-10" if info["data"]["official_cifar10"] else "other",  # a bool shows as 0/1
               "hetconv": info["hetconv"], "precision": info["precision"]}
-    experiment, session_start, _ = hparams(values, {f"hparam/{key}": 0 for key in HPARAM_METRICS})  # _: "success"
+    # Not torch's session end, which says "success" now: end_session_finished says it when it is true.
+    experiment, session_start, _ = hparams(values, {f"hparam/{key}": 0 for key in HPARAM_METRICS})
     writer.file_writer.add_summary(experiment)
     writer.file_writer.add_summary(session_start)
     return writer
 
 
-@contextlib.contextmanager
-def hparams_session(writer: SummaryWriter):
-    """Closes the writer, with the run's status for the HParams tab's filter: success when the run finishes, failure
-    on an error (a diverged loss, say). An interruption leaves the session open, for the resumed launch to end."""
-    try:
-        yield
-        end_session(writer, Status.STATUS_SUCCESS)
-    except Exception:
-        end_session(writer, Status.STATUS_FAILURE)
-        raise
-    finally:
-        writer.close()
-
-
-def end_session(writer: SummaryWriter, status: int) -> None:
-    content = HParamsPluginData(session_end_info=SessionEndInfo(status=status, end_time_secs=time.time()),
+def end_session_finished(writer: SummaryWriter) -> None:
+    """Marks the run a success in the HParams tab's status filter. TensorBoard keeps a run's first status, so a run that
+    has not finished (failed or interrupted, and perhaps resumed later) gets none."""
+    content = HParamsPluginData(session_end_info=SessionEndInfo(status=STATUS_SUCCESS, end_time_secs=time.time()),
                                 version=hparams_metadata.PLUGIN_DATA_VERSION)
     plugin = SummaryMetadata.PluginData(plugin_name=hparams_metadata.PLUGIN_NAME, content=content.SerializeToString())
     writer.file_writer.add_summary(Summary(value=[

@@ -1,7 +1,8 @@
 """The settings train.py and eval.py take: composed, checked before anything starts, and how bad ones end a run.
 
 A mistyped or unread key and a value that cannot train are refused here, naming the key; a run stopped by such an
-error ends with its message alone. `train_config` composes train.py's config for the tests and bench.py.
+error ends with its message alone. `train_config` composes train.py's config: the settings it reads, for its
+command-line check, the tests and bench.py.
 """
 
 import difflib
@@ -95,18 +96,20 @@ def check_command_line(argv: list[str], readable: list[str], groups: list[str], 
                        bare: str | None = None) -> None:
     """`check_overrides` on a script's command line, before Hydra composes anything: a refusal exits with status 1
     and its message alone. Hydra's own answer to a mistyped key, "To append to your config use +key=value", would
-    lead to a setting that nothing reads, and a sweep is refused once rather than in every job. Hydra checks its own
-    settings (hydra.*, hydra/launcher=...), a malformed override, and everything when another config is named. An
-    argument without `=` (which Hydra cannot parse) is refused too, as `bare`=argument where it names a setting."""
+    lead to a setting that nothing reads, and a sweep is refused once rather than in every job. An argument that is
+    not key=value is refused too, and a path given without its key as `bare`=path (Hydra would misparse it). Hydra
+    checks its own settings (hydra.*, hydra/launcher=...) and what it cannot parse."""
     args = get_args_parser().parse_args(argv)
-    if args.config_path or args.config_name or args.config_dir:
+    if args.help or args.hydra_help or args.shell_completion:  # their arguments are not settings (-sc install=bash)
         return
     ours = [override for override in args.overrides if not re.match(r"[+~]*hydra[./=]", override)]
     try:
         for override in ours:
-            if "=" not in override and not override.startswith("~"):  # eval.py outputs/..., say
-                meant = f" (did you mean {command_line_override(bare, Path(override))}?)" if bare else ""
-                raise ValueError(f"{override}: {script} takes its settings as key=value{meant}. {hint}")
+            if bare and Path(override).exists():  # eval.py multirun/paper/part=4,seed=0, say
+                raise ValueError(f"{override}: {script} takes its settings as key=value (did you mean "
+                                 f"{command_line_override(bare, Path(override))}?). {hint}")
+            if not re.match(r"[+~]*[^=]", override) or ("=" not in override and not override.startswith("~")):
+                raise ValueError(f"{override}: {script} takes its settings as key=value. {hint}")
         check_overrides(ours, readable, groups, script, hint=hint)
     except OverrideParseException:
         return

@@ -1,11 +1,11 @@
 """How fast HetConv trains, layer by layer and as the whole model, beside the dense convolution.
 
     python scripts/bench.py [--device auto] [--parts 1,2,4,8,16,32,64] [--compile-parts auto]
-                            [--compile reduce-overhead] [--impl auto] [--batch 128] [--repeats 7] [--skip-layers]
+                            [--compile reduce-overhead] [--impl auto] [--batch N] [--repeats 7] [--skip-layers]
                             [--out results]
     (also: make bench)
 
-Layer level: for every distinct HetConv shape of VGG-16 (at the training batch of configs/), forward +
+Layer level: for every distinct HetConv shape of VGG-16 (at --batch, by default configs/' 128), forward +
 backward time of HetConv2d computed grouped (impl="grouped"), of its 1x1 branch alone, and of the naive
 implementation (impl="dense": one dense conv over the assembled weight, zeros and all), against the dense
 3x3 conv it replaces (the P=1 reference), beside the FLOP ratio R(P) = 1/P + (1 - 1/P)/9; on CUDA as CUDA
@@ -46,7 +46,7 @@ from hetconv import HetConv2d
 from hetconv.data import Split, TrainBatches, memory_format
 from hetconv.flops import count_flops, paper_ratio
 from hetconv.layer import IMPLS, resolved_impl
-from hetconv.provenance import device_name, git_commit, library_versions, now
+from hetconv.provenance import count, device_name, git_commit, library_versions, now
 from hetconv.report import RESULTS_DIR, markdown_table, positive_int, typed_command
 from hetconv.settings import check_settings, train_config
 from hetconv.training import (COMPILE_MODES, Preprocess, autocast, build_optimizer, compile_mode, compiled,
@@ -627,6 +627,8 @@ def main(argv: list[str] | None = None) -> None:
     try:  # what train.py would refuse (a batch of one, say), before any timing
         device = select_device(args.device, key="--device")
         check_settings(cfg)
+        if cfg.trainer.batch_size > CIFAR10_TRAIN:
+            raise ValueError(f"--batch {cfg.trainer.batch_size} is more than CIFAR-10's {CIFAR10_TRAIN:,} training images")
     except ValueError as error:
         parser.error(str(error))
     configure_backend(device)
@@ -640,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
     layer_rows = [] if args.skip_layers else bench_layers(device, cfg, parts, args.repeats)
     label = device_name(device)
     setup = (f"{precision(device, cfg.trainer.amp)}, "
-             f"{'channels_last' if cfg.trainer.channels_last else 'NCHW'}, {torch.get_num_threads()} CPU threads, "
+             f"{'channels_last' if cfg.trainer.channels_last else 'NCHW'}, {count(torch.get_num_threads(), 'CPU thread')}, "
              f"HetConv layers computed {resolved_impl(args.impl, device)} (trainer.hetconv={args.impl})")
     command = typed_command("scripts/bench.py", argv)
     # The step the default recipe (trainer.compile and trainer.hetconv auto) trains with, if this report times its form

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams.api_pb2 import Status
+from tensorboard.plugins.hparams.api_pb2 import STATUS_SUCCESS
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.utils.tensorboard import SummaryWriter
 
@@ -66,13 +66,14 @@ def test_a_small_run_learns_and_leaves_every_artefact(reference_run):
     assert SCALARS <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("test/acc")] == [1, 2, 3]
     assert events.Scalars("test/acc")[-1].value == pytest.approx(metrics["test_acc"])
-    hparams = hparams_data(reference_run, "session_start_info")
+    hparams = hparams_records(reference_run)["_hparams_/session_start_info"]
     values = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
               for k, v in hparams.session_start_info.hparams.items()}
     assert values == pytest.approx(
         {"part": 4, "width": 0.25, "seed": 0, "epochs": 3, "flops_m": metrics["flops"] / 1e6,
          "params_m": metrics["params"] / 1e6, "data": "other", "hetconv": "grouped", "precision": "float32"})
-    assert hparams_data(reference_run, "session_end_info").session_end_info.status == Status.STATUS_SUCCESS
+    end = hparams_records(reference_run)["_hparams_/session_end_info"].session_end_info
+    assert end.status == STATUS_SUCCESS
     assert len(list(reference_run.glob("events.out.tfevents.*"))) == 1 and not any(
         p.is_dir() for p in reference_run.iterdir() if p.name not in {".hydra", "checkpoints"})
 
@@ -122,11 +123,13 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(sig, refe
         assert (state["epoch"], state["step"]) > (1, 0)  # saved where it stopped, past its epoch-1 checkpoint
     else:
         assert process.returncode == -signal.SIGKILL
+    assert "_hparams_/session_end_info" not in hparams_records(run_dir)  # TensorBoard would keep a status set now
 
     resumed = script("train.py", *command)
     assert "resuming" in resumed.stdout + resumed.stderr
     assert comparable(read_metrics(run_dir)) == comparable(read_metrics(reference_run))
     assert read_metrics(run_dir)["status"] == "finished"
+    assert hparams_records(run_dir)["_hparams_/session_end_info"].session_end_info.status == STATUS_SUCCESS
     typed = [*SMALL, f"data.root={fake_root}"]  # each launch's overrides, as typed (Hydra keeps hydra.* apart)
     assert [launch["overrides"] for launch in read_metrics(run_dir)["launches"]] == [typed, typed]
 
@@ -182,13 +185,13 @@ def test_diverging_loss_fails_the_run_and_keeps_the_last_good_checkpoint(fake_ro
     state = torch.load(last_checkpoint(tmp_path), weights_only=False)
     assert state["epoch"] == 1 and len(state["record"]["history"]) == 1
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
-    assert hparams_data(tmp_path, "session_end_info").session_end_info.status == Status.STATUS_FAILURE
+    assert "_hparams_/session_end_info" not in hparams_records(tmp_path)  # no status: it did not finish
 
 
-def hparams_data(run_dir: Path, kind: str) -> HParamsPluginData:
-    """The run's latest HParams record of this kind (session_start_info, session_end_info), as TensorBoard reads it."""
+def hparams_records(run_dir: Path) -> dict[str, HParamsPluginData]:
+    """The run's HParams records by tag (_hparams_/session_start_info, ...), as TensorBoard reads them."""
     events = EventAccumulator(str(run_dir)).Reload()
-    return HParamsPluginData.FromString(events.PluginTagToContent("hparams")[f"_hparams_/{kind}"])
+    return {tag: HParamsPluginData.FromString(content) for tag, content in events.PluginTagToContent("hparams").items()}
 
 
 def test_missing_data_without_download_fails_before_training_naming_path_and_files(tmp_path):
