@@ -209,15 +209,8 @@ def training_data(cfg: DictConfig, device: torch.device, run_dir: Path,
 def main(cfg: DictConfig) -> dict:
     try:
         hydra_cfg = HydraConfig.get()
-        sweep = OmegaConf.select(hydra_cfg, "sweeper.params") or {}
-        given = {override.split("=", 1)[0].lstrip("+") for override in hydra_cfg.overrides.task}
-        unset = [key for key in sweep if key not in given]
-        if hydra_cfg.mode == RunMode.RUN and unset:  # experiment=paper without -m, say
-            experiment = hydra_cfg.runtime.choices.get("experiment")
-            raise ValueError(f"this command sets a sweep ({', '.join(f'{key}={sweep[key]}' for key in unset)}"
-                             f"{f', from experiment={experiment}' if experiment else ''}), which only -m runs: add "
-                             f"-m to the command (python train.py -m ...), or give {' and '.join(unset)} one value "
-                             f"for a single run")
+        if hydra_cfg.mode == RunMode.RUN:
+            refuse_a_sweep(hydra_cfg)
         return train(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN,
                      overrides=list(hydra_cfg.overrides.task))
     except Exception as error:
@@ -225,6 +218,20 @@ def main(cfg: DictConfig) -> dict:
         if ends_without_traceback(error):
             raise SystemExit(1) from None  # its message is the line just logged, on stderr too
         raise
+
+
+def refuse_a_sweep(hydra_cfg: DictConfig) -> None:
+    """A single run's command that sets a sweep (experiment=paper without -m, say) is refused: it would train one
+    job of it. A swept key that the command line gives one value makes it a single run."""
+    sweep = OmegaConf.select(hydra_cfg, "sweeper.params") or {}
+    given = {override.split("=", 1)[0].lstrip("+") for override in hydra_cfg.overrides.task}
+    unset = [key for key in sweep if key not in given]
+    if unset:
+        experiment = hydra_cfg.runtime.choices.get("experiment")
+        raise ValueError(f"this command sets a sweep ({', '.join(f'{key}={sweep[key]}' for key in unset)}"
+                         f"{f', from experiment={experiment}' if experiment else ''}), which only -m runs: add -m to "
+                         f"the command (python train.py -m ...), or give {' and '.join(unset)} one value for a single "
+                         f"run")
 
 
 def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: list[str] | None = None) -> dict:
@@ -437,8 +444,8 @@ def open_tensorboard(run_dir: Path, epoch: int, cfg: DictConfig, info: dict) -> 
 
 
 def end_session_finished(writer: SummaryWriter) -> None:
-    """Marks the run a success in the HParams tab's status filter. TensorBoard keeps a run's first status, so a run that
-    has not finished (failed or interrupted, and perhaps resumed later) gets none."""
+    """Marks the run a success in the HParams tab's status filter. TensorBoard keeps a run's first status, so a run
+    that has not finished (failed or interrupted, and perhaps resumed later) gets none."""
     content = HParamsPluginData(session_end_info=SessionEndInfo(status=STATUS_SUCCESS, end_time_secs=time.time()),
                                 version=hparams_metadata.PLUGIN_DATA_VERSION)
     plugin = SummaryMetadata.PluginData(plugin_name=hparams_metadata.PLUGIN_NAME, content=content.SerializeToString())

@@ -628,7 +628,8 @@ def main(argv: list[str] | None = None) -> None:
         device = select_device(args.device, key="--device")
         check_settings(cfg)
         if cfg.trainer.batch_size > CIFAR10_TRAIN:
-            raise ValueError(f"--batch {cfg.trainer.batch_size} is more than CIFAR-10's {CIFAR10_TRAIN:,} training images")
+            raise ValueError(f"--batch {cfg.trainer.batch_size} is more than CIFAR-10's {CIFAR10_TRAIN:,} training "
+                             "images")
     except ValueError as error:
         parser.error(str(error))
     configure_backend(device)
@@ -641,8 +642,8 @@ def main(argv: list[str] | None = None) -> None:
     model_rows, compile_rows = rows["eager"], rows.get("compiled", [])
     layer_rows = [] if args.skip_layers else bench_layers(device, cfg, parts, args.repeats)
     label = device_name(device)
-    setup = (f"{precision(device, cfg.trainer.amp)}, "
-             f"{'channels_last' if cfg.trainer.channels_last else 'NCHW'}, {count(torch.get_num_threads(), 'CPU thread')}, "
+    setup = (f"{precision(device, cfg.trainer.amp)}, {'channels_last' if cfg.trainer.channels_last else 'NCHW'}, "
+             f"{count(torch.get_num_threads(), 'CPU thread')}, "
              f"HetConv layers computed {resolved_impl(args.impl, device)} (trainer.hetconv={args.impl})")
     command = typed_command("scripts/bench.py", argv)
     # The step the default recipe (trainer.compile and trainer.hetconv auto) trains with, if this report times its form
@@ -650,7 +651,8 @@ def main(argv: list[str] | None = None) -> None:
     default_form = resolved_impl(args.impl, device) == resolved_impl("auto", device) and recipe_batch
     recipe_modes = {compile_mode("auto", device)} if default_form else set()
     report = render(label, setup, layer_rows, model_rows, compile_rows, args.compile, recipe_modes, command)
-    suffix = ("" if args.impl == "auto" else f"-{args.impl}") + ("" if recipe_batch else f"-batch{cfg.trainer.batch_size}")
+    suffix = ("" if args.impl == "auto" else f"-{args.impl}") + (
+        "" if recipe_batch else f"-batch{cfg.trainer.batch_size}")
     path = args.out / f"bench-{'cpu' if device.type == 'cpu' else slug(label)}{suffix}.md"
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(report)
