@@ -310,6 +310,7 @@ def test_a_setting_that_nothing_would_read_is_refused(reference_run, fake_root, 
     assert result.returncode == 1 and result.stderr.count("++trainer.epoch=3: train.py does not read trainer.epoch, "
                                                           "so it would be ignored (did you mean trainer.epochs?)") == 1
     assert not sweep.exists()  # refused once, before the sweep's first job
+    assert "hydra_bash_completion" in script("train.py", "-sc", "install=bash").stdout  # Hydra's arguments, not settings
     result = script("eval.py", f"checkpoint={reference_run}", "data.normalize=true", check=False, cwd=tmp_path)
     assert result.returncode == 1 and ("data.normalize=true: eval.py does not read data.normalize, so it would be "
                                        "ignored") in result.stderr
