@@ -26,10 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
-from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-from tensorboard.plugins.hparams import metadata as hparams_metadata
-from tensorboard.plugins.hparams.api_pb2 import STATUS_SUCCESS
-from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
@@ -315,7 +312,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     record.update("running", **info)
     log.info("VGG-16 part=%d width=%s: %s, %.3fM params, on %s, %s, HetConv %s", cfg.model.part, cfg.model.width,
              describe_flops(costs), costs["params"] / 1e6, info["device"], how_it_runs(compile_as), form)
-    writer = open_tensorboard(run_dir, epoch, cfg, info)
+    writer, finished_session = open_tensorboard(run_dir, epoch, cfg, info)
 
     def interrupted(stop: StopSignals, reason: str) -> None:
         record.update("interrupted", f"{reason}: {resume} to resume")
@@ -375,7 +372,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
                 interrupted(stop, f"{stop.received.name} after epoch {epoch}")
 
         # Still under StopSignals: a signal from here on lets the run finish, which takes less than stopping.
-        end_session_finished(writer)
+        writer.file_writer.add_summary(finished_session)
         writer.close()
         metrics = record.update("finished")
         save_final_weights(run_dir, model.state_dict(), config, epoch, data_info)
@@ -427,8 +424,10 @@ def stop_if_diverged(run_dir: Path, epoch: int, train_loss: float, test_loss: fl
 HPARAM_METRICS = ("test_acc", "best_test_acc", "train_loss")
 
 
-def open_tensorboard(run_dir: Path, epoch: int, cfg: DictConfig, info: dict) -> SummaryWriter:
-    """The run's TensorBoard writer, with the settings that tell runs apart in the HParams tab."""
+def open_tensorboard(run_dir: Path, epoch: int, cfg: DictConfig, info: dict) -> tuple[SummaryWriter, Summary]:
+    """The run's TensorBoard writer, with the settings that tell runs apart in the HParams tab, and the record that
+    marks the run a success in the tab's status filter, to write once it has finished. TensorBoard keeps a run's first
+    status, so a run that has not finished (failed or interrupted, and perhaps resumed later) gets none."""
     # Scalars from after the checkpoint, or from a launch that left none, are written again: purge them.
     writer = SummaryWriter(run_dir, purge_step=epoch + 1)
     values = {"part": cfg.model.part, "width": cfg.model.width, "seed": cfg.seed, "epochs": cfg.trainer.epochs,
@@ -436,21 +435,10 @@ def open_tensorboard(run_dir: Path, epoch: int, cfg: DictConfig, info: dict) -> 
               # to filter out runs that do not compare: other data, another form or precision
               "data": "official CIFAR-10" if info["data"]["official_cifar10"] else "other",  # a bool shows as 0/1
               "hetconv": info["hetconv"], "precision": info["precision"]}
-    # Not torch's session end, which says "success" now: end_session_finished says it when it is true.
-    experiment, session_start, _ = hparams(values, {f"hparam/{key}": 0 for key in HPARAM_METRICS})
+    experiment, session_start, finished_session = hparams(values, {f"hparam/{key}": 0 for key in HPARAM_METRICS})
     writer.file_writer.add_summary(experiment)
     writer.file_writer.add_summary(session_start)
-    return writer
-
-
-def end_session_finished(writer: SummaryWriter) -> None:
-    """Marks the run a success in the HParams tab's status filter. TensorBoard keeps a run's first status, so a run
-    that has not finished (failed or interrupted, and perhaps resumed later) gets none."""
-    content = HParamsPluginData(session_end_info=SessionEndInfo(status=STATUS_SUCCESS, end_time_secs=time.time()),
-                                version=hparams_metadata.PLUGIN_DATA_VERSION)
-    plugin = SummaryMetadata.PluginData(plugin_name=hparams_metadata.PLUGIN_NAME, content=content.SerializeToString())
-    writer.file_writer.add_summary(Summary(value=[
-        Summary.Value(tag=hparams_metadata.SESSION_END_INFO_TAG, metadata=SummaryMetadata(plugin_data=plugin))]))
+    return writer, finished_session
 
 
 def log_epoch(writer: SummaryWriter, h: dict, metrics: dict, epochs: int, epoch_wall_s: float) -> None:
