@@ -174,7 +174,7 @@ def fmt(value, std=None, n=None, digits=2) -> str:
 
 
 def millions(value: float | None, digits: int = 2) -> str:
-    return f"{value:.{digits}f}M" if value else "-"
+    return fmt(value, digits=digits) + "M" if value else "-"
 
 
 def augmentation(data_cfg: dict) -> str:
