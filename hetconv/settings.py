@@ -97,8 +97,8 @@ def check_command_line(argv: list[str], readable: list[str], groups: list[str], 
     """`check_overrides` on a script's command line, before Hydra composes anything: a refusal exits with status 1
     and its message alone. Hydra's own answer to a mistyped key, "To append to your config use +key=value", would
     lead to a setting that nothing reads, and a sweep is refused once rather than in every job. An argument that is
-    not key=value is refused too, and a path given without its key as `bare`=path (Hydra would misparse it). Hydra
-    checks its own settings (hydra.*, hydra/launcher=...) and what it cannot parse."""
+    not key=value is refused too, and a path given without its key as `bare`=path or with = or , in it unquoted (Hydra
+    would misparse both). Hydra checks its own settings (hydra.*, hydra/launcher=...) and what it cannot parse."""
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.shell_completion:  # their arguments are not settings (-sc install=bash)
         return
@@ -108,6 +108,10 @@ def check_command_line(argv: list[str], readable: list[str], groups: list[str], 
             if bare and Path(override).exists():  # eval.py multirun/paper/part=4,seed=0, say
                 raise ValueError(f"{override}: {script} takes its settings as key=value (did you mean "
                                  f"{command_line_override(bare, Path(override))}?). {hint}")
+            key, _, value = override.partition("=")
+            if re.search("[=,]", value) and Path(value).exists():  # checkpoint=multirun/paper/part=4,seed=0
+                raise ValueError(f"{override}: Hydra reads the = and , in this path as its own syntax (did you mean "
+                                 f"{command_line_override(key, Path(value))}?)")
             if not re.match(r"[+~]*[^=]", override) or ("=" not in override and not override.startswith("~")):
                 raise ValueError(f"{override}: {script} takes its settings as key=value. {hint}")
         check_overrides(ours, readable, groups, script, hint=hint)
