@@ -242,6 +242,8 @@ def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: lis
     with exclusive(run_dir):
         state = resume_point(run_dir, config)
         metrics = read_metrics(run_dir)
+        if in_sweep and state is None and metrics is None:
+            refuse_a_twin(run_dir, config)
         if state is None:
             if metrics and metrics["status"] == "finished":  # its checkpoint was deleted
                 refuse_other_settings(run_dir, metrics["config"], config)
@@ -269,6 +271,23 @@ def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: lis
             if not isinstance(error, Refused) and (record.written or state is None):
                 record.update("failed", f"{type(error).__name__}: {error}")
             raise
+
+
+def refuse_a_twin(run_dir: Path, config: dict) -> None:
+    """A new sweep job whose settings another job of the sweep has: the sweep was launched again with an override
+    its first launch did not give (a setting at its default value, say), which names a new folder. Training there
+    would repeat that job, and the table would refuse the pair."""
+    for other in sorted(run_dir.parent.iterdir()):
+        try:
+            started = other != run_dir and read_metrics(other)
+        except ValueError:  # an unreadable record is its own job's to report
+            continue
+        if started and not config_differences(started["config"], config):
+            raise Refused(f"{run_dir.name} is the job {other.name} holds, with the same settings: the sweep was "
+                          f"launched again with an override it did not start with (a setting written out at its "
+                          f"default value, say), and a job's folder is named after its overrides. Relaunch it with "
+                          f"those it started with ({other / '.hydra' / 'overrides.yaml'}), and remove {run_dir}, "
+                          f"which holds no training; to train the job again, {ANOTHER_FOLDER}.")
 
 
 def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record: RunRecord, resume: str,

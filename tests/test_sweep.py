@@ -87,6 +87,13 @@ def test_sweep_keeps_going_past_a_failed_job_and_the_table_shows_it(fake_root, t
     twice = script("scripts/make_table.py", str(sweep_dir), str(copy), "--out", str(out), check=False)
     assert twice.returncode != 0 and "are the same job (part=4, width=0.25, seed=0)" in twice.stderr
 
+    # Launched again with a setting written out at its default value: a new folder, refused before it trains.
+    twin = sweep(sweep_dir, fake_root, "model.part=4", "optim.lr=0.02")
+    assert twin.returncode != 0 and (f"part=4,seed=0,optim.lr=0.02,trainer.epochs=2 is the job {JOB.format(4)} holds, "
+                                     "with the same settings") in twin.stderr
+    assert {p.name for p in (sweep_dir / "part=4,seed=0,optim.lr=0.02,trainer.epochs=2").iterdir()} == {
+        ".hydra", "train.log", ".lock"}  # Hydra's files and the lock: no record, checkpoint or weights
+
 
 def test_table_refuses_to_put_generated_data_or_no_result_into_results(fake_root, tmp_path):
     results = {p.name: p.read_bytes() for p in (REPO / "results").iterdir()}
