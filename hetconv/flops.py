@@ -4,8 +4,8 @@ Two FLOPs conventions, each from an fvcore trace of a single input (a 32x32 imag
 
 - ``paper``: the convention of the HetConv paper's VGG-16 table. A standard convolution costs its
   multiply-adds plus one operation per output; a HetConv layer costs R(P) = 1/P + (1 - 1/P)/9 of
-  the standard 3x3 convolution it replaces (the structural zeros are ignored); the two linear
-  layers count their multiply-adds; BatchNorm, ReLU and pooling are free.
+  the standard 3x3 convolution it replaces, the share of its weights that are not structural zeros;
+  the two linear layers count their multiply-adds; BatchNorm, ReLU and pooling are free.
 - ``executed``: what the implementation runs, as fvcore counts it by default (one multiply-add
   = 1): the grouped 3x3 convolution, the whole 1x1 convolution including its masked block
   diagonal, and BatchNorm at 2 operations per element (eval mode). The masking and the sum of
@@ -38,9 +38,12 @@ def paper_ratio(part: int) -> float:
 def _paper_convolution(model: nn.Module):
     """fvcore handle for aten::_convolution in the paper's convention.
 
-    A HetConv layer runs as two convolutions; following the two terms of R(P), its grouped 3x3
-    convolution carries 1/P of the standard layer's cost and its 1x1 convolution (1 - 1/P)/9. Run as
-    one dense convolution (impl="dense", or "auto" on CUDA), it carries the whole R(P).
+    "Ignoring zeros": each weight a HetConv layer uses, 3x3 or 1x1, carries an equal share of the cost of
+    the standard layer, whose 9 M N weights cost (9M + 1) per output. The weights are read off the layer
+    itself, its 3x3 weights and its 1x1 mask, so the paper's layer costs R(P) = 1/P + (1 - 1/P)/9 of the
+    standard one, and a layer built otherwise (its mask left open, say) is not priced as the paper's. Its
+    grouped 3x3 convolution carries its 3x3 weights and its 1x1 convolution the 1x1 weights; run as one
+    dense convolution (impl="dense", or "auto" on CUDA), that carries both.
     The layer is found through the module scope fvcore records on every traced op.
     """
     hetconvs = {name: m for name, m in model.named_modules() if isinstance(m, HetConv2d)}
@@ -51,12 +54,14 @@ def _paper_convolution(model: nn.Module):
         layer = hetconvs.get(outputs[0].node().scopeName().split("/")[-1])
         if layer is None:
             return n_outputs * (math.prod(kernel[1:]) + 1)
-        standard = n_outputs * (9 * layer.in_channels + 1)
+        per_weight = n_outputs * (9 * layer.in_channels + 1) / (9 * layer.in_channels * layer.out_channels)
+        weights3x3 = layer.weight3x3.numel()
+        weights1x1 = 0 if layer.weight1x1 is None else layer.weight1x1.numel() - layer.num_structural_zeros
         if kernel[-1] == 1:
-            return standard * (1 - 1 / layer.part) / 9
+            return per_weight * weights1x1
         if kernel[1] == layer.in_channels // layer.part:
-            return standard / layer.part
-        return standard * paper_ratio(layer.part)
+            return per_weight * weights3x3
+        return per_weight * (weights3x3 + weights1x1)
 
     return handle
 

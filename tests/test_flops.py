@@ -73,6 +73,8 @@ def test_paper_convention_prices_a_single_layer_by_the_papers_ratio():
     ratio = 1 / 4 + (1 - 1 / 4) / 9  # R(P) as the paper writes it
     assert paper_ratio(4) == pytest.approx(ratio)
     assert count_flops(layer, "paper", (16, side, side)) == pytest.approx(standard * ratio, rel=1e-12)
+    layer[0].mask1x1.fill_(True)  # the unmasked layer of some re-implementations: its block diagonal is priced too
+    assert count_flops(layer, "paper", (16, side, side)) == pytest.approx(standard * (1 / 4 + 1 / 9), rel=1e-12)
     # The same shape as a standard conv costs the whole (9M + 1) per output.
     conv = torch.nn.Conv2d(16, 32, 3, padding=1, bias=False)
     assert count_flops(conv, "paper", (16, side, side)) == standard

@@ -282,7 +282,7 @@ def test_eval_names_what_is_wrong_with_the_checkpoint_data_or_settings_it_is_giv
     result = script("eval.py", f"checkpoint={sweep}", check=False, cwd=tmp_path)
     assert result.returncode != 0 and (f"{sweep} holds the folders of 1 finished run: name one, e.g. "
                                        f"\"checkpoint='{sweep}/part=4,seed=0'\"") in result.stderr
-    result = script("eval.py", f"checkpoint={sweep}/part=4,seed=0", check=False, cwd=tmp_path)  # Hydra: "mismatched '='"
+    result = script("eval.py", f"checkpoint={sweep}/part=4,seed=0", check=False, cwd=tmp_path)  # Hydra: mismatched =
     assert result.returncode == 1 and (f"Hydra reads the = and , in this path as its own syntax (did you mean "
                                        f"\"checkpoint='{sweep}/part=4,seed=0'\"?)") in result.stderr
     result = script("eval.py", check=False, cwd=tmp_path)
