@@ -1,6 +1,5 @@
 """Shared fixtures: a generated CIFAR-10 stand-in, the real configs shrunk for CPU, and script runners."""
 
-import json
 import os
 import subprocess
 import sys
@@ -38,10 +37,6 @@ def script(name: str, *args: str, cwd: Path = REPO, check: bool = True, timeout:
 def start(name: str, *args: str, cwd: Path = REPO) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(REPO / name), *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-
-
-def read_metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def comparable(metrics: dict) -> dict:

@@ -1,6 +1,7 @@
 """scripts/bench.py runs end to end and writes its report (figures are not checked: no timing in tests)."""
 
 import argparse
+import contextlib
 import multiprocessing
 import re
 
@@ -12,6 +13,7 @@ from torch.profiler import profile
 from hetconv.settings import train_config
 from hetconv.training import build_optimizer, train_step
 from models import vgg16
+from scripts import bench
 from scripts.bench import (CATEGORIES, bench_models, breakdown_section, compile_section, conv_weight, gains, in_turns,
                            layer_rows, main, median_breakdown, model_row, parse_compile_parts, step_breakdown,
                            sweep_projection, workers)
@@ -76,13 +78,35 @@ def test_a_compiled_parts_gain_over_eager_is_the_median_of_per_turn_ratios():
     assert gains(4, compiled, {}) == {}  # eager did not time P=4
 
 
-def test_every_setup_gets_its_rows_and_a_non_eager_one_its_gains_over_eager():
-    small = ["trainer.device=cpu", "trainer.batch_size=8"]
-    rows = bench_models({"eager": ([1, 4], [*small, "trainer.compile=false"]),
-                         "twin": ([4], [*small, "trainer.compile=false"])}, repeats=2)
+class ScriptedWorker:
+    """A part's benchmark process, its timings scripted: P=4 steps in half P=1's time, compiled in half eager's."""
+
+    def __init__(self, part: int, overrides: list[str]):
+        self.part, self.compiled = part, "trainer.compile=true" in overrides
+
+    def ask(self, request: str):
+        if request == "summary":
+            return {"peak_mb": 1.0, "profiled": not self.compiled, "device_name": "cpu", "paper_flops": 1.0,
+                    "batch": 8, "epochs": 1}
+        if request == "breakdown":
+            return dict.fromkeys(CATEGORIES, 1.0)
+        return {"train": 1.0, "infer": 0.4}[request] / (2 if self.part == 4 else 1) / (2 if self.compiled else 1)
+
+
+@contextlib.contextmanager
+def scripted_workers(spawn, jobs: dict):
+    yield {key: ScriptedWorker(part, overrides) for key, (part, overrides) in jobs.items()}
+
+
+def test_every_setup_gets_its_rows_and_a_non_eager_one_its_gains_over_eager(monkeypatch):
+    monkeypatch.setattr(bench, "workers", scripted_workers)
+    rows = bench_models({"eager": ([1, 4], ["trainer.compile=false"]), "twin": ([4], ["trainer.compile=true"])},
+                        repeats=2)
     assert [r["part"] for r in rows["eager"]] == [1, 4] and [r["part"] for r in rows["twin"]] == [4]
-    assert rows["twin"][0]["train_gain"] > 0 and rows["twin"][0]["train_speedup"] is None  # no P=1 in its setup
-    assert "train_gain" not in rows["eager"][1] and rows["eager"][1]["train_speedup"] > 0
+    assert rows["twin"][0]["train_gain"] == rows["twin"][0]["infer_gain"] == 2.0  # eager time / compiled time
+    assert rows["twin"][0]["train_speedup"] is None  # no P=1 in its setup
+    assert "train_gain" not in rows["eager"][1] and rows["eager"][1]["train_speedup"] == 2.0
+    assert rows["eager"][1]["train_ips"] == 16.0 and rows["eager"][1]["infer_ips"] == 40.0  # batch 8 / seconds
     assert rows["eager"][1]["breakdown"] is not None and rows["twin"][0]["breakdown"] is None  # profiled: with P=1
 
 

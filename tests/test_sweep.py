@@ -16,9 +16,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 
-from conftest import REPO, read_metrics, script
+from conftest import REPO, script
 from hetconv import gpus
-from hetconv.runfiles import RESUMABLE_CHANGES, command_line_override, exclusive, how_to_resume
+from hetconv.runfiles import RESUMABLE_CHANGES, command_line_override, exclusive, how_to_resume, read_metrics
 from models.vgg import PAPER_PARTS
 from scripts import make_table
 
@@ -127,6 +127,16 @@ def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, seed=
                "config": OmegaConf.to_container(cfg, resolve=True)}
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     return run_dir
+
+
+def test_a_table_of_finished_jobs_on_the_official_cifar10_is_written_to_results(tmp_path, monkeypatch):
+    job = fake_job(tmp_path / "sweep", 1, 1.0, "finished")
+    metrics = json.loads((job / "metrics.json").read_text())
+    (job / "metrics.json").write_text(json.dumps({**metrics, "data": {"official_cifar10": True}}))
+    monkeypatch.setattr(make_table, "RESULTS_DIR", tmp_path / "results")  # its default --out
+    make_table.main([str(tmp_path / "sweep")])
+    assert {p.name for p in (tmp_path / "results").iterdir()} == {"table.md", "table.csv", "acc_vs_flops.png"}
+    assert "Not CIFAR-10" not in (tmp_path / "results" / "table.md").read_text()
 
 
 def test_a_damaged_metrics_json_is_named_with_what_to_do(tmp_path):

@@ -22,11 +22,11 @@ from torch.utils.tensorboard import SummaryWriter
 
 import eval as eval_module
 import train as train_module
-from conftest import REPO, SMALL, comparable, read_metrics, script, start
+from conftest import REPO, SMALL, comparable, script, start
 from hetconv import HetConv2d
 from hetconv.data import DatasetError, Split, load_cifar10
 from hetconv.flops import count_flops
-from hetconv.runfiles import atomic_write, exclusive, last_checkpoint
+from hetconv.runfiles import atomic_write, exclusive, last_checkpoint, read_metrics
 from hetconv.settings import check_overrides, raised_here, train_config
 from hetconv.training import Preprocess, compile_mode, evaluate, milestone_epochs, percent, select_device
 from models import vgg16
@@ -103,6 +103,15 @@ def test_eval_reproduces_the_final_test_accuracy(reference_run, fake_root, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]  # evaluation leaves no other files
 
 
+def test_eval_preprocesses_as_the_checkpoints_config_says(reference_run, tmp_path):
+    """eval.py's own data settings are only where the data is: normalisation is the run's."""
+    state = torch.load(reference_run / "model.pt", weights_only=False)
+    state["config"]["data"]["normalize"] = True  # as a run trained with data.normalize=true records it
+    torch.save(state, tmp_path / "normalized.pt")
+    script("eval.py", f"checkpoint={tmp_path / 'normalized.pt'}", f"output={tmp_path / 'eval.json'}", cwd=tmp_path)
+    assert json.loads((tmp_path / "eval.json").read_text())["test_loss"] != read_metrics(reference_run)["test_loss"]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["sigkill", "sigterm", "ctrl-c"])
 def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(sig, reference_run, fake_root, tmp_path):
     run_dir = tmp_path / "run"
@@ -163,6 +172,30 @@ def test_resuming_with_other_settings_is_refused_and_changes_nothing(reference_r
     assert result.returncode != 0
     assert "trainer.epochs: 3 -> 5" in result.stderr and "hydra.run.dir" in result.stderr
     assert {p.name: p.read_bytes() for p in (run_dir / "metrics.json", last_checkpoint(run_dir))} == before
+
+
+def test_the_seed_augmentation_and_optimizer_settings_reach_the_training_loop(fake_root, tmp_path, monkeypatch):
+    """A run that dropped them would still learn, and its resumes would still match its uninterrupted twin."""
+    seen, real_optimizer = {}, train_module.build_optimizer
+
+    def optimizer(*args):
+        seen["optimizer"] = real_optimizer(*args)
+        return seen["optimizer"]
+
+    def batches(split, batch_size, generator, crop_padding, flip):
+        seen.update(model_seed=torch.initial_seed(), data_seed=generator.initial_seed(), crop=crop_padding, flip=flip)
+        raise KeyError("stop before training")
+
+    monkeypatch.setattr(train_module, "build_optimizer", optimizer)
+    monkeypatch.setattr(train_module, "TrainBatches", batches)
+    cfg = train_config(*SMALL, "seed=7", "data.crop_padding=2", "data.flip=false", "optim.lr=0.03",
+                       "optim.momentum=0.8", "optim.weight_decay=0.001", "optim.nesterov=true", f"data.root={fake_root}")
+    with pytest.raises(KeyError, match="stop before training"):
+        train_module.train(cfg, tmp_path)
+    group = seen.pop("optimizer").param_groups[0]
+    assert seen == {"model_seed": 7, "data_seed": 7, "crop": 2, "flip": False}
+    assert {key: group[key] for key in ("lr", "momentum", "weight_decay", "nesterov")} == {
+        "lr": 0.03, "momentum": 0.8, "weight_decay": 0.001, "nesterov": True}
 
 
 def test_diverging_loss_fails_the_run_and_keeps_the_last_good_checkpoint(fake_root, tmp_path, monkeypatch):
