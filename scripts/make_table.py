@@ -103,7 +103,7 @@ def check_each_job_once(jobs: list[Job]) -> None:
             raise SystemExit(f"error: {seen[key]} and {job.path} are the same job (part={key[0]}, width={key[1]}, "
                              f"seed={key[2]}); give each job's folder once. Is one a copy of the other, or was "
                              "the sweep launched again with a setting written out at its default value? That names "
-                             "a new folder, where the job trains again.")
+                             "a new folder, where train.py refuses to train the job again: remove that folder.")
         seen[key] = job.path
 
 
