@@ -78,7 +78,7 @@ def test_sweep_keeps_going_past_a_failed_job_and_the_table_shows_it(fake_root, t
 
     # A job of another recipe in the same table is refused rather than averaged in.
     other = tmp_path / "other"
-    sweep(other, fake_root, "model.part=4", "optim.lr=0.05")
+    fake_job(other, 4, 0.25, "finished", overrides=["optim.lr=0.05"])
     mixed = script("scripts/make_table.py", str(sweep_dir), str(other), "--out", str(out), check=False)
     assert mixed.returncode != 0 and "ran different recipes (optim.lr: 0.02 -> 0.05)" in mixed.stderr
 
@@ -109,11 +109,11 @@ def test_table_refuses_to_put_generated_data_or_no_result_into_results(fake_root
     assert {p.name: p.read_bytes() for p in (REPO / "results").iterdir()} == results
 
 
-def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, seed=0, test_acc=90.0):
+def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, seed=0, test_acc=90.0, overrides=()):
     """A job folder as train.py leaves it, without training: .hydra/config.yaml and metrics.json."""
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=demo", "trainer.epochs=2", f"model.part={part}",
-                                          f"model.width={width}", f"seed={seed}"])
+                                          f"model.width={width}", f"seed={seed}", *overrides])
     run_dir = sweep_dir / (f"part={part},width={width}" + (f",seed={seed}" if seed else ""))
     (run_dir / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
