@@ -38,9 +38,9 @@ from hetconv.flops import describe_flops, model_costs
 from hetconv.gpus import claim_gpu
 from hetconv.provenance import REPO_ROOT, device_name
 from hetconv.layer import resolved_impl
-from hetconv.runfiles import (ANOTHER_FOLDER, RunRecord, check_writable, command_line_override, config_differences,
-                              exclusive, final_weights, flatten, how_to_resume, is_sweep_folder, last_checkpoint, load,
-                              read_metrics, save, save_final_weights)
+from hetconv.runfiles import (ANOTHER_FOLDER, RESUMABLE_CHANGES, RunRecord, check_writable, command_line_override,
+                              config_differences, exclusive, final_weights, flatten, how_to_resume, is_sweep_folder,
+                              last_checkpoint, load, read_metrics, save, save_final_weights)
 from hetconv.settings import check_command_line, check_settings, ends_without_traceback, train_config
 from hetconv.training import (Preprocess, build_optimizer, build_scheduler, compile_mode, compiled, configure_backend,
                               evaluate, how_it_runs, percent, precision, select_device, train_step)
@@ -243,7 +243,7 @@ def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: lis
         state = resume_point(run_dir, config)
         metrics = read_metrics(run_dir)
         if in_sweep and state is None and metrics is None:
-            refuse_a_twin(run_dir, config)
+            refuse_a_twin(run_dir, config, overrides)
         if state is None:
             if metrics and metrics["status"] == "finished":  # its checkpoint was deleted
                 refuse_other_settings(run_dir, metrics["config"], config)
@@ -273,21 +273,36 @@ def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: lis
             raise
 
 
-def refuse_a_twin(run_dir: Path, config: dict) -> None:
-    """A new sweep job whose settings another job of the sweep has: the sweep was launched again with an override
-    its first launch did not give (a setting at its default value, say), which names a new folder. Training there
-    would repeat that job, and the table would refuse the pair."""
+def refuse_a_twin(run_dir: Path, config: dict, overrides: list[str]) -> None:
+    """A new sweep job whose settings, how it runs included, a job of the sweep already has: the sweep was launched
+    again with its overrides written otherwise (a setting at its default value added or left out, say), which names
+    a new folder. Training there would repeat that job, and the table would refuse the pair."""
     for other in sorted(run_dir.parent.iterdir()):
         try:
             started = other != run_dir and read_metrics(other)
         except ValueError:  # an unreadable record is its own job's to report
             continue
-        if started and not config_differences(started["config"], config):
-            raise Refused(f"{run_dir.name} is the job {other.name} holds, with the same settings: the sweep was "
-                          f"launched again with an override it did not start with (a setting written out at its "
-                          f"default value, say), and a job's folder is named after its overrides. Relaunch it with "
-                          f"those it started with ({other / '.hydra' / 'overrides.yaml'}), and remove {run_dir}, "
-                          f"which holds no training; to train the job again, {ANOTHER_FOLDER}.")
+        # Where the data is and how many jobs share a GPU do not make another job.
+        if started and not config_differences(started["config"], config,
+                                              ("data.root", "data.download", "trainer.jobs_per_gpu")):
+            raise Refused(f"{run_dir.name} would train the job that {other.name} holds, with the same settings, under "
+                          f"another name: a job's folder is named after its overrides, and this launch "
+                          f"{naming_changes(started['launches'], overrides)}. Relaunch the sweep with the overrides "
+                          f"its jobs were launched with, and remove {run_dir}, which holds no training; to train the "
+                          f"job again, {ANOTHER_FOLDER}.")
+
+
+def naming_changes(launches: list[dict], overrides: list[str]) -> str:
+    """What a launch's overrides add to or leave out of the last of a job's launches, among those that name a job's
+    folder."""
+    before = launches[-1].get("overrides") if launches else None
+    if before is None:
+        return "writes them otherwise"
+    changed = [o for o in overrides if o not in before] + [o for o in before if o not in overrides]
+    # RESUMABLE_CHANGES are among the keys that train.yaml's exclude_keys leave out of a folder's name.
+    changes = [f"{'adds' if o in overrides else 'leaves out'} {o}" for o in changed
+               if o.split("=", 1)[0].lstrip("+~") not in RESUMABLE_CHANGES]
+    return f"{' and '.join(changes) or 'writes them otherwise'}, against that job's last launch"
 
 
 def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record: RunRecord, resume: str,

@@ -13,6 +13,7 @@ import re
 import shlex
 import shutil
 import time
+from collections.abc import Collection
 from pathlib import Path
 from pickle import UnpicklingError
 
@@ -103,12 +104,12 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return flat
 
 
-def config_differences(saved: dict, current: dict, also_ignored: set[str] = frozenset()) -> list[str]:
-    """'key: saved -> current' for every setting that differs, but those resuming may change and also_ignored."""
+def config_differences(saved: dict, current: dict, ignored: Collection[str] = RESUMABLE_CHANGES) -> list[str]:
+    """'key: saved -> current' for every setting that differs but the ignored ones (by default those that resuming
+    may change)."""
     old, new = flatten(saved), flatten(current)
     return [f"{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}"
-            for key in sorted(old.keys() | new.keys())
-            if key not in RESUMABLE_CHANGES and key not in also_ignored and old.get(key) != new.get(key)]
+            for key in sorted(old.keys() | new.keys()) if key not in ignored and old.get(key) != new.get(key)]
 
 
 def command_line_override(key: str, path: Path) -> str:

@@ -104,12 +104,12 @@ def check_command_line(argv: list[str], readable: list[str], groups: list[str], 
         return
     ours = [override for override in args.overrides if not re.match(r"[+~]*hydra[./=]", override)]
     try:
-        for override in ours:
-            if bare and Path(override).exists():  # eval.py multirun/paper/part=4,seed=0, say
+        for override in ours:  # os.path.exists: False, not an OSError, for a value too long for a path (seed=0,...,99)
+            if bare and os.path.exists(override):  # eval.py multirun/paper/part=4,seed=0, say
                 raise ValueError(f"{override}: {script} takes its settings as key=value (did you mean "
                                  f"{command_line_override(bare, Path(override))}?). {hint}")
             key, _, value = override.partition("=")
-            if re.search("[=,]", value) and Path(value).exists():  # checkpoint=multirun/paper/part=4,seed=0
+            if re.search("[=,]", value) and os.path.exists(value):  # checkpoint=multirun/paper/part=4,seed=0
                 raise ValueError(f"{override}: Hydra reads the = and , in this path as its own syntax (did you mean "
                                  f"{command_line_override(key, Path(value))}?)")
             if not re.match(r"[+~]*[^=]", override) or ("=" not in override and not override.startswith("~")):

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from hetconv.flops import count_flops, count_params, truncate_millions  # noqa: E402
 from hetconv.provenance import count, git_commit, now  # noqa: E402
 from hetconv.report import RESULTS_DIR, load_published, markdown_table, typed_command, write_csv  # noqa: E402
-from hetconv.runfiles import (config_differences, held_by_a_process, is_sweep_folder, last_checkpoint,  # noqa: E402
+from hetconv.runfiles import (RESUMABLE_CHANGES, config_differences, held_by_a_process, is_sweep_folder, last_checkpoint,  # noqa: E402
                               read_metrics)
 from models import vgg16  # noqa: E402
 from models.vgg import PAPER_PARTS  # noqa: E402
@@ -84,9 +84,9 @@ def find_jobs(sweep_dirs: list[Path]) -> list[Job]:
 
 def check_one_recipe(jobs: list[Job]) -> None:
     """A row pools seeds, so every job must share the recipe; only part, width and seed may vary."""
-    varying = {"seed", "model.part", "model.width"}
+    ignored = {"seed", "model.part", "model.width", *RESUMABLE_CHANGES}
     for job in jobs[1:]:
-        differences = config_differences(jobs[0].config, job.config, also_ignored=varying)
+        differences = config_differences(jobs[0].config, job.config, ignored)
         if differences:
             raise SystemExit(f"error: {jobs[0].path} and {job.path} ran different recipes ({'; '.join(differences)}); "
                              "make a table of each recipe's jobs separately: give its sweep folders, or, where two "
@@ -103,7 +103,8 @@ def check_each_job_once(jobs: list[Job]) -> None:
             raise SystemExit(f"error: {seen[key]} and {job.path} are the same job (part={key[0]}, width={key[1]}, "
                              f"seed={key[2]}); give each job's folder once. Is one a copy of the other, or was "
                              "the sweep launched again with a setting written out at its default value? That names "
-                             "a new folder, where train.py refuses to train the job again: remove that folder.")
+                             "a new folder, where train.py refuses to train the job again: remove the one of the two "
+                             "that holds no metrics.json.")
         seen[key] = job.path
 
 

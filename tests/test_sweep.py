@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 
+import train as train_module
 from conftest import REPO, script
 from hetconv import gpus
 from hetconv.runfiles import RESUMABLE_CHANGES, command_line_override, exclusive, how_to_resume, read_metrics
@@ -89,8 +90,10 @@ def test_sweep_keeps_going_past_a_failed_job_and_the_table_shows_it(fake_root, t
 
     # Launched again with a setting written out at its default value: a new folder, refused before it trains.
     twin = sweep(sweep_dir, fake_root, "model.part=4", "optim.lr=0.02")
-    assert twin.returncode != 0 and (f"part=4,seed=0,optim.lr=0.02,trainer.epochs=2 is the job {JOB.format(4)} holds, "
-                                     "with the same settings") in twin.stderr
+    assert twin.returncode != 0 and (
+        f"part=4,seed=0,optim.lr=0.02,trainer.epochs=2 would train the job that {JOB.format(4)} holds, with the same "
+        "settings, under another name: a job's folder is named after its overrides, and this launch adds "
+        "optim.lr=0.02, against that job's last launch") in twin.stderr
     assert {p.name for p in (sweep_dir / "part=4,seed=0,optim.lr=0.02,trainer.epochs=2").iterdir()} == {
         ".hydra", "train.log", ".lock"}  # Hydra's files and the lock: no record, checkpoint or weights
 
@@ -137,6 +140,17 @@ def test_a_table_of_finished_jobs_on_the_official_cifar10_is_written_to_results(
     make_table.main([str(tmp_path / "sweep")])
     assert {p.name for p in (tmp_path / "results").iterdir()} == {"table.md", "table.csv", "acc_vs_flops.png"}
     assert "Not CIFAR-10" not in (tmp_path / "results" / "table.md").read_text()
+
+
+def test_a_new_job_is_refused_as_another_jobs_twin_only_where_it_would_compute_the_same(tmp_path):
+    job = fake_job(tmp_path / "sweep", 4, 0.25, "finished", launches=[{"overrides": ["model.part=4", "optim.lr=0.02"]}])
+    config, new = read_metrics(job)["config"], tmp_path / "sweep" / "new"
+    new.mkdir()
+    other_form = {**config, "trainer": {**config["trainer"], "hetconv": "dense"}}  # hydra.sweep.subdir=${hydra.job.num}
+    train_module.refuse_a_twin(new, other_form, ["model.part=4", "trainer.hetconv=dense"])
+    moved = {**config, "data": {**config["data"], "root": "/elsewhere"}}  # where the data is makes no other job
+    with pytest.raises(train_module.Refused, match="this launch leaves out optim.lr=0.02, against that job's last"):
+        train_module.refuse_a_twin(new, moved, ["model.part=4", "data.root=/elsewhere"])
 
 
 def test_a_damaged_metrics_json_is_named_with_what_to_do(tmp_path):

@@ -27,7 +27,7 @@ from hetconv import HetConv2d
 from hetconv.data import DatasetError, Split, load_cifar10
 from hetconv.flops import count_flops
 from hetconv.runfiles import atomic_write, exclusive, last_checkpoint, read_metrics
-from hetconv.settings import check_overrides, raised_here, train_config
+from hetconv.settings import check_command_line, check_overrides, raised_here, train_config
 from hetconv.training import Preprocess, compile_mode, evaluate, milestone_epochs, percent, select_device
 from models import vgg16
 from scripts.make_fake_cifar import make_fake_cifar
@@ -352,6 +352,7 @@ def test_a_setting_that_nothing_would_read_is_refused(reference_run, fake_root, 
                                        "ignored") in result.stderr
     result = script("eval.py", f"checkpoint={reference_run}", "data.rot=x", check=False, cwd=tmp_path)
     assert "eval.py does not read data.rot, so it would be ignored (did you mean data.root?)" in result.stderr
+    check_command_line(["-m", f"seed={','.join(map(str, range(100)))}"], ["seed"], [], "train.py", hint="")  # no path
     readable = ["model.part", "data.mean"]
     check_overrides(["experiment=demo", "model.part=4", "data.mean.0=0.5"], readable, ["experiment"], "train.py",
                     hint="")
