@@ -25,8 +25,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from hetconv.flops import count_flops, count_params, truncate_millions  # noqa: E402
 from hetconv.provenance import count, git_commit, now  # noqa: E402
 from hetconv.report import RESULTS_DIR, load_published, markdown_table, typed_command, write_csv  # noqa: E402
-from hetconv.runfiles import (RESUMABLE_CHANGES, config_differences, held_by_a_process, is_sweep_folder, last_checkpoint,  # noqa: E402
-                              read_metrics)
+from hetconv.runfiles import (RESUMABLE_CHANGES, config_differences, held_by_a_process, is_sweep_folder,  # noqa: E402
+                              last_checkpoint, read_metrics)
 from models import vgg16  # noqa: E402
 from models.vgg import PAPER_PARTS  # noqa: E402
 
