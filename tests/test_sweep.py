@@ -19,7 +19,8 @@ from tensorboard.backend.event_processing.plugin_event_multiplexer import EventM
 import train as train_module
 from conftest import REPO, script
 from hetconv import gpus
-from hetconv.runfiles import RESUMABLE_CHANGES, command_line_override, exclusive, how_to_resume, read_metrics
+from hetconv.runfiles import (RESUMABLE_CHANGES, RunRecord, command_line_override, exclusive, how_to_resume,
+                              read_metrics)
 from models.vgg import PAPER_PARTS
 from scripts import make_table
 
@@ -113,22 +114,21 @@ def test_table_refuses_to_put_generated_data_or_no_result_into_results(fake_root
 
 
 def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, seed=0, test_acc=90.0, overrides=()):
-    """A job folder as train.py leaves it, without training: .hydra/config.yaml and metrics.json."""
+    """A job folder as train.py leaves it, without training: .hydra/config.yaml and the metrics.json that train.py's
+    RunRecord writes for a history that ends at test_acc, its best epoch one point higher."""
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=demo", "trainer.epochs=2", f"model.part={part}",
                                           f"model.width={width}", f"seed={seed}", *overrides])
     run_dir = sweep_dir / (f"part={part},width={width}" + (f",seed={seed}" if seed else ""))
     (run_dir / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-    finished = status == "finished"
-    metrics = {"status": status, "reason": None, "epochs": 2, "epochs_done": epochs_done,
-               "test_acc": test_acc if finished else None, "best_test_acc": test_acc + 1 if finished else None,
-               "device": "cpu", "git_commit": "abc", "started": "2024-01-01T00:00:00", "hetconv": "grouped",
-               "torch_compile": None, "precision": "float32",
-               "launches": launches or [{"device": "cpu", "git_commit": "abc", "versions": {"torch": "2.14.1"}}],
-               "resume": how_to_resume(run_dir, in_sweep=True),
-               "config": OmegaConf.to_container(cfg, resolve=True)}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    record = RunRecord(run_dir, OmegaConf.to_container(cfg, resolve=True))
+    record.history = [{"epoch": epoch, "test_acc": test_acc + (epoch < epochs_done)}
+                      for epoch in range(1, epochs_done + 1)]
+    record.info.update(git_commit="abc", started="2024-01-01T00:00:00",
+                       launches=launches or [{"device": "cpu", "git_commit": "abc", "versions": {"torch": "2.14.1"}}])
+    record.update(status, device="cpu", hetconv="grouped", torch_compile=None, precision="float32",
+                  resume=how_to_resume(run_dir, in_sweep=True))
     return run_dir
 
 
