@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.api_pb2 import STATUS_SUCCESS
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
@@ -189,7 +190,8 @@ def test_the_seed_augmentation_and_optimizer_settings_reach_the_training_loop(fa
     monkeypatch.setattr(train_module, "build_optimizer", optimizer)
     monkeypatch.setattr(train_module, "TrainBatches", batches)
     cfg = train_config(*SMALL, "seed=7", "data.crop_padding=2", "data.flip=false", "optim.lr=0.03",
-                       "optim.momentum=0.8", "optim.weight_decay=0.001", "optim.nesterov=true", f"data.root={fake_root}")
+                       "optim.momentum=0.8", "optim.weight_decay=0.001", "optim.nesterov=true",
+                       f"data.root={fake_root}")
     with pytest.raises(KeyError, match="stop before training"):
         train_module.train(cfg, tmp_path)
     group = seen.pop("optimizer").param_groups[0]
@@ -276,50 +278,54 @@ def test_eval_says_when_weights_are_from_part_way_or_the_data_is_elsewhere_or_ot
     assert "note: these are not the test images the run was tested on" in result.stdout
 
 
+def eval_error(*overrides: str) -> Exception:
+    """The error eval.py's evaluation stops with for these settings (eval.py prints it as "error: <type>: <message>",
+    as the README.md case below checks)."""
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("eval", overrides=list(overrides))
+    with pytest.raises((ValueError, OSError, DatasetError)) as error:
+        eval_module.evaluate_checkpoint(cfg)
+    return error.value
+
+
 def test_eval_names_what_is_wrong_with_the_checkpoint_data_or_settings_it_is_given(reference_run, fake_root, tmp_path):
-    missing = script("eval.py", f"checkpoint={tmp_path / 'none.pt'}", f"data.root={fake_root}", check=False,
-                     cwd=tmp_path)
-    assert missing.returncode != 0 and "checkpoint not found" in missing.stderr
+    assert "checkpoint not found" in str(eval_error(f"checkpoint={tmp_path / 'none.pt'}", f"data.root={fake_root}"))
 
     state = torch.load(reference_run / "model.pt", weights_only=False)
     state["config"]["model"]["width"] = 0.5
     torch.save(state, tmp_path / "other.pt")
-    incompatible = script("eval.py", f"checkpoint={tmp_path / 'other.pt'}", f"data.root={fake_root}", check=False,
-                          cwd=tmp_path)
-    assert incompatible.returncode != 0 and "do not fit the VGG-16 its own config describes" in incompatible.stderr
+    assert "do not fit the VGG-16 its own config describes" in str(
+        eval_error(f"checkpoint={tmp_path / 'other.pt'}", f"data.root={fake_root}"))
 
     state = torch.load(reference_run / "model.pt", weights_only=False)
     state["data"]["root"] = str(tmp_path / "elsewhere")  # a run folder copied from another machine
     torch.save(state, tmp_path / "copied.pt")
-    result = script("eval.py", f"checkpoint={tmp_path / 'copied.pt'}", "device=cpu", check=False, cwd=tmp_path)
-    assert result.returncode != 0 and (f"the run trained on the data in {tmp_path / 'elsewhere'}, and there is no "
-                                       "cifar-10-batches-py/ there now") in result.stderr
+    assert (f"the run trained on the data in {tmp_path / 'elsewhere'}, and there is no cifar-10-batches-py/ there "
+            "now") in str(eval_error(f"checkpoint={tmp_path / 'copied.pt'}", "device=cpu"))
     assert not (tmp_path / "elsewhere").exists()  # no download into the recorded folder
-    result = script("eval.py", f"checkpoint={reference_run}", "data.download=off", check=False, cwd=tmp_path)
-    assert result.returncode != 0 and "data.download must be true or false, got 'off'" in result.stderr
+    assert "data.download must be true or false, got 'off'" in str(
+        eval_error(f"checkpoint={reference_run}", "data.download=off"))
 
     unfinished = tmp_path / "unfinished"
     copy_stopped_after_epoch_2(reference_run, unfinished)
     (unfinished / "model.pt").unlink()
     for named in (unfinished, last_checkpoint(unfinished).parent):  # the run, or its checkpoints/ folder
-        result = script("eval.py", f"checkpoint={named}", "device=cpu", check=False, cwd=tmp_path)
-        assert result.returncode != 0 and (f"{unfinished} has no model.pt: its run has not finished. To evaluate the "
-                                           f"weights it has so far: checkpoint={last_checkpoint(unfinished)}"
-                                           ) in result.stderr
+        assert (f"{unfinished} has no model.pt: its run has not finished. To evaluate the weights it has so far: "
+                f"checkpoint={last_checkpoint(unfinished)}") in str(eval_error(f"checkpoint={named}", "device=cpu"))
     result = script("eval.py", str(reference_run), check=False, cwd=tmp_path)  # Hydra could not parse it
     assert result.returncode == 1 and (f"{reference_run}: eval.py takes its settings as key=value (did you mean "
                                        f"checkpoint={reference_run}?)") in result.stderr
 
     sweep = tmp_path / "sweep"
     shutil.copytree(reference_run, sweep / "part=4,seed=0")
-    result = script("eval.py", f"checkpoint={sweep}", check=False, cwd=tmp_path)
-    assert result.returncode != 0 and (f"{sweep} holds the folders of 1 finished run: name one, e.g. "
-                                       f"\"checkpoint='{sweep}/part=4,seed=0'\"") in result.stderr
-    result = script("eval.py", f"checkpoint={sweep}/part=4,seed=0", check=False, cwd=tmp_path)  # Hydra: mismatched =
-    assert result.returncode == 1 and (f"Hydra reads the = and , in this path as its own syntax (did you mean "
-                                       f"\"checkpoint='{sweep}/part=4,seed=0'\"?)") in result.stderr
-    result = script("eval.py", check=False, cwd=tmp_path)
-    assert result.returncode != 0 and "no checkpoint given: name a run folder" in result.stderr
+    quoted = f"\"checkpoint='{sweep}/part=4,seed=0'\""
+    assert f"{sweep} holds the folders of 1 finished run: name one, e.g. {quoted}" in str(
+        eval_error(f"checkpoint={sweep}"))
+    with pytest.raises(SystemExit, match=re.escape(  # Hydra's own answer: "mismatched input '='"
+            f"Hydra reads the = and , in this path as its own syntax (did you mean {quoted}?)")):
+        check_command_line([f"checkpoint={sweep}/part=4,seed=0"], list(eval_module.SETTINGS), ["data"], "eval.py",
+                           hint="", bare="checkpoint")
+    assert "no checkpoint given: name a run folder" in str(eval_error())
     result = script("eval.py", f"checkpoint={REPO / 'README.md'}", check=False, cwd=tmp_path)
     assert result.stderr == (f"error: ValueError: {REPO / 'README.md'}: not a readable checkpoint (it holds more than "
                              "tensors and plain data, or is no torch file); a run's model.pt or checkpoints/last.pt "
