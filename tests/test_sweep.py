@@ -1,9 +1,9 @@
 """The P sweep through every launcher, on generated data, and the table it regenerates."""
 
 import csv
-import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -99,23 +99,24 @@ def test_sweep_keeps_going_past_a_failed_job_and_the_table_shows_it(fake_root, t
         ".hydra", "train.log", ".lock"}  # Hydra's files and the lock: no record, checkpoint or weights
 
 
-def test_table_refuses_to_put_generated_data_or_no_result_into_results(fake_root, tmp_path):
+def test_table_refuses_to_put_generated_data_or_no_result_into_results(tmp_path):
     results = {p.name: p.read_bytes() for p in (REPO / "results").iterdir()}
-    sweep_dir = tmp_path / "sweep"
-    sweep(sweep_dir, fake_root, "model.part=4", "trainer.epochs=1")
+    generated = fake_job(tmp_path / "sweep", 4, 0.25, "finished", official=False)
     for out in ([], ["--out", str(REPO / "results" / "demo")]):  # results/ and every folder in it
-        refused = script("scripts/make_table.py", str(sweep_dir), *out, check=False)
-        assert refused.returncode != 0 and "real results only" in refused.stderr + refused.stdout
-    failed = tmp_path / "failed"
-    sweep(failed, fake_root, "model.part=64")  # fails before it reads any data
-    refused = script("scripts/make_table.py", str(failed), check=False)
-    assert refused.returncode != 0 and "no job under" in refused.stderr and "has finished" in refused.stderr
+        with pytest.raises(SystemExit, match=f"{re.escape(str(generated))} did not train on the official CIFAR-10 files; .* holds "
+                                             "real results only"):
+            make_table.main([str(tmp_path / "sweep"), *out])
+    fake_job(tmp_path / "failed", 64, 0.25, "failed", epochs_done=0)  # failed before it read any data
+    with pytest.raises(SystemExit, match="no job under .* has finished"):
+        make_table.main([str(tmp_path / "failed")])
     assert {p.name: p.read_bytes() for p in (REPO / "results").iterdir()} == results
 
 
-def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, seed=0, test_acc=90.0, overrides=()):
+def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, seed=0, test_acc=90.0, overrides=(),
+             official=None):
     """A job folder as train.py leaves it, without training: .hydra/config.yaml and the metrics.json that train.py's
-    RunRecord writes for a history that ends at test_acc, its best epoch one point higher."""
+    RunRecord writes for a history that ends at test_acc, its best epoch one point higher; official: whether its
+    data was the official CIFAR-10 (None: no data recorded, as for a job that failed before loading it)."""
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=demo", "trainer.epochs=2", f"model.part={part}",
                                           f"model.width={width}", f"seed={seed}", *overrides])
@@ -127,15 +128,14 @@ def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, seed=
                       for epoch in range(1, epochs_done + 1)]
     record.info.update(git_commit="abc", started="2024-01-01T00:00:00",
                        launches=launches or [{"device": "cpu", "git_commit": "abc", "versions": {"torch": "2.14.1"}}])
+    data = {} if official is None else {"data": {"official_cifar10": official}}
     record.update(status, device="cpu", hetconv="grouped", torch_compile=None, precision="float32",
-                  resume=how_to_resume(run_dir, in_sweep=True))
+                  resume=how_to_resume(run_dir, in_sweep=True), **data)
     return run_dir
 
 
 def test_a_table_of_finished_jobs_on_the_official_cifar10_is_written_to_results(tmp_path, monkeypatch):
-    job = fake_job(tmp_path / "sweep", 1, 1.0, "finished")
-    metrics = json.loads((job / "metrics.json").read_text())
-    (job / "metrics.json").write_text(json.dumps({**metrics, "data": {"official_cifar10": True}}))
+    fake_job(tmp_path / "sweep", 1, 1.0, "finished", official=True)
     monkeypatch.setattr(make_table, "RESULTS_DIR", tmp_path / "results")  # its default --out
     make_table.main([str(tmp_path / "sweep")])
     assert {p.name for p in (tmp_path / "results").iterdir()} == {"table.md", "table.csv", "acc_vs_flops.png"}
