@@ -21,6 +21,7 @@ from conftest import REPO, script
 from hetconv import gpus
 from hetconv.runfiles import (RESUMABLE_CHANGES, RunRecord, command_line_override, exclusive, how_to_resume,
                               read_metrics)
+from hetconv.settings import train_config
 from models.vgg import PAPER_PARTS
 from scripts import make_table
 
@@ -103,8 +104,8 @@ def test_table_refuses_to_put_generated_data_or_no_result_into_results(tmp_path)
     results = {p.name: p.read_bytes() for p in (REPO / "results").iterdir()}
     generated = fake_job(tmp_path / "sweep", 4, 0.25, "finished", official=False)
     for out in ([], ["--out", str(REPO / "results" / "demo")]):  # results/ and every folder in it
-        with pytest.raises(SystemExit, match=f"{re.escape(str(generated))} did not train on the official CIFAR-10 files; .* holds "
-                                             "real results only"):
+        with pytest.raises(SystemExit, match=f"{re.escape(str(generated))} did not train on the official CIFAR-10 "
+                                             "files; .* holds real results only"):
             make_table.main([str(tmp_path / "sweep"), *out])
     fake_job(tmp_path / "failed", 64, 0.25, "failed", epochs_done=0)  # failed before it read any data
     with pytest.raises(SystemExit, match="no job under .* has finished"):
@@ -117,9 +118,8 @@ def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, seed=
     """A job folder as train.py leaves it, without training: .hydra/config.yaml and the metrics.json that train.py's
     RunRecord writes for a history that ends at test_acc, its best epoch one point higher; official: whether its
     data was the official CIFAR-10 (None: no data recorded, as for a job that failed before loading it)."""
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=demo", "trainer.epochs=2", f"model.part={part}",
-                                          f"model.width={width}", f"seed={seed}", *overrides])
+    cfg = train_config("experiment=demo", "trainer.epochs=2", f"model.part={part}", f"model.width={width}",
+                       f"seed={seed}", *overrides)
     run_dir = sweep_dir / (f"part={part},width={width}" + (f",seed={seed}" if seed else ""))
     (run_dir / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
