@@ -221,7 +221,7 @@ def refuse_a_sweep(hydra_cfg: DictConfig) -> None:
     """A single run's command that sets a sweep (experiment=paper without -m, say) is refused: it would train one
     job of it. A swept key that the command line gives one value makes it a single run."""
     sweep = OmegaConf.select(hydra_cfg, "sweeper.params") or {}
-    given = {override.split("=", 1)[0].lstrip("+") for override in hydra_cfg.overrides.task}
+    given = {override_key(override) for override in hydra_cfg.overrides.task}
     unset = [key for key in sweep if key not in given]
     if unset:
         experiment = hydra_cfg.runtime.choices.get("experiment")
@@ -229,6 +229,11 @@ def refuse_a_sweep(hydra_cfg: DictConfig) -> None:
                          f"{f', from experiment={experiment}' if experiment else ''}), which only -m runs: add -m to "
                          f"the command (python train.py -m ...), or give {' and '.join(unset)} one value for a single "
                          f"run")
+
+
+def override_key(override: str) -> str:
+    """The key a command-line override sets: model.part of model.part=4 or +model.part=4."""
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: list[str] | None = None) -> dict:
@@ -301,7 +306,7 @@ def naming_changes(launches: list[dict], overrides: list[str]) -> str:
     changed = [o for o in overrides if o not in before] + [o for o in before if o not in overrides]
     # RESUMABLE_CHANGES are among the keys that train.yaml's exclude_keys leave out of a folder's name.
     changes = [f"{'adds' if o in overrides else 'leaves out'} {o}" for o in changed
-               if o.split("=", 1)[0].lstrip("+~") not in RESUMABLE_CHANGES]
+               if override_key(o) not in RESUMABLE_CHANGES]
     return f"{' and '.join(changes) or 'writes them otherwise'}, against that job's last launch"
 
 
