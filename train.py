@@ -32,8 +32,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
-from hetconv.data import (Split, TrainBatches, fingerprint, fingerprint_of_test, is_official, load_cifar10,
-                          memory_format)
+from hetconv.data import Split, fingerprint, fingerprint_of_test, is_official, load_cifar10
 from hetconv.flops import describe_flops, model_costs
 from hetconv.gpus import claim_gpu
 from hetconv.provenance import REPO_ROOT, device_name
@@ -42,9 +41,8 @@ from hetconv.runfiles import (ANOTHER_FOLDER, RESUMABLE_CHANGES, RunRecord, chec
                               config_differences, exclusive, final_weights, flatten, how_to_resume, is_sweep_folder,
                               last_checkpoint, load, read_metrics, save, save_final_weights)
 from hetconv.settings import check_command_line, check_settings, ends_without_traceback, train_config
-from hetconv.training import (Preprocess, build_optimizer, build_scheduler, compile_mode, compiled, configure_backend,
-                              evaluate, how_it_runs, percent, precision, select_device, train_step)
-from models import vgg16
+from hetconv.training import (build_training, compile_mode, evaluate, execution, how_it_runs, percent, precision,
+                              train_step)
 from models.vgg import check_part_fits
 
 log = logging.getLogger("train")
@@ -319,16 +317,9 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     data, data_info = training_data(cfg, device, run_dir, record.info.get("data"))
     check_writable(last_checkpoint(run_dir).parent)
 
-    torch.manual_seed(cfg.seed)
-    model = vgg16(cfg.model.part, cfg.model.num_classes, cfg.model.width, form)
-    costs = model_costs(model)  # on the CPU, in the form the device runs
-    model = model.to(device, memory_format=memory_format(cfg.trainer.channels_last))
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.trainer.epochs)
-    generator = torch.Generator(device).manual_seed(cfg.seed)
-    batches = TrainBatches(data["train"], cfg.trainer.batch_size, generator, cfg.data.crop_padding, cfg.data.flip)
-    preprocess = Preprocess(cfg.data, cfg.trainer.channels_last, device)
-    forward_model = compiled(model, compile_as)
+    setup = build_training(cfg, data["train"], device, form, compile_as)
+    model, optimizer, scheduler, generator = setup.model, setup.optimizer, setup.scheduler, setup.generator
+    costs = model_costs(model)  # in the form the device runs
 
     def checkpoint(epochs_done: int, steps_done: int, epoch_rng: torch.Tensor, partial_sums: dict | None) -> dict:
         """Everything a resume after `steps_done` steps of the next epoch needs: `resume_from` loads the training
@@ -372,11 +363,11 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
             loss_sum = torch.tensor(partial["loss"], device=device)
             correct = torch.tensor(partial["correct"], device=device)
             seen = partial["seen"]
-            progress = tqdm(batches.epoch(step), total=len(batches), initial=step, leave=False,
+            progress = tqdm(setup.batches.epoch(step), total=len(setup.batches), initial=step, leave=False,
                             desc=f"epoch {epoch + 1}", disable=not sys.stderr.isatty())
             for images, labels in progress:
-                batch_loss, batch_correct = train_step(forward_model, optimizer, preprocess(images), labels,
-                                                       cfg.trainer.amp)
+                batch_loss, batch_correct = train_step(setup.forward_model, optimizer, setup.preprocess(images),
+                                                       labels, cfg.trainer.amp)
                 loss_sum += batch_loss
                 correct += batch_correct
                 seen += len(labels)
@@ -389,8 +380,8 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
                     interrupted(stop, f"{stop.received.name} at epoch {epoch + 1}, step {step}")
             train_loss = loss_sum.item() / seen  # the epoch's first host synchronisation: none between its steps
             train_s = time.perf_counter() - started
-            test = evaluate(forward_model, data["test"], preprocess, cfg.trainer.eval_batch_size, cfg.trainer.amp,
-                            cfg.model.num_classes)
+            test = evaluate(setup.forward_model, data["test"], setup.preprocess, cfg.trainer.eval_batch_size,
+                            cfg.trainer.amp, cfg.model.num_classes)
             stop_if_diverged(run_dir, epoch, train_loss, test["loss"])
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
@@ -426,13 +417,10 @@ def choose_execution(cfg: DictConfig, run_dir: Path, state: dict | None) -> tupl
     """The device, torch.compile mode (None: eager) and HetConv form the run computes with: a resumed run's own."""
     if cfg.trainer.jobs_per_gpu is not None:
         claim_gpu(cfg.trainer.jobs_per_gpu)  # before anything initialises CUDA
-    device = select_device(cfg.trainer.device)
-    compile_as = compile_mode(cfg.trainer.compile, device)
-    form = resolved_impl(cfg.trainer.hetconv, device)
+    device, compile_as, form = execution(cfg.trainer)
     if state:
         refuse_other_execution(run_dir, state, device, compile_as, form)
         warn_other_threads(run_dir, state, device)
-    configure_backend(device)
     return device, compile_as, form
 
 

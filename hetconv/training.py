@@ -1,20 +1,23 @@
 """The pieces of a training run that train.py, eval.py and scripts/bench.py share.
 
-One training step, one evaluation, the optimizer and schedule built from the config, and the device,
-precision and compile mode a run computes with. bench.py times exactly `train_step`, so its throughput is
-the throughput of train.py.
+The device, HetConv form, precision and compile mode a run computes with; the model, optimizer, schedule and
+batches built from the config (`build_training`); one training step and one evaluation. bench.py builds what it
+times with `build_training` and times exactly `train_step`, so its throughput is the throughput of train.py.
 """
 
 import contextlib
 import ctypes
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetconv.data import Split, to_inputs
+from hetconv.data import Split, TrainBatches, memory_format, to_inputs
+from hetconv.layer import resolved_impl
+from models import vgg16
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,14 @@ def configure_backend(device: torch.device) -> None:
         libc.mallopt(m_mmap_max, 0)
         # mallopt takes a C int: ctypes silently wraps a larger value (2**40 became 0, trim always).
         libc.mallopt(m_trim_threshold, 2**31 - 1)
+
+
+def execution(trainer) -> tuple[torch.device, str | None, str]:
+    """The device, torch.compile mode (None: eager) and HetConv form that the trainer settings ask for, with the
+    device's backend configured."""
+    device = select_device(trainer.device)
+    configure_backend(device)
+    return device, compile_mode(trainer.compile, device), resolved_impl(trainer.hetconv, device)
 
 
 def uses_amp(device: torch.device, amp: bool) -> bool:
@@ -121,6 +132,33 @@ class Preprocess:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return to_inputs(images, self.mean, self.std, self.channels_last)
+
+
+@dataclass
+class Training:
+    """A run's model and what trains it, as `build_training` makes them from the config."""
+
+    model: nn.Module  # on the device, in the config's memory format
+    forward_model: nn.Module  # what a step calls: the model, or torch.compile's wrapper sharing its weights
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator  # draws and augments the batches: its state is the data order's
+    batches: TrainBatches
+    preprocess: Preprocess
+
+
+def build_training(cfg, train_split: Split, device: torch.device, impl: str, compile_as: str | None) -> Training:
+    """VGG-16 at cfg.model's part and width, seeded by cfg.seed, with its optimizer, schedule, training batches and
+    preprocessing, computing with `impl` and `compile_as` on `device` (see `execution`)."""
+    torch.manual_seed(cfg.seed)
+    model = vgg16(cfg.model.part, cfg.model.num_classes, cfg.model.width, impl)
+    model = model.to(device, memory_format=memory_format(cfg.trainer.channels_last))
+    optimizer = build_optimizer(model, cfg.optim)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    return Training(model, compiled(model, compile_as), optimizer,
+                    build_scheduler(optimizer, cfg.schedule, cfg.trainer.epochs), generator,
+                    TrainBatches(train_split, cfg.trainer.batch_size, generator, cfg.data.crop_padding, cfg.data.flip),
+                    Preprocess(cfg.data, cfg.trainer.channels_last, device))
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, labels: torch.Tensor,

@@ -43,14 +43,14 @@ from torch import nn
 from torch.profiler import profile
 
 from hetconv import HetConv2d
-from hetconv.data import Split, TrainBatches, memory_format
+from hetconv.data import Split, memory_format
 from hetconv.flops import count_flops, paper_ratio
 from hetconv.layer import IMPLS, resolved_impl
 from hetconv.provenance import count, device_name, git_commit, library_versions, now
 from hetconv.report import RESULTS_DIR, markdown_table, positive_int, typed_command
 from hetconv.settings import check_settings, train_config
-from hetconv.training import (COMPILE_MODES, Preprocess, autocast, build_optimizer, compile_mode, compiled,
-                              configure_backend, precision, select_device, train_step)
+from hetconv.training import (COMPILE_MODES, autocast, build_training, compile_mode, configure_backend, execution,
+                              precision, select_device, train_step)
 from models import vgg16
 from models.vgg import PAPER_PARTS, conv_channels, conv_sides
 
@@ -247,34 +247,27 @@ class ModelBench:
     configs/ and the overrides) and warmed up, ready to be timed one timing at a time."""
 
     def __init__(self, part: int, overrides: list[str]):
-        self.cfg = cfg = train_config(*overrides)
-        self.device = device = select_device(cfg.trainer.device)
-        configure_backend(device)
-        self.compile_as = compile_mode(cfg.trainer.compile, device)
-        torch.manual_seed(0)
-        layout = memory_format(cfg.trainer.channels_last)
-        self.model = vgg16(part, impl=cfg.trainer.hetconv).to(device, memory_format=layout)
-        optimizer = build_optimizer(self.model, cfg.optim)
-        preprocess = Preprocess(cfg.data, cfg.trainer.channels_last, device)
-        forward_model = compiled(self.model, self.compile_as)
+        self.cfg = cfg = train_config(*overrides, f"model.part={part}")
+        self.device, self.compile_as, impl = execution(cfg.trainer)
+        device = self.device
         # Random images in CIFAR-10's training-set shape, drawn and augmented batch by batch as train.py does.
         split = Split(torch.randint(0, 256, (CIFAR10_TRAIN, 3, 32, 32), dtype=torch.uint8, device=device),
                       torch.randint(0, 10, (CIFAR10_TRAIN,), device=device))
-        batches = TrainBatches(split, cfg.trainer.batch_size, torch.Generator(device).manual_seed(0),
-                               cfg.data.crop_padding, cfg.data.flip)
-        batch_stream = itertools.chain.from_iterable(batches.epoch() for _ in itertools.count())
+        setup = build_training(cfg, split, device, impl, self.compile_as)
+        self.model = setup.model
+        batch_stream = itertools.chain.from_iterable(setup.batches.epoch() for _ in itertools.count())
         # Inference as evaluate() runs it, unaugmented, but at the training batch: at trainer.eval_batch_size every
         # process would keep a second, larger set of activations (ten processes on the CPU outgrew 24 GB of RAM).
         images = split.images[:cfg.trainer.batch_size]
 
         def train():
             batch, labels = next(batch_stream)
-            train_step(forward_model, optimizer, preprocess(batch), labels, cfg.trainer.amp)
+            train_step(setup.forward_model, setup.optimizer, setup.preprocess(batch), labels, cfg.trainer.amp)
 
         @torch.no_grad()
         def infer():
             with autocast(device, cfg.trainer.amp):
-                forward_model(preprocess(images))
+                setup.forward_model(setup.preprocess(images))
 
         self.steps = {"train": train, "infer": infer}
         self.calls = CUDA_CALLS if device.type == "cuda" else 1

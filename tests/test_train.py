@@ -24,7 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 import eval as eval_module
 import train as train_module
 from conftest import REPO, SMALL, comparable, script, start
-from hetconv import HetConv2d
+from hetconv import HetConv2d, training
 from hetconv.data import DatasetError, Split, load_cifar10
 from hetconv.flops import count_flops
 from hetconv.runfiles import atomic_write, exclusive, last_checkpoint, read_metrics
@@ -177,7 +177,7 @@ def test_resuming_with_other_settings_is_refused_and_changes_nothing(reference_r
 
 def test_the_seed_augmentation_and_optimizer_settings_reach_the_training_loop(fake_root, tmp_path, monkeypatch):
     """A run that dropped them would still learn, and its resumes would still match its uninterrupted twin."""
-    seen, real_optimizer = {}, train_module.build_optimizer
+    seen, real_optimizer = {}, training.build_optimizer
 
     def optimizer(*args):
         seen["optimizer"] = real_optimizer(*args)
@@ -187,8 +187,8 @@ def test_the_seed_augmentation_and_optimizer_settings_reach_the_training_loop(fa
         seen.update(model_seed=torch.initial_seed(), data_seed=generator.initial_seed(), crop=crop_padding, flip=flip)
         raise KeyError("stop before training")
 
-    monkeypatch.setattr(train_module, "build_optimizer", optimizer)
-    monkeypatch.setattr(train_module, "TrainBatches", batches)
+    monkeypatch.setattr(training, "build_optimizer", optimizer)
+    monkeypatch.setattr(training, "TrainBatches", batches)
     cfg = train_config(*SMALL, "seed=7", "data.crop_padding=2", "data.flip=false", "optim.lr=0.03",
                        "optim.momentum=0.8", "optim.weight_decay=0.001", "optim.nesterov=true",
                        f"data.root={fake_root}")
