@@ -40,7 +40,7 @@ from hetconv.layer import resolved_impl
 from hetconv.runfiles import (ANOTHER_FOLDER, RESUMABLE_CHANGES, RunRecord, check_writable, command_line_override,
                               config_differences, exclusive, final_weights, flatten, how_to_resume, is_sweep_folder,
                               last_checkpoint, load, read_metrics, save, save_final_weights)
-from hetconv.settings import check_command_line, check_settings, ends_without_traceback, train_config
+from hetconv.settings import check_command_line, check_jobs, check_settings, ends_without_traceback, train_config
 from hetconv.training import (build_training, compile_mode, evaluate, execution, how_it_runs, percent, precision,
                               train_step)
 from models.vgg import check_part_fits
@@ -484,7 +484,8 @@ def log_epoch(writer: SummaryWriter, h: dict, metrics: dict, epochs: int, epoch_
 
 
 if __name__ == "__main__":
-    check_command_line(sys.argv[1:], list(flatten(OmegaConf.to_container(train_config()))),
-                       [group.name for group in (REPO_ROOT / "configs").iterdir() if group.is_dir()], "train.py",
+    config_groups = [group.name for group in (REPO_ROOT / "configs").iterdir() if group.is_dir()]
+    check_command_line(sys.argv[1:], list(flatten(OmegaConf.to_container(train_config()))), config_groups, "train.py",
                        hint="`python train.py --cfg job` lists them; set one without + or ++.")
+    check_jobs(sys.argv[1:], config_groups)
     main()

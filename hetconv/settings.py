@@ -5,6 +5,7 @@ error ends with its message alone. `train_config` composes train.py's config: th
 command-line check, the tests and bench.py.
 """
 
+import copy
 import difflib
 import math
 import os
@@ -13,18 +14,21 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # how Hydra expands a sweep into its jobs
 from hydra._internal.utils import get_args_parser  # Hydra's own command-line parser (hydra-core is pinned)
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import OverrideParseException
+from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from hetconv.data import DatasetError
 from hetconv.layer import check_impl
 from hetconv.provenance import REPO_ROOT
 from hetconv.runfiles import command_line_override
 from hetconv.training import compile_mode
+from models.vgg import check_part_fits
 
 
 def train_config(*overrides: str) -> DictConfig:
@@ -102,7 +106,7 @@ def check_command_line(argv: list[str], readable: list[str], groups: list[str], 
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.shell_completion:  # their arguments are not settings (-sc install=bash)
         return
-    ours = [override for override in args.overrides if not re.match(r"[+~]*hydra[./=]", override)]
+    ours = settings_overrides(args.overrides)
     try:
         for override in ours:  # os.path.exists: False, not an OSError, for a value too long for a path (seed=0,...,99)
             if bare and os.path.exists(override):  # eval.py multirun/paper/part=4,seed=0, say
@@ -119,6 +123,48 @@ def check_command_line(argv: list[str], readable: list[str], groups: list[str], 
         return
     except ValueError as error:
         raise SystemExit(f"error: ValueError: {error}") from None
+
+
+def settings_overrides(overrides: list[str]) -> list[str]:
+    """The command line's overrides of the script's settings, without Hydra's own (hydra.*, hydra/launcher=...)."""
+    return [override for override in overrides if not re.match(r"[+~]*hydra[./=]", override)]
+
+
+def check_jobs(argv: list[str], groups: list[str]) -> None:
+    """check_settings on every job that train.py's command line launches, before Hydra makes a folder for any: a
+    value that cannot train (trainer.amp=off, say) is refused once, rather than leaving a failed job's folder per
+    job (and, on SLURM, a submitted job each). A single run's part is checked against its width too. A sweep's part
+    that does not split its width fails that job alone, which the table lists as failed, while the others train.
+    What Hydra cannot compose, or a swept config group, is left to Hydra and to each job's own checks."""
+    args = get_args_parser().parse_args(argv)
+    if args.help or args.hydra_help or args.shell_completion:
+        return
+    parser = OverridesParser.create()
+    try:
+        overrides = parser.parse_overrides(settings_overrides(args.overrides))
+        choices = [o.input_line for o in overrides if o.key_or_group in groups]
+        values = [o.input_line for o in overrides if o.key_or_group not in groups]
+        if any(o.is_sweep_override() for o in overrides if o.key_or_group in groups or not args.multirun):
+            return
+        with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+            composed = compose("train", overrides=choices, return_hydra_config=True)
+        sweep = (OmegaConf.select(composed, "hydra.sweeper.params") or {}) if args.multirun else {}
+        base = OmegaConf.masked_copy(composed, [key for key in composed if key != "hydra"])
+        jobs = BasicSweeper.split_arguments(parser.parse_overrides(
+            [f"{key}={value}" for key, value in sweep.items()] + values), None)[0]
+        for job in jobs:
+            cfg = copy.deepcopy(base)
+            for override in parser.parse_overrides(job):
+                OmegaConf.update(cfg, override.key_or_group, override.value(), merge=False)
+            try:
+                check_settings(cfg)
+                if not args.multirun:
+                    check_part_fits(cfg.model.part, cfg.model.width)
+            except ValueError as error:
+                job_named = f"the sweep's job {' '.join(job)}: " if args.multirun else ""
+                raise SystemExit(f"error: ValueError: {job_named}{error}") from None
+    except (HydraException, OmegaConfBaseException):
+        return
 
 
 def check_overrides(overrides: list[str], readable: list[str], groups, script: str, *, hint: str) -> None:

@@ -100,6 +100,23 @@ def test_sweep_keeps_going_past_a_failed_job_and_the_table_shows_it(fake_root, t
         ".hydra", "train.log", ".lock"}  # Hydra's files and the lock: no record, checkpoint or weights
 
 
+def test_a_sweep_with_a_value_that_cannot_train_is_refused_before_any_job_folder(fake_root, tmp_path):
+    """Each job would fail in a folder of its own, which the sweep relaunched with the value mended would leave
+    beside its jobs, as another recipe."""
+    sweep_dir = tmp_path / "sweep"
+    result = sweep(sweep_dir, fake_root, "model.part=1,4", "optim.lr=0.02,-1")
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"error: ValueError: the sweep's job model.part=1 trainer.epochs=2 trainer.device=cpu data.root={fake_root} "
+        "optim.lr=-1: optim.lr must be a finite number > 0, got -1")
+    assert not sweep_dir.exists()
+    # The experiment's own sweep (model.part=1,4 for experiment=demo) is expanded as Hydra expands it.
+    demo = script("train.py", "-m", "experiment=demo", "trainer.batch_size=1", f"hydra.sweep.dir={sweep_dir}",
+                  check=False)
+    assert demo.returncode == 1 and "the sweep's job model.part=1 trainer.batch_size=1: trainer.batch_size must be" \
+        in demo.stderr
+    assert not sweep_dir.exists()
+
+
 def test_table_refuses_to_put_generated_data_or_no_result_into_results(tmp_path):
     results = {p.name: p.read_bytes() for p in (REPO / "results").iterdir()}
     generated = fake_job(tmp_path / "sweep", 4, 0.25, "finished", official=False)
