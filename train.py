@@ -14,6 +14,7 @@ import datetime
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -39,7 +40,7 @@ from hetconv.provenance import REPO_ROOT, device_name
 from hetconv.layer import resolved_impl
 from hetconv.runfiles import (ANOTHER_FOLDER, RESUMABLE_CHANGES, RunRecord, check_writable, command_line_override,
                               config_differences, exclusive, final_weights, flatten, how_to_resume, is_sweep_folder,
-                              last_checkpoint, load, read_metrics, save, save_final_weights)
+                              last_checkpoint, load, lock_path, read_metrics, save, save_final_weights)
 from hetconv.settings import check_command_line, check_jobs, check_settings, ends_without_traceback, train_config
 from hetconv.training import (build_training, compile_mode, evaluate, execution, how_it_runs, percent, precision,
                               train_step)
@@ -288,11 +289,17 @@ def refuse_a_twin(run_dir: Path, config: dict, overrides: list[str]) -> None:
         # Where the data is and how many jobs share a GPU do not make another job.
         if started and not config_differences(started["config"], config,
                                               ("data.root", "data.download", "trainer.jobs_per_gpu")):
+            # A folder of Hydra's files alone would stand beside the job as its twin in make_table.
+            removed = {entry.name for entry in run_dir.iterdir()} <= {".hydra", "train.log", lock_path(run_dir).name}
+            if removed:
+                shutil.rmtree(run_dir)
             raise Refused(f"{run_dir.name} would train the job that {other.name} holds, with the same settings, under "
                           f"another name: a job's folder is named after its overrides, and this launch "
                           f"{naming_changes(started['launches'], overrides)}. Relaunch the sweep with the overrides "
-                          f"its jobs were launched with, and remove {run_dir}, which holds no training; to train the "
-                          f"job again, {ANOTHER_FOLDER}.")
+                          f"its jobs were launched with"
+                          + (f" ({run_dir}, which held only Hydra's files, was removed)" if removed else
+                             f", and remove {run_dir}, which holds no training")
+                          + f"; to train the job again, {ANOTHER_FOLDER}.")
 
 
 def naming_changes(launches: list[dict], overrides: list[str]) -> str:
