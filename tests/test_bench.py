@@ -14,9 +14,9 @@ from hetconv.settings import train_config
 from hetconv.training import build_optimizer, train_step
 from models import vgg16
 from scripts import bench
-from scripts.bench import (CATEGORIES, bench_models, breakdown_section, compile_section, conv_weight, gains, in_turns,
-                           layer_rows, main, median_breakdown, model_row, parse_compile_parts, step_breakdown,
-                           sweep_projection, workers)
+from scripts.bench import (CATEGORIES, MODEL_TIMINGS, bench_models, breakdown_section, compile_section, conv_weight,
+                           gains, in_turns, layer_rows, main, median_breakdown, model_row, model_section,
+                           parse_compile_parts, step_breakdown, sweep_projection, workers)
 
 
 def test_bench_writes_a_report_with_every_section(tmp_path):
@@ -122,6 +122,21 @@ def test_a_drift_that_hits_a_whole_turn_cancels_in_the_model_speedups():
     assert row["speedup_spread"] == pytest.approx(0.0)  # and not here
     alone = model_row(4, {k: v for k, v in times.items() if k[0] == 4}, {"batch": 128})  # no P=1
     assert alone["train_speedup"] is None and alone["speedup_spread"] is None
+
+
+@pytest.mark.parametrize("batch", [128, 8])
+def test_the_speed_up_goals_are_judged_only_at_the_batch_they_are_set_at(batch):
+    times = {(part, kind): [seconds] for part, seconds in ((1, 1.0), (4, 0.4), (64, 0.3)) for kind in MODEL_TIMINGS}
+    rows = [model_row(part, times, {"peak_mb": 1.0, "batch": batch, "epochs": 1, "paper_flops": 1e8 / part})
+            for part in (1, 4, 64)]
+    section = model_section(rows, set())
+    verdicts = ["Training speed-up at P=4: 2.50x; goal 2.3x: met.",
+                "Training speed-up at P=64: 3.33x; goal 4.0x: NOT met."]
+    judged = [verdict in section for verdict in verdicts]
+    if batch == 128:
+        assert all(judged) and "not judged" not in section
+    else:
+        assert not any(judged) and "The speed-up goals are set at batch 128: not judged at batch 8." in section
 
 
 def test_a_part_whose_process_died_is_named_with_its_exit_code():
