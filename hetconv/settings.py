@@ -108,14 +108,16 @@ def check_command_line(argv: list[str], readable: list[str], groups: list[str], 
         return
     ours = settings_overrides(args.overrides)
     try:
-        for override in ours:  # os.path.exists: False, not an OSError, for a value too long for a path (seed=0,...,99)
+        # os.path.exists: False, not an OSError, for a value too long for a path (seed=0,...,99)
+        for override in args.overrides:  # checkpoint=multirun/paper/part=4,seed=0, or hydra.run.dir=...
+            key, _, value = override.partition("=")
+            if re.search("[=,]", value) and os.path.exists(value):
+                raise ValueError(f"{override}: Hydra reads the = and , in this path as its own syntax (did you mean "
+                                 f"{command_line_override(key, Path(value))}?)")
+        for override in ours:
             if bare and os.path.exists(override):  # eval.py multirun/paper/part=4,seed=0, say
                 raise ValueError(f"{override}: {script} takes its settings as key=value (did you mean "
                                  f"{command_line_override(bare, Path(override))}?). {hint}")
-            key, _, value = override.partition("=")
-            if re.search("[=,]", value) and os.path.exists(value):  # checkpoint=multirun/paper/part=4,seed=0
-                raise ValueError(f"{override}: Hydra reads the = and , in this path as its own syntax (did you mean "
-                                 f"{command_line_override(key, Path(value))}?)")
             if not re.match(r"[+~]*[^=]", override) or ("=" not in override and not override.startswith("~")):
                 raise ValueError(f"{override}: {script} takes its settings as key=value. {hint}")
         check_overrides(ours, readable, groups, script, hint=hint)

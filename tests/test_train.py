@@ -324,6 +324,8 @@ def test_eval_names_what_is_wrong_with_the_checkpoint_data_or_settings_it_is_giv
             f"Hydra reads the = and , in this path as its own syntax (did you mean {quoted}?)")):
         check_command_line([f"checkpoint={sweep}/part=4,seed=0"], list(eval_module.SETTINGS), ["data"], "eval.py",
                            hint="", bare="checkpoint")
+    with pytest.raises(SystemExit, match=re.escape(f"did you mean \"hydra.run.dir='{sweep}/part=4,seed=0'\"?")):
+        check_command_line([f"hydra.run.dir={sweep}/part=4,seed=0"], [], [], "train.py", hint="")  # Hydra's key too
     assert "no checkpoint given: name a run folder" in str(eval_error())
     result = script("eval.py", f"checkpoint={REPO / 'README.md'}", check=False, cwd=tmp_path)
     assert result.stderr == (f"error: ValueError: {REPO / 'README.md'}: not a readable checkpoint (it holds more than "
