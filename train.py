@@ -257,10 +257,11 @@ def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: lis
                 raise Refused(f"{run_dir} holds a run's final weights (model.pt), but neither its checkpoints/last.pt "
                               f"nor a finished metrics.json: train.py does not train over them. Move model.pt away to "
                               f"train in this folder again, or {ANOTHER_FOLDER}.")
-            if metrics and metrics["epochs_done"]:  # a damaged last.pt moved away, say
-                log.warning("%s: metrics.json records %d epochs, but there is no %s to resume them from: the run "
-                            "starts over, and its new record replaces that one", run_dir, metrics["epochs_done"],
-                            last_checkpoint(run_dir).relative_to(run_dir))
+            # A damaged last.pt moved away, say; an interrupted run saved one, even in its first epoch.
+            if metrics and (metrics["epochs_done"] or metrics["status"] == "interrupted"):
+                log.warning("%s: metrics.json records a run that trained (%d epochs done, %s), but there is no %s to "
+                            "resume it from: the run starts over, and its new record replaces that one", run_dir,
+                            metrics["epochs_done"], metrics["status"], last_checkpoint(run_dir).relative_to(run_dir))
         record = RunRecord(run_dir, config, state and state["record"])
         if state and state["epoch"] == cfg.trainer.epochs:
             leave_finished(cfg, run_dir, record.info["data"])

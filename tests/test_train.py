@@ -710,18 +710,20 @@ def test_a_resume_on_another_cpu_thread_count_warns_that_it_will_not_end_exactly
     assert warned == other_threads and read_metrics(run_dir)["status"] == "finished"
 
 
-def test_a_start_without_a_checkpoint_records_its_failure_over_an_old_record(reference_run, tmp_path, caplog):
+@pytest.mark.parametrize("epochs_done", [3, 0])  # 0: interrupted in its first epoch, which a checkpoint held
+def test_a_start_without_a_checkpoint_records_its_failure_over_an_old_record(epochs_done, reference_run, tmp_path,
+                                                                             caplog):
     run_dir = tmp_path / "run"
     copy_stopped_after_epoch_2(reference_run, run_dir)
     shutil.rmtree(run_dir / "checkpoints")  # a damaged last.pt moved away: nothing left to resume
     (run_dir / "model.pt").unlink()
     metrics = read_metrics(run_dir)
-    (run_dir / "metrics.json").write_text(json.dumps({**metrics, "status": "interrupted"}))
+    (run_dir / "metrics.json").write_text(json.dumps({**metrics, "status": "interrupted", "epochs_done": epochs_done}))
     with pytest.raises(DatasetError):
         train_module.train(train_config(*SMALL, f"data.root={tmp_path / 'nowhere'}", "data.download=false"), run_dir)
     assert read_metrics(run_dir)["status"] == "failed" and "DatasetError" in read_metrics(run_dir)["reason"]
-    assert ("metrics.json records 3 epochs, but there is no checkpoints/last.pt to resume them from: the run starts "
-            "over") in caplog.text
+    assert (f"metrics.json records a run that trained ({epochs_done} epochs done, interrupted), but there is no "
+            "checkpoints/last.pt to resume it from: the run starts over") in caplog.text
 
 
 def test_a_resume_that_fails_on_bad_input_keeps_the_record_and_logs_why(reference_run, tmp_path):
