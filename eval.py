@@ -23,7 +23,7 @@ from hetconv.data import CLASSES, FOLDER, DatasetError, fingerprint_of_test, is_
 from hetconv.flops import describe_flops, model_costs
 from hetconv.provenance import count, device_name, git_commit, library_versions, now
 from hetconv.layer import resolved_impl
-from hetconv.runfiles import command_line_override, final_weights, last_checkpoint, load, write_json
+from hetconv.runfiles import check_writable, command_line_override, final_weights, last_checkpoint, load, write_json
 from hetconv.settings import check_command_line, check_flags, ends_without_traceback
 from hetconv.training import Preprocess, configure_backend, evaluate, select_device
 from models import vgg16
@@ -107,6 +107,12 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
                          "checkpoint=...")
     check_flags(cfg, ("data.download",))
     path = checkpoint_path(cfg.checkpoint)
+    output = cfg.output and Path(to_absolute_path(cfg.output))
+    if output:  # before evaluating, which can take minutes
+        if output.is_dir():
+            raise ValueError(f"output={cfg.output} is a folder: name the file to write the report to, e.g. "
+                             f"{command_line_override('output', output / 'eval.json')}")
+        check_writable(output.parent)
     device = select_device(cfg.device, key="device")
     model, state = load_model(path, device)
     run_cfg = OmegaConf.create(state["config"])
@@ -128,8 +134,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
               "per_class_acc": dict(zip(CLASSES, result["per_class_acc"])), "device": device_name(device),
               "git_commit": git_commit(), "versions": library_versions(), "evaluated": now()}
     print_report(report, run_data["test_fingerprint"], cfg.data.root)
-    if cfg.output:
-        write_json(Path(to_absolute_path(cfg.output)), report)
+    if output:
+        write_json(output, report)
         print(f"wrote {cfg.output}")
     return report
 

@@ -304,6 +304,8 @@ def test_eval_names_what_is_wrong_with_the_checkpoint_data_or_settings_it_is_giv
     assert not (tmp_path / "elsewhere").exists()  # no download into the recorded folder
     assert "data.download must be true or false, got 'off'" in str(
         eval_error(f"checkpoint={reference_run}", "data.download=off"))
+    assert f"output={tmp_path} is a folder: name the file to write the report to, e.g. output={tmp_path}/eval.json" \
+        in str(eval_error(f"checkpoint={reference_run}", f"output={tmp_path}"))
 
     unfinished = tmp_path / "unfinished"
     copy_stopped_after_epoch_2(reference_run, unfinished)
