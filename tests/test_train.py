@@ -335,6 +335,13 @@ def test_eval_names_what_is_wrong_with_the_checkpoint_data_or_settings_it_is_giv
                              "is. A damaged last.pt can be moved away to start its run over.\n")  # not torch's advice
 
 
+def test_each_scripts_help_names_the_settings_it_reads():
+    train_help, eval_help = (script(name, "--help").stdout for name in ("train.py", "eval.py"))
+    assert "python train.py -m experiment=paper" in train_help and "experiment: demo, paper" in train_help
+    assert "python eval.py checkpoint=PATH" in eval_help and "output " in eval_help
+    assert "experiment" not in eval_help and "crop_padding" not in eval_help  # train.py's, which eval.py refuses
+
+
 def test_a_setting_that_nothing_would_read_is_refused(reference_run, fake_root, tmp_path):
     # Hydra's own answer to trainer.epoch=3 is "To append to your config use +trainer.epoch=3"
     run = tmp_path / "run"
