@@ -137,7 +137,8 @@ def check_jobs(argv: list[str], groups: list[str]) -> None:
     value that cannot train (trainer.amp=off, say) is refused once, rather than leaving a failed job's folder per
     job (and, on SLURM, a submitted job each). A single run's part is checked against its width too. A sweep's part
     that does not split its width fails that job alone, which the table lists as failed, while the others train.
-    What Hydra cannot compose, or a swept config group, is left to Hydra and to each job's own checks."""
+    What Hydra cannot compose (a config of another folder, say), or a swept config group, is left to Hydra and to
+    each job's own checks."""
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.shell_completion:
         return
@@ -149,7 +150,7 @@ def check_jobs(argv: list[str], groups: list[str]) -> None:
         if any(o.is_sweep_override() for o in overrides if o.key_or_group in groups or not args.multirun):
             return
         with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
-            composed = compose("train", overrides=choices, return_hydra_config=True)
+            composed = compose(args.config_name or "train", overrides=choices, return_hydra_config=True)
         sweep = (OmegaConf.select(composed, "hydra.sweeper.params") or {}) if args.multirun else {}
         base = OmegaConf.masked_copy(composed, [key for key in composed if key != "hydra"])
         jobs = BasicSweeper.split_arguments(parser.parse_overrides(
