@@ -137,10 +137,12 @@ def check_jobs(argv: list[str], groups: list[str]) -> None:
     value that cannot train (trainer.amp=off, say) is refused once, rather than leaving a failed job's folder per
     job (and, on SLURM, a submitted job each). A single run's part is checked against its width too. A sweep's part
     that does not split its width fails that job alone, which the table lists as failed, while the others train.
-    What Hydra cannot compose (a config of another folder, say), or a swept config group, is left to Hydra and to
-    each job's own checks."""
+    What Hydra cannot compose, a config from another folder, a swept config group and a value that resolves in the
+    job alone are left to Hydra and to each job's own checks."""
     args = get_args_parser().parse_args(argv)
-    if args.help or args.hydra_help or args.shell_completion:
+    # What only prints (--cfg job shows a config as it is), or composes a config from another folder.
+    if args.help or args.hydra_help or args.shell_completion or args.cfg or args.info or args.config_path \
+            or args.config_dir:
         return
     parser = OverridesParser.create()
     try:
@@ -152,6 +154,8 @@ def check_jobs(argv: list[str], groups: list[str]) -> None:
         with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
             composed = compose(args.config_name or "train", overrides=choices, return_hydra_config=True)
         sweep = (OmegaConf.select(composed, "hydra.sweeper.params") or {}) if args.multirun else {}
+        if any(key.lstrip("+~") in groups for key in sweep):  # an experiment sweeping a config group
+            return
         base = OmegaConf.masked_copy(composed, [key for key in composed if key != "hydra"])
         jobs = BasicSweeper.split_arguments(parser.parse_overrides(
             [f"{key}={value}" for key, value in sweep.items()] + values), None)[0]
@@ -163,6 +167,8 @@ def check_jobs(argv: list[str], groups: list[str]) -> None:
                 check_settings(cfg)
                 if not args.multirun:
                     check_part_fits(cfg.model.part, cfg.model.width)
+            except OmegaConfBaseException:  # an interpolation that resolves in the job alone: ${hydra:job.num}, say
+                continue
             except ValueError as error:
                 job_named = f"the sweep's job {' '.join(job)}: " if args.multirun else ""
                 raise SystemExit(f"error: ValueError: {job_named}{error}") from None

@@ -21,7 +21,7 @@ from conftest import REPO, script
 from hetconv import gpus
 from hetconv.runfiles import (RESUMABLE_CHANGES, RunRecord, command_line_override, exclusive, how_to_resume,
                               read_metrics)
-from hetconv.settings import train_config
+from hetconv.settings import check_jobs, train_config
 from models.vgg import PAPER_PARTS
 from scripts import make_table
 
@@ -116,6 +116,10 @@ def test_a_sweep_with_a_value_that_cannot_train_is_refused_before_any_job_folder
     assert demo.returncode == 1 and "the sweep's job model.part=1 trainer.batch_size=1: trainer.batch_size must be" \
         in demo.stderr
     assert not sweep_dir.exists()
+    groups = [group.name for group in (REPO / "configs").iterdir() if group.is_dir()]
+    for fine in (["-m", "seed=${hydra:job.num}", "model.part=1,4"],  # resolves in the job alone
+                 ["--cfg", "job", "trainer.amp=off"]):  # only prints the config
+        check_jobs(fine, groups)
 
 
 def test_table_refuses_to_put_generated_data_or_no_result_into_results(tmp_path):

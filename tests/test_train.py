@@ -746,14 +746,15 @@ def test_a_resume_that_fails_on_bad_input_keeps_the_record_and_logs_why(referenc
     assert "DatasetError: CIFAR-10 not found" in (run_dir / "train.log").read_text()
 
 
-def test_a_single_run_stopped_by_bad_input_prints_the_message_once_and_a_traceback_only_when_asked(tmp_path):
-    message = "ValueError: vgg16(part=3, width=0.25): conv layer 2 of 13"
-    result = script("train.py", *SMALL, "model.part=3", f"hydra.run.dir={tmp_path}", check=False)
+def test_a_single_run_stopped_by_bad_input_prints_the_message_once_and_a_traceback_only_when_asked(fake_root,
+                                                                                                   tmp_path):
+    message = "ValueError: model.num_classes=5, but the data's labels go up to 9"  # found once the data is read
+    args = [*SMALL, "model.num_classes=5", f"data.root={fake_root}", f"hydra.run.dir={tmp_path}"]
+    result = script("train.py", *args, check=False)
     assert result.returncode == 1 and result.stderr.count(message) == 1 and "Traceback" not in result.stderr
     assert message in (tmp_path / "train.log").read_text() and read_metrics(tmp_path)["status"] == "failed"
-    result = script("train.py", *SMALL, "model.part=3", f"hydra.run.dir={tmp_path}", check=False,
-                    env={"HYDRA_FULL_ERROR": "1"})
-    assert result.returncode == 1 and "Traceback" in result.stderr and "check_part_fits" in result.stderr
+    result = script("train.py", *args, check=False, env={"HYDRA_FULL_ERROR": "1"})
+    assert result.returncode == 1 and "Traceback" in result.stderr and "training_data" in result.stderr
 
 
 def test_only_errors_that_this_project_raised_count_as_explained_a_librarys_keep_their_traceback():
