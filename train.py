@@ -36,12 +36,13 @@ from tqdm import tqdm
 from hetconv.data import Split, fingerprint, fingerprint_of_test, is_official, load_cifar10
 from hetconv.flops import describe_flops, model_costs
 from hetconv.gpus import claim_gpu
-from hetconv.provenance import REPO_ROOT, device_name
+from hetconv.provenance import device_name
 from hetconv.layer import resolved_impl
 from hetconv.runfiles import (ANOTHER_FOLDER, RESUMABLE_CHANGES, RunRecord, check_writable, command_line_override,
                               config_differences, exclusive, final_weights, flatten, how_to_resume, is_sweep_folder,
                               last_checkpoint, load, lock_path, read_metrics, save, save_final_weights)
-from hetconv.settings import check_command_line, check_jobs, check_settings, ends_without_traceback, train_config
+from hetconv.settings import (check_command_line, check_jobs, check_settings, config_groups, ends_without_traceback,
+                              override_key, train_config)
 from hetconv.training import (build_training, compile_mode, evaluate, execution, how_it_runs, percent, precision,
                               train_step)
 from models.vgg import check_part_fits
@@ -228,11 +229,6 @@ def refuse_a_sweep(hydra_cfg: DictConfig) -> None:
                          f"{f', from experiment={experiment}' if experiment else ''}), which only -m runs: add -m to "
                          f"the command (python train.py -m ...), or give {' and '.join(unset)} one value for a single "
                          f"run")
-
-
-def override_key(override: str) -> str:
-    """The key a command-line override sets: model.part of model.part=4 or +model.part=4."""
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: list[str] | None = None) -> dict:
@@ -492,8 +488,7 @@ def log_epoch(writer: SummaryWriter, h: dict, metrics: dict, epochs: int, epoch_
 
 
 if __name__ == "__main__":
-    config_groups = [group.name for group in (REPO_ROOT / "configs").iterdir() if group.is_dir()]
-    check_command_line(sys.argv[1:], list(flatten(OmegaConf.to_container(train_config()))), config_groups, "train.py",
-                       hint="`python train.py --cfg job` lists them; set one without + or ++.")
-    check_jobs(sys.argv[1:], config_groups)
+    check_command_line(sys.argv[1:], list(flatten(OmegaConf.to_container(train_config()))), config_groups(),
+                       "train.py", hint="`python train.py --cfg job` lists them; set one without + or ++.")
+    check_jobs(sys.argv[1:])
     main()

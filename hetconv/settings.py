@@ -37,6 +37,16 @@ def train_config(*overrides: str) -> DictConfig:
         return compose("train", overrides=list(overrides))
 
 
+def config_groups() -> list[str]:
+    """train.py's config groups (experiment, data, ...): a command line sets each to one of its files."""
+    return sorted(group.name for group in (REPO_ROOT / "configs").iterdir() if group.is_dir())
+
+
+def override_key(override: str) -> str:
+    """The key a command-line override sets: model.part of model.part=4 or +model.part=4."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 # The true/false settings. Hydra reads `off` or `no` as a string, which Python would take for true.
 FLAGS = ("data.download", "data.flip", "data.normalize", "optim.nesterov", "trainer.amp", "trainer.channels_last")
 
@@ -132,7 +142,7 @@ def settings_overrides(overrides: list[str]) -> list[str]:
     return [override for override in overrides if not re.match(r"[+~]*hydra[./=]", override)]
 
 
-def check_jobs(argv: list[str], groups: list[str]) -> None:
+def check_jobs(argv: list[str]) -> None:
     """check_settings on every job that train.py's command line launches, before Hydra makes a folder for any: a
     value that cannot train (trainer.amp=off, say) is refused once, rather than leaving a failed job's folder per
     job (and, on SLURM, a submitted job each). A single run's part is checked against its width too. A sweep's part
@@ -144,7 +154,7 @@ def check_jobs(argv: list[str], groups: list[str]) -> None:
     if args.help or args.hydra_help or args.shell_completion or args.cfg or args.info or args.config_path \
             or args.config_dir:
         return
-    parser = OverridesParser.create()
+    parser, groups = OverridesParser.create(), config_groups()
     try:
         overrides = parser.parse_overrides(settings_overrides(args.overrides))
         choices = [o.input_line for o in overrides if o.key_or_group in groups]
@@ -154,7 +164,7 @@ def check_jobs(argv: list[str], groups: list[str]) -> None:
         with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
             composed = compose(args.config_name or "train", overrides=choices, return_hydra_config=True)
         sweep = (OmegaConf.select(composed, "hydra.sweeper.params") or {}) if args.multirun else {}
-        if any(key.lstrip("+~") in groups for key in sweep):  # an experiment sweeping a config group
+        if any(override_key(key) in groups for key in sweep):  # an experiment sweeping a config group
             return
         base = OmegaConf.masked_copy(composed, [key for key in composed if key != "hydra"])
         jobs = BasicSweeper.split_arguments(parser.parse_overrides(
