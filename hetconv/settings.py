@@ -31,10 +31,11 @@ from hetconv.training import compile_mode
 from models.vgg import check_part_fits
 
 
-def train_config(*overrides: str) -> DictConfig:
-    """configs/train.yaml composed with these overrides, as train.py would see it (without hydra's node)."""
+def train_config(*overrides: str, name: str = "train", with_hydra: bool = False) -> DictConfig:
+    """configs/train.yaml (or the config `name`, as -cn names it) composed with these overrides, as train.py would
+    see it; hydra's node too if with_hydra."""
     with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+        return compose(name, overrides=list(overrides), return_hydra_config=with_hydra)
 
 
 def config_groups() -> list[str]:
@@ -161,8 +162,7 @@ def check_jobs(argv: list[str]) -> None:
         values = [o.input_line for o in overrides if o.key_or_group not in groups]
         if any(o.is_sweep_override() for o in overrides if o.key_or_group in groups or not args.multirun):
             return
-        with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
-            composed = compose(args.config_name or "train", overrides=choices, return_hydra_config=True)
+        composed = train_config(*choices, name=args.config_name or "train", with_hydra=True)
         sweep = (OmegaConf.select(composed, "hydra.sweeper.params") or {}) if args.multirun else {}
         if any(override_key(key) in groups for key in sweep):  # an experiment sweeping a config group
             return
