@@ -47,7 +47,9 @@ def atomic_write(path: Path, write) -> None:
     except BaseException as error:
         with contextlib.suppress(OSError):  # none was made where its folder could not be
             tmp.unlink(missing_ok=True)
-        if isinstance(error, Exception):  # a full disk surfaces as anything from OSError to torch's RuntimeError
+        # A full disk or a bad folder surfaces as OSError, or as RuntimeError from torch.save; anything else (a value
+        # that cannot be written, say) is a bug, raised as it is, with its traceback.
+        if isinstance(error, (OSError, RuntimeError)):
             free_mb = shutil.disk_usage(existing_parent(path)).free / 2**20
             raise OSError(f"could not write {path} ({type(error).__name__}: {error}); {free_mb:.0f} MB are free "
                           f"there. Free space or fix the folder, then rerun the same command (a training run "

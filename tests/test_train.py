@@ -27,7 +27,7 @@ from conftest import REPO, SMALL, comparable, script, start
 from hetconv import HetConv2d, training
 from hetconv.data import DatasetError, Split, load_cifar10
 from hetconv.flops import count_flops
-from hetconv.runfiles import atomic_write, exclusive, last_checkpoint, read_metrics
+from hetconv.runfiles import atomic_write, exclusive, last_checkpoint, read_metrics, write_json
 from hetconv.settings import check_command_line, check_overrides, raised_here, train_config
 from hetconv.training import Preprocess, compile_mode, evaluate, milestone_epochs, percent, select_device
 from models import vgg16
@@ -603,6 +603,9 @@ def test_a_failed_write_names_the_file_and_the_free_space(tmp_path):
     (tmp_path / "a-file").touch()
     with pytest.raises(OSError, match=r"could not write .*a-file/out/eval\.json \((FileExists|NotADirectory)Error"):
         atomic_write(tmp_path / "a-file" / "out" / "eval.json", lambda f: None)  # eval.py's output=, say
+    with pytest.raises(TypeError, match="not JSON serializable"):  # a bug, not a failed write
+        write_json(tmp_path / "metrics.json", {"loss": torch.tensor(1.0)})
+    assert list(tmp_path.iterdir()) == [tmp_path / "a-file"]
 
 
 def test_a_checkpoint_folder_that_cannot_be_written_fails_the_run_before_it_trains(fake_root, tmp_path):
