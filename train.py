@@ -275,22 +275,21 @@ def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: lis
 
 
 def refuse_a_twin(run_dir: Path, config: dict, overrides: list[str]) -> None:
-    """A new sweep job whose settings, how it runs included, a job of the sweep already has: the sweep was launched
-    again with its overrides written otherwise (a setting at its default value added or left out, say), which names
-    a new folder. Training there would repeat that job, and the table would refuse the pair."""
+    """A new sweep job whose settings a job of the sweep already has, where and how they run aside (RESUMABLE_CHANGES,
+    which make_table.py sets side by side too): the sweep was launched again with its overrides written otherwise (a
+    setting at its default value added or left out, say), which names a new folder. Training there would repeat that
+    job, and the table would refuse the pair."""
     for other in sorted(run_dir.parent.iterdir()):
         try:
             started = other != run_dir and read_metrics(other)
         except ValueError:  # an unreadable record is its own job's to report
             continue
-        # Where the data is and how many jobs share a GPU do not make another job.
-        if started and not config_differences(started["config"], config,
-                                              ("data.root", "data.download", "trainer.jobs_per_gpu")):
+        if started and not config_differences(started["config"], config):
             # A folder of Hydra's files alone would stand beside the job as its twin in make_table.
             removed = {entry.name for entry in run_dir.iterdir()} <= {".hydra", "train.log", lock_path(run_dir).name}
             if removed:
                 shutil.rmtree(run_dir)
-            raise Refused(f"{run_dir.name} would train the job that {other.name} holds, with the same settings, under "
+            raise Refused(f"{run_dir.name} would train the job that {other.name} holds, with the same recipe, under "
                           f"another name: a job's folder is named after its overrides, and this launch "
                           f"{naming_changes(started['launches'], overrides)}. Relaunch the sweep with the overrides "
                           f"its jobs were launched with"

@@ -90,11 +90,12 @@ def test_sweep_keeps_going_past_a_failed_job_and_the_table_shows_it(fake_root, t
     twice = script("scripts/make_table.py", str(sweep_dir), str(copy), "--out", str(out), check=False)
     assert twice.returncode != 0 and "are the same job (part=4, width=0.25, seed=0)" in twice.stderr
 
-    # Launched again with a setting written out at its default value: a new folder, refused before it trains.
-    twin = sweep(sweep_dir, fake_root, "model.part=4", "optim.lr=0.02")
+    # Launched again with a setting written out at its default value: a new folder, refused before it trains, even
+    # computed in the other form (left out of the folder's name), which the table would not tell apart either.
+    twin = sweep(sweep_dir, fake_root, "model.part=4", "optim.lr=0.02", "trainer.hetconv=dense")
     assert twin.returncode != 0 and (
         f"part=4,seed=0,optim.lr=0.02,trainer.epochs=2 would train the job that {JOB.format(4)} holds, with the same "
-        "settings, under another name: a job's folder is named after its overrides, and this launch adds "
+        "recipe, under another name: a job's folder is named after its overrides, and this launch adds "
         "optim.lr=0.02, against that job's last launch") in twin.stderr
     twin_dir = sweep_dir / "part=4,seed=0,optim.lr=0.02,trainer.epochs=2"
     assert f"({twin_dir}, which held only Hydra's files, was removed)" in twin.stderr and not twin_dir.exists()
@@ -163,15 +164,17 @@ def test_a_table_of_finished_jobs_on_the_official_cifar10_is_written_to_results(
     assert "Not CIFAR-10" not in (tmp_path / "results" / "table.md").read_text()
 
 
-def test_a_new_job_is_refused_as_another_jobs_twin_only_where_it_would_compute_the_same(tmp_path):
+def test_a_new_job_is_refused_as_another_jobs_twin_whatever_data_folder_and_form_it_runs_with(tmp_path):
     job = fake_job(tmp_path / "sweep", 4, 0.25, "finished", launches=[{"overrides": ["model.part=4", "optim.lr=0.02"]}])
     config, new = read_metrics(job)["config"], tmp_path / "sweep" / "new"
     new.mkdir()
-    other_form = {**config, "trainer": {**config["trainer"], "hetconv": "dense"}}  # hydra.sweep.subdir=${hydra.job.num}
-    train_module.refuse_a_twin(new, other_form, ["model.part=4", "trainer.hetconv=dense"])
-    moved = {**config, "data": {**config["data"], "root": "/elsewhere"}}  # where the data is makes no other job
+    other_lr = {**config, "optim": {**config["optim"], "lr": 0.05}}  # hydra.sweep.subdir=${hydra.job.num}, say
+    train_module.refuse_a_twin(new, other_lr, ["model.part=4", "optim.lr=0.05"])
+    # Where the data is and how the job runs make no other job: the table would refuse the pair as one job twice.
+    moved = {**config, "data": {**config["data"], "root": "/elsewhere"},
+             "trainer": {**config["trainer"], "hetconv": "dense", "compile": False}}
     with pytest.raises(train_module.Refused, match="this launch leaves out optim.lr=0.02, against that job's last"):
-        train_module.refuse_a_twin(new, moved, ["model.part=4", "data.root=/elsewhere"])
+        train_module.refuse_a_twin(new, moved, ["model.part=4", "data.root=/elsewhere", "trainer.hetconv=dense"])
 
 
 def test_a_damaged_metrics_json_is_named_with_what_to_do(tmp_path):
