@@ -1,4 +1,4 @@
-"""FLOPs and parameter counts, measured with fvcore on the model itself.
+"""FLOPs, counted by fvcore on a trace of the model itself, and parameters, counted on its tensors.
 
 Two FLOPs conventions, each from an fvcore trace of a single input (a 32x32 image) in eval mode:
 
@@ -8,8 +8,9 @@ Two FLOPs conventions, each from an fvcore trace of a single input (a 32x32 imag
   the two linear layers count their multiply-adds; BatchNorm, ReLU and pooling are free.
 - ``executed``: what the implementation runs, as fvcore counts it by default (one multiply-add
   = 1): the grouped 3x3 convolution, the whole 1x1 convolution including its masked block
-  diagonal, and BatchNorm at 2 operations per element (eval mode). The masking and the sum of
-  the two branches are weight- and activation-sized elementwise ops that fvcore does not count.
+  diagonal, and BatchNorm at 2 operations per element (eval mode). ReLU and pooling, which fvcore's
+  default handles skip, are not counted, nor are the masking and the sum of the two branches,
+  weight- and activation-sized elementwise ops.
   A layer run as one dense convolution (impl="dense", or "auto" on CUDA) executes, and counts
   as, the standard convolution.
 """

@@ -54,9 +54,10 @@ def render_markdown(rows: list[dict], command: str) -> str:
         "a HetConv layer at R(P) = 1/P + (1-1/P)/9 of the 3x3 conv it replaces; FC multiply-adds; "
         "BN/ReLU/pool free), truncated to 0.01M as the paper prints it.\n"
         "- *executed*: what the implementation runs as fvcore counts it: the grouped 3x3 conv, the full "
-        "1x1 conv with its masked block diagonal, BatchNorm (2 ops per element, eval mode).\n"
+        "1x1 conv with its masked block diagonal, BatchNorm (2 ops per element, eval mode); ReLU and pooling "
+        "uncounted, as by fvcore's default handles.\n"
         "- *params effective*: structurally non-zero weights (convs without bias, BN affine, FC with bias); "
-        "*stored*: the state dict's size, which also holds the masked 1x1 block diagonal. The reference "
+        "*stored*: every parameter element, the masked 1x1 block diagonal included. The reference "
         "column is results/published.csv's (sources in results/README.md).\n"
     )
 
