@@ -106,7 +106,7 @@ class HetConv2d(nn.Module):
             self.register_buffer("mask1x1", pointwise_mask(in_channels, out_channels, part), persistent=False)
         else:
             self.register_parameter("weight1x1", None)
-            self.mask1x1 = None
+            self.register_buffer("mask1x1", None)
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self.register_load_state_dict_post_hook(_zero_masked_weights_after_load)
         self.reset_parameters()
@@ -186,4 +186,4 @@ class HetConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, part={self.part}, stride={self.stride}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}, impl={self.impl!r}")
