@@ -10,6 +10,7 @@ from one generator: no DataLoader workers, and an epoch can be replayed exactly 
 import fcntl
 import hashlib
 import http.client
+import logging
 import os
 import pickle
 import re
@@ -30,6 +31,8 @@ ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 IMAGE_SHAPE = (3, 32, 32)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DOWNLOAD_TIMEOUT_S = 20
+
+log = logging.getLogger(__name__)
 
 
 class DatasetError(RuntimeError):
@@ -129,7 +132,7 @@ def download(root: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (root / FOLDER).is_dir():
             return
-        print(f"Downloading CIFAR-10 from {URL} into {root}")
+        log.info("downloading CIFAR-10 from %s into %s", URL, root)  # into train.log too
         archive = root / URL.rpartition("/")[2]
         partial = archive.with_suffix(".partial")
         try:

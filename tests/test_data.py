@@ -73,7 +73,7 @@ def packed_like_the_release(fake_root, tmp_path):
     return archive, hashlib.md5(archive.read_bytes()).hexdigest()
 
 
-def test_a_download_is_md5_checked_and_extracted_whole(fake_root, tmp_path, monkeypatch):
+def test_a_download_is_md5_checked_and_extracted_whole(fake_root, tmp_path, monkeypatch, caplog):
     archive, md5 = packed_like_the_release(fake_root, tmp_path)
     monkeypatch.setattr(data_module, "URL", archive.as_uri())
     monkeypatch.setattr(data_module, "ARCHIVE_MD5", "0" * 32)
@@ -82,7 +82,9 @@ def test_a_download_is_md5_checked_and_extracted_whole(fake_root, tmp_path, monk
     assert [p.name for p in (tmp_path / "tampered").iterdir()] == [".download.lock"]  # nothing half-made kept
     monkeypatch.setattr(data_module, "ARCHIVE_MD5", md5)
     root = tmp_path / "data"
-    downloaded = load_cifar10(root, download_if_missing=True)
+    with caplog.at_level("INFO", logger=data_module.__name__):
+        downloaded = load_cifar10(root, download_if_missing=True)
+    assert f"downloading CIFAR-10 from {archive.as_uri()} into {root}" in caplog.text  # logged: into train.log
     assert fingerprint(downloaded) == fingerprint(load_cifar10(fake_root, download_if_missing=False))
     assert sorted(p.name for p in root.iterdir()) == [".download.lock", FOLDER]  # the archive is not kept
 
