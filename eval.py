@@ -19,32 +19,30 @@ import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from hetconv.data import CLASSES, FOLDER, DatasetError, fingerprint_of_test, is_official, load_cifar10, memory_format
+from hetconv.data import CLASSES, FOLDER, DatasetError, fingerprint_of_test, is_official, load_cifar10
 from hetconv.flops import describe_flops, model_costs
 from hetconv.provenance import count, device_name, git_commit, library_versions, now
 from hetconv.layer import resolved_impl
 from hetconv.runfiles import check_writable, command_line_override, final_weights, last_checkpoint, load, write_json
 from hetconv.settings import check_command_line, check_flags, ends_without_traceback
-from hetconv.training import Preprocess, configure_backend, evaluate, select_device
-from models import vgg16
+from hetconv.training import Preprocess, build_model, configure_backend, evaluate, select_device
 
 # What eval.py reads from its command line; the model, its preprocessing and batch size are the checkpoint's.
 SETTINGS = ("checkpoint", "device", "output", "data.root", "data.download")
 
 
-def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """The run's model on the CPU, its HetConv layers in the form the run's setting gives on `device`, and the
-    checkpoint it came from."""
+def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict, DictConfig]:
+    """The run's model on `device`, built as the run built it (its HetConv layers in the form the run's setting gives
+    there), the checkpoint it came from and the run's config."""
     state = load(path)
-    spec = state["config"]["model"]
-    model = vgg16(spec["part"], spec["num_classes"], spec["width"],
-                  resolved_impl(state["config"]["trainer"]["hetconv"], device))
+    run_cfg = OmegaConf.create(state["config"])
+    model = build_model(run_cfg, resolved_impl(run_cfg.trainer.hetconv, device), device)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
         raise ValueError(f"{path}: its weights do not fit the VGG-16 its own config describes (part="
-                         f"{spec['part']}, width={spec['width']}): {error}") from error
-    return model, state
+                         f"{run_cfg.model.part}, width={run_cfg.model.width}): {error}") from error
+    return model, state, run_cfg
 
 
 def training_point(state: dict) -> str:
@@ -114,16 +112,14 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
                              f"{command_line_override('output', output / 'eval.json')}")
         check_writable(output.parent)
     device = select_device(cfg.device, key="device")
-    model, state = load_model(path, device)
-    run_cfg = OmegaConf.create(state["config"])
     configure_backend(device)
+    model, state, run_cfg = load_model(path, device)
     run_data = trained_on(state)
     root = data_root(cfg.data.root, run_data)
     test = load_cifar10(root, cfg.data.download, splits=("test",))["test"]
     test_fingerprint = fingerprint_of_test(test)
     test = test.to(device)
     costs = model_costs(model)
-    model = model.to(device, memory_format=memory_format(run_cfg.trainer.channels_last))
     preprocess = Preprocess(run_cfg.data, run_cfg.trainer.channels_last, device)
     result = evaluate(model, test, preprocess, run_cfg.trainer.eval_batch_size, run_cfg.trainer.amp,
                       run_cfg.model.num_classes)

@@ -147,12 +147,18 @@ class Training:
     preprocess: Preprocess
 
 
+def build_model(cfg, impl: str, device: torch.device) -> nn.Module:
+    """VGG-16 at cfg.model's part, classes and width, its HetConv layers computing with `impl`, on `device` in the
+    memory format cfg.trainer asks for."""
+    model = vgg16(cfg.model.part, cfg.model.num_classes, cfg.model.width, impl)
+    return model.to(device, memory_format=memory_format(cfg.trainer.channels_last))
+
+
 def build_training(cfg, train_split: Split, device: torch.device, impl: str, compile_as: str | None) -> Training:
     """VGG-16 at cfg.model's part and width, seeded by cfg.seed, with its optimizer, schedule, training batches and
     preprocessing, computing with `impl` and `compile_as` on `device` (see `execution`)."""
     torch.manual_seed(cfg.seed)
-    model = vgg16(cfg.model.part, cfg.model.num_classes, cfg.model.width, impl)
-    model = model.to(device, memory_format=memory_format(cfg.trainer.channels_last))
+    model = build_model(cfg, impl, device)
     optimizer = build_optimizer(model, cfg.optim)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     return Training(model, compiled(model, compile_as), optimizer,

@@ -702,11 +702,13 @@ def test_a_run_resumes_only_in_the_compile_mode_and_hetconv_form_it_started_with
 
 
 @pytest.mark.parametrize("setting,form", [("auto", "dense"), ("grouped", "grouped")])
-def test_eval_builds_the_form_the_run_computed_on_that_device(setting, form, reference_run, tmp_path):
+def test_eval_builds_the_form_the_run_computed_on_that_device(setting, form, reference_run, tmp_path, monkeypatch):
     state = torch.load(reference_run / "model.pt", weights_only=False)
     state["config"]["trainer"]["hetconv"] = setting
     torch.save(state, tmp_path / "model.pt")
-    model, _ = eval_module.load_model(tmp_path / "model.pt", torch.device("cuda"))  # built on the CPU either way
+    monkeypatch.setattr(eval_module, "build_model",  # on the CPU: the tests have no GPU
+                        lambda cfg, impl, device: training.build_model(cfg, impl, torch.device("cpu")))
+    model, _, _ = eval_module.load_model(tmp_path / "model.pt", torch.device("cuda"))
     assert {m.impl for m in model.modules() if isinstance(m, HetConv2d)} == {form}
 
 
