@@ -94,6 +94,19 @@ def check_one_recipe(jobs: list[Job]) -> None:
                              "a folder of its own: hydra.sweep.dir=..., or make reproduce SWEEP=...")
 
 
+def check_one_dataset(jobs: list[Job]) -> None:
+    """A row pools seeds, so every job must have trained on the same images; data.root may differ between them (it
+    is a RESUMABLE_CHANGES key), the data under it may not."""
+    trained = [job for job in jobs if job.metrics and "fingerprint" in job.metrics.get("data", {})]
+    for job in trained[1:]:
+        first, other = trained[0].metrics["data"], job.metrics["data"]
+        if other["fingerprint"] != first["fingerprint"]:
+            raise SystemExit(f"error: {trained[0].path} and {job.path} trained on different data ({first['root']}, "
+                             f"fingerprint {first['fingerprint']}; {other['root']}, fingerprint "
+                             f"{other['fingerprint']}); make a table of each dataset's jobs separately: give their "
+                             "sweep or job folders")
+
+
 def check_each_job_once(jobs: list[Job]) -> None:
     """A row's n counts seeds: two folders of the same (part, width, seed), a copied sweep say, would count twice."""
     seen: dict[tuple, Path] = {}
@@ -115,10 +128,10 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return round(statistics.mean(values), 2), round(statistics.stdev(values), 2) if len(values) > 1 else None
 
 
-def paper_costs(part: int, width: float) -> tuple[float | None, float | None]:
+def paper_costs(part: int, width: float, num_classes: int) -> tuple[float | None, float | None]:
     """(paper FLOPs, effective params) in millions, counted on the model; None when it cannot be built."""
     try:
-        model = vgg16(part, width=width)
+        model = vgg16(part, num_classes, width)
     except ValueError:
         return None, None
     return truncate_millions(count_flops(model, "paper")), round(count_params(model)[0] / 1e6, 3)
@@ -140,6 +153,7 @@ def table_rows(jobs: list[Job], published: dict) -> list[dict]:
         groups.setdefault((job.config["model"]["part"], job.config["model"]["width"]), []).append(job)
     widths = sorted({width for _, width in groups}, key=lambda width: row_order((width,)))
     sweep_width = 1.0 if 1 in widths or not widths else widths[0]  # the paper's width, unless no job ran at it
+    num_classes = jobs[0].config["model"]["num_classes"]  # the recipe's, which every job shares
     for part in PAPER_PARTS:  # every published part gets a row, run or not
         groups.setdefault((part, sweep_width), [])
     rows = []
@@ -147,7 +161,7 @@ def table_rows(jobs: list[Job], published: dict) -> list[dict]:
         finished = [j.metrics for j in group if j.status == "finished"]
         final, final_std = mean_std([m["test_acc"] for m in finished])
         best, best_std = mean_std([m["best_test_acc"] for m in finished])
-        flops_m, params_m = paper_costs(part, width)
+        flops_m, params_m = paper_costs(part, width, num_classes)
         paper = published_figures(part, width, published)
         if not group:  # a part of the paper that no job ran
             status = "not run" if flops_m is not None else f"not run: P={part} does not split width {width}'s layers"
@@ -216,11 +230,12 @@ def provenance(jobs: list[Job]) -> dict:
 
 def render_markdown(rows: list[dict], info: dict, command: str) -> str:
     header = ["P", "width", "FLOPs (ours)", "FLOPs (paper)", "params", "final-epoch acc %", "best-epoch acc %*",
-              "paper acc %", "diff (final - paper)", "jobs"]
+              "re-impl best-epoch acc %*", "paper acc %", "diff (final - paper)", "jobs"]
     body = [[r["part"], r["width"], millions(r["flops_m"]), millions(r["published_flops_m"]),
              millions(r["params_m"], digits=3), fmt(r["test_acc"], r["test_acc_std"], r["n"]),
-             fmt(r["best_test_acc"], r["best_test_acc_std"], r["n"]), fmt(r["published_test_acc"]),
-             "-" if r["diff"] is None else f"{r['diff']:+.2f}", r["status"]] for r in rows]
+             fmt(r["best_test_acc"], r["best_test_acc_std"], r["n"]), fmt(r["reimpl_best_test_acc"]),
+             fmt(r["published_test_acc"]), "-" if r["diff"] is None else f"{r['diff']:+.2f}", r["status"]]
+            for r in rows]
     warning = "" if not info["not_cifar10"] else (
         "\n**Not CIFAR-10**: some or all jobs ran on other data (e.g. the generated demo set); these accuracies "
         "are not comparable to the paper's.\n")
@@ -239,7 +254,7 @@ def render_markdown(rows: list[dict], info: dict, command: str) -> str:
         + markdown_table(header, body) +
         "\nFinal-epoch accuracy is the test accuracy after the last epoch, mean ± sample std over seeds. "
         "*Best-epoch accuracy is the highest test accuracy over all epochs: it is selected on the test set, "
-        "as the public re-implementation did (its figures are in results/published.csv), and so is optimistic. "
+        "as the public re-implementation did (its figures beside ours, from results/published.csv), and so is optimistic. "
         "FLOPs are in the paper's convention (results/flops.md); params are effective parameters. "
         "Paper accuracy: Singh et al., CVPR 2019, Table for VGG-16 on CIFAR-10."
         + (" Rows of width != 1 have no paper figures: the paper trained full-width models only."
@@ -282,6 +297,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     command = typed_command("scripts/make_table.py", argv)
     jobs = find_jobs(args.sweeps)
     check_one_recipe(jobs)
+    check_one_dataset(jobs)
     check_each_job_once(jobs)
     info = provenance(jobs)
     if args.out.resolve().is_relative_to(RESULTS_DIR.resolve()):

@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.plugin_event_multiplexer import EventM
 import train as train_module
 from conftest import REPO, script
 from hetconv import gpus
+from hetconv.report import load_published
 from hetconv.runfiles import (RESUMABLE_CHANGES, RunRecord, command_line_override, exclusive, how_to_resume,
                               read_metrics)
 from hetconv.settings import check_jobs, train_config
@@ -150,7 +151,8 @@ def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, seed=
                       for epoch in range(1, epochs_done + 1)]
     record.info.update(git_commit="abc", started="2024-01-01T00:00:00",
                        launches=launches or [{"device": "cpu", "git_commit": "abc", "versions": {"torch": "2.14.1"}}])
-    data = {} if official is None else {"data": {"official_cifar10": official}}
+    data = {} if official is None else {"data": {"official_cifar10": official, "root": "data",
+                                                 "fingerprint": "cifar10" if official else "generated"}}
     record.update(status, device="cpu", hetconv="grouped", torch_compile=None, precision="float32",
                   resume=how_to_resume(run_dir, in_sweep=True), **data)
     return run_dir
@@ -162,6 +164,25 @@ def test_a_table_of_finished_jobs_on_the_official_cifar10_is_written_to_results(
     make_table.main([str(tmp_path / "sweep")])
     assert {p.name for p in (tmp_path / "results").iterdir()} == {"table.md", "table.csv", "acc_vs_flops.png"}
     assert "Not CIFAR-10" not in (tmp_path / "results" / "table.md").read_text()
+
+
+def test_the_table_counts_each_rows_costs_on_its_model_and_refuses_to_pool_other_data(tmp_path):
+    for part in PAPER_PARTS:
+        fake_job(tmp_path / "paper", part, 1.0, "finished", official=True)
+    make_table.main([str(tmp_path / "paper"), "--out", str(tmp_path / "table")])
+    rows = {int(r["part"]): r for r in csv.DictReader((tmp_path / "table" / "table.csv").read_text().splitlines())}
+    published = load_published()
+    for part in PAPER_PARTS:  # counted on the model, beside the published figures, which agree
+        counted = {key: float(rows[part][key]) for key in ("flops_m", "params_m")}
+        assert counted == {key: published[part][key] for key in ("flops_m", "params_m")}
+        assert float(rows[part]["reimpl_best_test_acc"]) == published[part]["reimpl_best_test_acc"]
+    fake_job(tmp_path / "paper", 4, 1.0, "finished", seed=1, official=False)  # a seed on other images
+    with pytest.raises(SystemExit, match=r"seed=1 trained on different data \(data, fingerprint cifar10; data, "
+                                         r"fingerprint generated\); make a table of each dataset's jobs separately"):
+        make_table.main([str(tmp_path / "paper"), "--out", str(tmp_path / "table")])
+    fake_job(tmp_path / "five", 1, 1.0, "finished", overrides=["model.num_classes=5"])  # the recipe's classifier
+    [five] = [r for r in make_table.main([str(tmp_path / "five"), "--out", str(tmp_path / "table")]) if r["n"]]
+    assert (five["flops_m"], five["params_m"]) == (313.73, 14.985) != (published[1]["flops_m"], published[1]["params_m"])
 
 
 def test_a_new_job_is_refused_as_another_jobs_twin_whatever_data_folder_and_form_it_runs_with(tmp_path):
@@ -240,8 +261,9 @@ def test_table_compares_only_full_width_rows_and_tells_a_killed_job_from_a_runni
     assert f"Made by `python scripts/make_table.py {sweep_dir} --out {out}`" in markdown  # every option, as typed
     part_1 = [[cell.strip() for cell in line.strip("|").split("|")] for line in markdown.splitlines()
               if line.startswith("| 1 |")]
-    paper_cells = {cells[1]: [cells[3], cells[7], cells[8]] for cells in part_1}  # FLOPs, acc, diff of the paper
-    assert paper_cells == {"1.0": ["313.74M", "94.06", "-4.06"], "0.25": ["-", "-", "-"]}
+    # FLOPs, the re-implementation's best epoch, accuracy and diff of the paper
+    paper_cells = {cells[1]: [cells[3], cells[7], cells[8], cells[9]] for cells in part_1}
+    assert paper_cells == {"1.0": ["313.74M", "94.10", "94.06", "-4.06"], "0.25": ["-", "-", "-", "-"]}
     assert "Rows of width != 1 have no paper figures" in markdown
 
 
