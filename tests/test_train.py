@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.api_pb2 import STATUS_SUCCESS
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
@@ -107,10 +108,18 @@ def test_eval_reproduces_the_final_test_accuracy(reference_run, fake_root, tmp_p
 def test_eval_preprocesses_as_the_checkpoints_config_says(reference_run, tmp_path):
     """eval.py's own data settings are only where the data is: normalisation is the run's."""
     state = torch.load(reference_run / "model.pt", weights_only=False)
-    state["config"]["data"]["normalize"] = True  # as a run trained with data.normalize=true records it
+    # As a run trained with data.normalize=true and statistics of its own records it; eval.yaml has CIFAR-10's.
+    state["config"]["data"].update(normalize=True, mean=[0.3, 0.5, 0.7], std=[0.2, 0.4, 0.6])
     torch.save(state, tmp_path / "normalized.pt")
     script("eval.py", f"checkpoint={tmp_path / 'normalized.pt'}", f"output={tmp_path / 'eval.json'}", cwd=tmp_path)
-    assert json.loads((tmp_path / "eval.json").read_text())["test_loss"] != read_metrics(reference_run)["test_loss"]
+    run_cfg = OmegaConf.create(state["config"])
+    model = vgg16(run_cfg.model.part, run_cfg.model.num_classes, run_cfg.model.width)
+    model.load_state_dict(state["model"])
+    test = load_cifar10(state["data"]["root"], download_if_missing=False, splits=("test",))["test"]
+    expected = evaluate(model, test, Preprocess(run_cfg.data, run_cfg.trainer.channels_last, torch.device("cpu")),
+                        run_cfg.trainer.eval_batch_size, run_cfg.trainer.amp, run_cfg.model.num_classes)
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["test_loss"] == round(expected["loss"], 6) != read_metrics(reference_run)["test_loss"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["sigkill", "sigterm", "ctrl-c"])
