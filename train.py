@@ -263,7 +263,14 @@ def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: lis
             leave_finished(cfg, run_dir, record.info["data"])
             if not final_weights(run_dir).exists():  # killed between the last checkpoint and the final save
                 save_final_weights(run_dir, state["model"], config, state["epoch"], record.info["data"])
-            return metrics if metrics and metrics["status"] == "finished" else record.update("finished")
+            if metrics and metrics["status"] == "finished":
+                return metrics
+            # Killed before its record said finished, perhaps before TensorBoard's success mark: marked now (where
+            # the mark is there, TensorBoard keeps the first).
+            writer, finished_session = open_tensorboard(run_dir, state["epoch"], cfg, record.info)
+            writer.file_writer.add_summary(finished_session)
+            writer.close()
+            return record.update("finished")
         try:
             return run(cfg, config, run_dir, state, record, how_to_resume(run_dir, in_sweep), overrides)
         except Exception as error:

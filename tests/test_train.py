@@ -624,6 +624,20 @@ def test_a_checkpoint_folder_that_cannot_be_written_fails_the_run_before_it_trai
     assert read_metrics(tmp_path)["status"] == "failed" and read_metrics(tmp_path)["epochs_done"] == 0
 
 
+def test_a_run_killed_after_its_last_checkpoint_finishes_when_launched_again(reference_run, fake_root, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir, ignore=shutil.ignore_patterns("events.out.tfevents.*", "model.pt"))
+    metrics = read_metrics(run_dir)
+    write_json(run_dir / "metrics.json", {**metrics, "status": "running"})  # as its last epoch left it
+    assert train_module.train(train_config(*SMALL, f"data.root={fake_root}"), run_dir)["status"] == "finished"
+    assert {**read_metrics(run_dir), "updated": None} == {**metrics, "updated": None}
+    last = torch.load(last_checkpoint(run_dir), weights_only=False)
+    final = torch.load(run_dir / "model.pt", weights_only=False)
+    assert final["model"].keys() == last["model"].keys()
+    assert all(torch.equal(final["model"][key], last["model"][key]) for key in last["model"])
+    assert hparams_records(run_dir)["_hparams_/session_end_info"].session_end_info.status == STATUS_SUCCESS
+
+
 def test_final_weights_without_their_checkpoint_and_record_are_not_trained_over(reference_run, fake_root, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(reference_run, run_dir)
