@@ -2,8 +2,10 @@
 
     python scripts/make_fake_cifar.py ROOT [--train 5000] [--test 1000] [--seed 0] [--force]
 
-ROOT/cifar-10-batches-py/ gets data_batch_1..5, test_batch and batches.meta, pickled exactly like the
-official release (bytes keys, uint8 rows of 3072 = 3 x 32 x 32 values). Each class is a coloured
+ROOT/cifar-10-batches-py/ gets data_batch_1..5, test_batch and batches.meta, laid out as the official
+release (the same dict keys, uint8 rows of 3072 = 3 x 32 x 32 values) and read as hetconv.data reads it,
+with pickle's encoding="bytes". They are Python 3 pickles, not the release's Python 2 ones: read with
+encoding="latin1", as torchvision's CIFAR10 does, their keys stay bytes, so that class cannot load them. Each class is a coloured
 shape (its own colour, one of five shapes) at a random place and size on a noisy random background:
 easy for a CNN, impossible for chance. For trying the pipeline offline and for the tests.
 """
@@ -64,11 +66,12 @@ def make_fake_cifar(root: Path | str, train: int = 5000, test: int = 1000, seed:
                               "choose another folder, or pass --force to replace it with generated data")
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    for index, labels in enumerate(np.array_split(rng.integers(0, 10, train), 5), start=1):
+    batches = np.array_split(rng.integers(0, 10, train), 5)  # the first ones one image larger where 5 does not divide
+    for index, labels in enumerate(batches, start=1):
         write_batch(folder / f"data_batch_{index}", f"training batch {index} of 5", labels, rng)
     write_batch(folder / "test_batch", "testing batch 1 of 1", rng.integers(0, 10, test), rng)
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [c.encode() for c in CLASSES], b"num_cases_per_batch": train // 5,
+        pickle.dump({b"label_names": [c.encode() for c in CLASSES], b"num_cases_per_batch": len(batches[0]),
                      b"num_vis": 3072}, f, protocol=2)
     return folder
 
@@ -78,9 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("root", type=Path, help="folder to hold cifar-10-batches-py/ (use it as data.root)")
     parser.add_argument("--train", type=positive_int, default=5000, help="training images (split over 5 batch files)")
     parser.add_argument("--test", type=positive_int, default=1000, help="test images")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="numpy's generator seed, >= 0")
     parser.add_argument("--force", action="store_true", help="replace the batch files that root already holds")
     args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0 (numpy's generator takes no negative seed), got {args.seed}")
     try:
         folder = make_fake_cifar(args.root, args.train, args.test, args.seed, overwrite=args.force)
     except FileExistsError as error:
