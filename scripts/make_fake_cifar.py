@@ -5,9 +5,9 @@
 ROOT/cifar-10-batches-py/ gets data_batch_1..5, test_batch and batches.meta, laid out as the official
 release (the same dict keys, uint8 rows of 3072 = 3 x 32 x 32 values) and read as hetconv.data reads it,
 with pickle's encoding="bytes". They are Python 3 pickles, not the release's Python 2 ones: read with
-encoding="latin1", as torchvision's CIFAR10 does, their keys stay bytes, so that class cannot load them. Each class is a coloured
-shape (its own colour, one of five shapes) at a random place and size on a noisy random background:
-easy for a CNN, impossible for chance. For trying the pipeline offline and for the tests.
+encoding="latin1", as torchvision's CIFAR10 does, their keys stay bytes, so that class cannot load them.
+Each class is a coloured shape (its own colour, one of five shapes) at a random place and size on a
+noisy random background: easy for a CNN, impossible for chance. For trying the pipeline offline and for the tests.
 """
 
 import argparse

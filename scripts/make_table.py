@@ -254,7 +254,8 @@ def render_markdown(rows: list[dict], info: dict, command: str) -> str:
         + markdown_table(header, body) +
         "\nFinal-epoch accuracy is the test accuracy after the last epoch, mean ± sample std over seeds. "
         "*Best-epoch accuracy is the highest test accuracy over all epochs: it is selected on the test set, "
-        "as the public re-implementation did (its figures beside ours, from results/published.csv), and so is optimistic. "
+        "as the public re-implementation did (its figures beside ours, from results/published.csv), and so is "
+        "optimistic. "
         "FLOPs are in the paper's convention (results/flops.md); params are effective parameters. "
         "Paper accuracy: Singh et al., CVPR 2019, Table for VGG-16 on CIFAR-10."
         + (" Rows of width != 1 have no paper figures: the paper trained full-width models only."

@@ -182,7 +182,7 @@ def test_the_table_counts_each_rows_costs_on_its_model_and_refuses_to_pool_other
         make_table.main([str(tmp_path / "paper"), "--out", str(tmp_path / "table")])
     fake_job(tmp_path / "five", 1, 1.0, "finished", overrides=["model.num_classes=5"])  # the recipe's classifier
     [five] = [r for r in make_table.main([str(tmp_path / "five"), "--out", str(tmp_path / "table")]) if r["n"]]
-    assert (five["flops_m"], five["params_m"]) == (313.73, 14.985) != (published[1]["flops_m"], published[1]["params_m"])
+    assert (five["flops_m"], five["params_m"]) == (313.73, 14.985)  # published: 313.74, 14.988 with 10 classes
 
 
 def test_a_new_job_is_refused_as_another_jobs_twin_whatever_data_folder_and_form_it_runs_with(tmp_path):
