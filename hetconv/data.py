@@ -84,12 +84,12 @@ def read_batch(path: Path) -> Split:
     return Split(images, labels)
 
 
-def batch_files(folder: Path) -> dict[str, list[Path]]:
-    """data_batch_1..n (fewer than five is a subset, which loads) and test_batch; a gap in the numbering
-    is a lost file, not a subset."""
+def batch_files(folder: Path, splits: tuple[str, ...] = ("train", "test")) -> dict[str, list[Path]]:
+    """data_batch_1..n (fewer than five is a subset, which loads) and test_batch; where `splits` has the training
+    split, a gap in the numbering is a lost file, not a subset."""
     numbered = {int(m.group(1)): p for p in folder.iterdir() if (m := re.fullmatch(r"data_batch_(\d+)", p.name))}
     gaps = sorted(set(range(1, max(numbered, default=0) + 1)) - numbered.keys())
-    if gaps:
+    if gaps and "train" in splits:
         raise DatasetError(f"CIFAR-10 in {folder} is missing {', '.join(f'data_batch_{k}' for k in gaps)} while "
                            f"data_batch_{max(numbered)} is there. " + how_to_replace(folder))
     return {"train": [numbered[k] for k in sorted(numbered)], "test": [folder / "test_batch"]}
@@ -170,7 +170,7 @@ def load_cifar10(root: Path | str, download_if_missing: bool = True,
             raise DatasetError(f"CIFAR-10 not found: {folder} does not exist (expected data_batch_1..5 and "
                                f"test_batch in it) and data.download=false. " + how_to_get(root))
         download(root)
-    files = batch_files(folder)
+    files = batch_files(folder, splits)
     files["train"] = files["train"] or [folder / "data_batch_1..5"]  # none at all: named as missing below
     missing = [str(p) for name in splits for p in files[name] if not p.is_file()]
     if missing:

@@ -136,6 +136,9 @@ def test_an_extra_training_batch_is_not_the_official_cifar10(tmp_path, monkeypat
     assert not is_official(tmp_path)
     (folder / "data_batch_1").unlink()  # a gap: eval, which reads the test split only, still asks
     assert not is_official(tmp_path) and not is_official(tmp_path / "nowhere")
+    assert len(load_cifar10(tmp_path, download_if_missing=False, splits=("test",))["test"]) == 100  # eval's split
+    with pytest.raises(DatasetError, match="is missing data_batch_1 while data_batch_6 is there"):
+        load_cifar10(tmp_path, download_if_missing=False)
 
 
 def change_one_pixel(batch: dict) -> None:
