@@ -296,8 +296,15 @@ def refuse_a_twin(run_dir: Path, config: dict, overrides: list[str]) -> None:
             removed = {entry.name for entry in run_dir.iterdir()} <= {".hydra", "train.log", lock_path(run_dir).name}
             if removed:
                 shutil.rmtree(run_dir)
-            raise Refused(f"{run_dir.name} would train the job that {other.name} holds, with the same recipe, under "
-                          f"another name: a job's folder is named after its overrides, and this launch "
+            # Where the data is and how many jobs share a GPU make no difference to a job; how it computes does, but
+            # not to the table, which would count the two as one job.
+            runs_otherwise = config_differences(started["config"], config,
+                                                ("data.root", "data.download", "trainer.jobs_per_gpu"))
+            raise Refused(f"{run_dir.name} would train the job that {other.name} holds, with the same recipe"
+                          + (f" and only another way to compute it ({'; '.join(runs_otherwise)}), which make_table.py "
+                             f"would count as the same job: to compare such settings, give each its own "
+                             f"hydra.sweep.dir. It would train it" if runs_otherwise else "")
+                          + f" under another name: a job's folder is named after its overrides, and this launch "
                           f"{naming_changes(started['launches'], overrides)}. Relaunch the sweep with the overrides "
                           f"its jobs were launched with"
                           + (f" ({run_dir}, which held only Hydra's files, was removed)" if removed else
@@ -471,7 +478,8 @@ def open_tensorboard(run_dir: Path, epoch: int, cfg: DictConfig, info: dict) -> 
               "flops_m": info["flops"] / 1e6, "params_m": info["params"] / 1e6,
               # to filter out runs that do not compare: other data, another form or precision
               "data": "official CIFAR-10" if info["data"]["official_cifar10"] else "other",  # a bool shows as 0/1
-              "hetconv": info["hetconv"], "precision": info["precision"]}
+              "hetconv": info["hetconv"],
+              "precision": info.get("precision", "unrecorded")}  # a record from before a971463 lacks it
     experiment, session_start, finished_session = hparams(values, {f"hparam/{key}": 0 for key in HPARAM_METRICS})
     writer.file_writer.add_summary(experiment)
     writer.file_writer.add_summary(session_start)

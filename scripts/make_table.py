@@ -137,9 +137,10 @@ def paper_costs(part: int, width: float, num_classes: int) -> tuple[float | None
     return truncate_millions(count_flops(model, "paper")), round(count_params(model)[0] / 1e6, 3)
 
 
-def published_figures(part: int, width: float, published: dict) -> dict:
-    """The paper's figures to set beside a row; none for a width-scaled model, which is not the paper's."""
-    return published.get(part, {}) if width == 1 else {}
+def published_figures(part: int, width: float, num_classes: int, published: dict) -> dict:
+    """The paper's figures to set beside a row; none for a width-scaled model or another classifier, which are not
+    the paper's."""
+    return published.get(part, {}) if width == 1 and num_classes == 10 else {}
 
 
 def row_order(group: tuple) -> tuple:
@@ -147,13 +148,12 @@ def row_order(group: tuple) -> tuple:
     return tuple((0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value)) for value in group)
 
 
-def table_rows(jobs: list[Job], published: dict) -> list[dict]:
+def table_rows(jobs: list[Job], published: dict, num_classes: int) -> list[dict]:
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
         groups.setdefault((job.config["model"]["part"], job.config["model"]["width"]), []).append(job)
     widths = sorted({width for _, width in groups}, key=lambda width: row_order((width,)))
     sweep_width = 1.0 if 1 in widths or not widths else widths[0]  # the paper's width, unless no job ran at it
-    num_classes = jobs[0].config["model"]["num_classes"]  # the recipe's, which every job shares
     for part in PAPER_PARTS:  # every published part gets a row, run or not
         groups.setdefault((part, sweep_width), [])
     rows = []
@@ -162,7 +162,7 @@ def table_rows(jobs: list[Job], published: dict) -> list[dict]:
         final, final_std = mean_std([m["test_acc"] for m in finished])
         best, best_std = mean_std([m["best_test_acc"] for m in finished])
         flops_m, params_m = paper_costs(part, width, num_classes)
-        paper = published_figures(part, width, published)
+        paper = published_figures(part, width, num_classes, published)
         if not group:  # a part of the paper that no job ran
             status = "not run" if flops_m is not None else f"not run: P={part} does not split width {width}'s layers"
         else:
@@ -215,6 +215,7 @@ def provenance(jobs: list[Job]) -> dict:
                    f"weight decay {optim['weight_decay']}, batch {trainer['batch_size']}; lr x{schedule['gamma']} at "
                    f"epochs {schedule['milestones']} of {schedule['reference_epochs']}, scaled to the run's epochs; "
                    f"{augmentation(data_cfg)}; {'mean/std' if data_cfg['normalize'] else 'no'} normalisation"),
+        "num_classes": first["model"]["num_classes"],  # the recipe's, which every job shares
         "epochs": sorted({c["trainer"]["epochs"] for c in configs}),
         "seeds": sorted({c["seed"] for c in configs}),
         "devices": sorted({launch["device"] for launch in every_launch if launch["device"]}),
@@ -258,7 +259,9 @@ def render_markdown(rows: list[dict], info: dict, command: str) -> str:
         "optimistic. "
         "FLOPs are in the paper's convention (results/flops.md); params are effective parameters. "
         "Paper accuracy: Singh et al., CVPR 2019, Table for VGG-16 on CIFAR-10."
-        + (" Rows of width != 1 have no paper figures: the paper trained full-width models only."
+        + (f" No row has paper figures: the paper trained 10-class models, these jobs {info['num_classes']}."
+           if info["num_classes"] != 10 else
+           " Rows of width != 1 have no paper figures: the paper trained full-width models only."
            if any(r["width"] != 1 for r in rows) else "") + "\n"
     )
 
@@ -309,7 +312,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise SystemExit(f"error: no job under {', '.join(map(str, args.sweeps))} has finished, so there is no "
                              f"result for {RESULTS_DIR}; see the jobs' train.log, or write the table elsewhere "
                              "to list them: --out <folder>")
-    rows = table_rows(jobs, load_published())
+    rows = table_rows(jobs, load_published(), info["num_classes"])
     args.out.mkdir(parents=True, exist_ok=True)
     text = render_markdown(rows, info, command)  # before writing: the commit it names is not dirty with our files
     write_csv(args.out / "table.csv", rows)

@@ -96,8 +96,10 @@ def test_sweep_keeps_going_past_a_failed_job_and_the_table_shows_it(fake_root, t
     twin = sweep(sweep_dir, fake_root, "model.part=4", "optim.lr=0.02", "trainer.hetconv=dense")
     assert twin.returncode != 0 and (
         f"part=4,seed=0,optim.lr=0.02,trainer.epochs=2 would train the job that {JOB.format(4)} holds, with the same "
-        "recipe, under another name: a job's folder is named after its overrides, and this launch adds "
-        "optim.lr=0.02, against that job's last launch") in twin.stderr
+        "recipe and only another way to compute it (trainer.hetconv: auto -> dense), which make_table.py would count "
+        "as the same job: to compare such settings, give each its own hydra.sweep.dir. It would train it under "
+        "another name: a job's folder is named after its overrides, and this launch adds optim.lr=0.02, against that "
+        "job's last launch") in twin.stderr
     twin_dir = sweep_dir / "part=4,seed=0,optim.lr=0.02,trainer.epochs=2"
     assert f"({twin_dir}, which held only Hydra's files, was removed)" in twin.stderr and not twin_dir.exists()
     make_table.main([str(sweep_dir), "--out", str(out)])  # no twin left to refuse as the same job
@@ -183,6 +185,9 @@ def test_the_table_counts_each_rows_costs_on_its_model_and_refuses_to_pool_other
     fake_job(tmp_path / "five", 1, 1.0, "finished", overrides=["model.num_classes=5"])  # the recipe's classifier
     [five] = [r for r in make_table.main([str(tmp_path / "five"), "--out", str(tmp_path / "table")]) if r["n"]]
     assert (five["flops_m"], five["params_m"]) == (313.73, 14.985)  # published: 313.74, 14.988 with 10 classes
+    assert five["published_flops_m"] is five["published_test_acc"] is five["diff"] is None  # not the paper's model
+    assert "No row has paper figures: the paper trained 10-class models, these jobs 5." in (
+        tmp_path / "table" / "table.md").read_text()
 
 
 def test_a_new_job_is_refused_as_another_jobs_twin_whatever_data_folder_and_form_it_runs_with(tmp_path):
@@ -195,6 +200,12 @@ def test_a_new_job_is_refused_as_another_jobs_twin_whatever_data_folder_and_form
     moved = {**config, "data": {**config["data"], "root": "/elsewhere"},
              "trainer": {**config["trainer"], "hetconv": "dense", "compile": False}}
     with pytest.raises(train_module.Refused, match="this launch leaves out optim.lr=0.02, against that job's last"):
+        train_module.refuse_a_twin(new, {**config, "data": {**config["data"], "root": "/elsewhere"}},
+                                   ["model.part=4", "data.root=/elsewhere"])
+    new.mkdir()  # the refusal removed it, empty
+    with pytest.raises(train_module.Refused, match=r"holds, with the same recipe and only another way to compute it "
+                                                   r"\(trainer.compile: .* -> False; trainer.hetconv: .* -> dense\), "
+                                                   r"which make_table.py would count as the same job"):
         train_module.refuse_a_twin(new, moved, ["model.part=4", "data.root=/elsewhere", "trainer.hetconv=dense"])
 
 
