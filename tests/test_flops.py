@@ -67,17 +67,20 @@ def test_a_literal_count_of_non_zero_weights_is_not_the_papers_convention():
     assert truncate_millions(total) == 175.32 != PUBLISHED[part]["flops_m"] == 175.23
 
 
-def test_paper_convention_prices_a_single_layer_by_the_papers_ratio():
-    layer = torch.nn.Sequential(HetConv2d(16, 32, 4))
+@pytest.mark.parametrize("part", [2, 4, 8, 16])
+def test_paper_convention_prices_a_single_layer_by_the_papers_ratio(part):
+    layer = torch.nn.Sequential(HetConv2d(16, 32, part))
     side, standard = 32, 32 * 32 * 32 * (9 * 16 + 1)
-    ratio = 1 / 4 + (1 - 1 / 4) / 9  # R(P) as the paper writes it
-    assert paper_ratio(4) == pytest.approx(ratio)
+    ratio = 1 / part + (1 - 1 / part) / 9  # R(P) as the paper writes it
     assert count_flops(layer, "paper", (16, side, side)) == pytest.approx(standard * ratio, rel=1e-12)
+    assert paper_ratio(part) == pytest.approx(ratio)  # bench.py's FLOP ratio
     layer[0].mask1x1.fill_(True)  # the unmasked layer of some re-implementations: its block diagonal is priced too
-    assert count_flops(layer, "paper", (16, side, side)) == pytest.approx(standard * (1 / 4 + 1 / 9), rel=1e-12)
-    # The same shape as a standard conv costs the whole (9M + 1) per output.
+    assert count_flops(layer, "paper", (16, side, side)) == pytest.approx(standard * (1 / part + 1 / 9), rel=1e-12)
+
+
+def test_paper_convention_prices_a_standard_conv_at_its_multiply_adds_plus_one_per_output():
     conv = torch.nn.Conv2d(16, 32, 3, padding=1, bias=False)
-    assert count_flops(conv, "paper", (16, side, side)) == standard
+    assert count_flops(conv, "paper", (16, 32, 32)) == 32 * 32 * 32 * (9 * 16 + 1)
 
 
 @pytest.mark.parametrize("part", [1, 4, 64])
