@@ -7,7 +7,8 @@ release (the same dict keys, uint8 rows of 3072 = 3 x 32 x 32 values) and read a
 with pickle's encoding="bytes". They are Python 3 pickles, not the release's Python 2 ones: read with
 encoding="latin1", as torchvision's CIFAR10 does, their keys stay bytes, so that class cannot load them.
 Each class is a coloured shape (its own colour, one of five shapes) at a random place and size on a
-noisy random background: easy for a CNN, impossible for chance. For trying the pipeline offline and for the tests.
+noisy random background: easy for a CNN, impossible for chance. For trying the pipeline offline and
+for the tests.
 """
 
 import argparse

@@ -197,16 +197,15 @@ def test_a_new_job_is_refused_as_another_jobs_twin_whatever_data_folder_and_form
     other_lr = {**config, "optim": {**config["optim"], "lr": 0.05}}  # hydra.sweep.subdir=${hydra.job.num}, say
     train_module.refuse_a_twin(new, other_lr, ["model.part=4", "optim.lr=0.05"])
     # Where the data is and how the job runs make no other job: the table would refuse the pair as one job twice.
-    moved = {**config, "data": {**config["data"], "root": "/elsewhere"},
-             "trainer": {**config["trainer"], "hetconv": "dense", "compile": False}}
+    moved = {**config, "data": {**config["data"], "root": "/elsewhere"}}
     with pytest.raises(train_module.Refused, match="this launch leaves out optim.lr=0.02, against that job's last"):
-        train_module.refuse_a_twin(new, {**config, "data": {**config["data"], "root": "/elsewhere"}},
-                                   ["model.part=4", "data.root=/elsewhere"])
+        train_module.refuse_a_twin(new, moved, ["model.part=4", "data.root=/elsewhere"])
     new.mkdir()  # the refusal removed it, empty
+    other_form = {**moved, "trainer": {**config["trainer"], "hetconv": "dense", "compile": False}}
     with pytest.raises(train_module.Refused, match=r"holds, with the same recipe and only another way to compute it "
                                                    r"\(trainer.compile: .* -> False; trainer.hetconv: .* -> dense\), "
                                                    r"which make_table.py would count as the same job"):
-        train_module.refuse_a_twin(new, moved, ["model.part=4", "data.root=/elsewhere", "trainer.hetconv=dense"])
+        train_module.refuse_a_twin(new, other_form, ["model.part=4", "data.root=/elsewhere", "trainer.hetconv=dense"])
 
 
 def test_a_damaged_metrics_json_is_named_with_what_to_do(tmp_path):
