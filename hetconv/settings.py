@@ -27,7 +27,7 @@ from hetconv.data import DatasetError
 from hetconv.layer import check_impl
 from hetconv.provenance import REPO_ROOT
 from hetconv.runfiles import command_line_override
-from hetconv.training import compile_mode
+from hetconv.training import check_device, compile_mode
 from models.vgg import check_part_fits
 
 
@@ -102,7 +102,9 @@ def check_settings(cfg) -> None:
                              f"got {values}")
     if cfg.optim.nesterov and cfg.optim.momentum == 0:
         raise ValueError("optim.nesterov=true needs optim.momentum > 0: set a momentum, or optim.nesterov=false")
-    # An unknown trainer.compile or trainer.hetconv fails here, before a GPU is claimed.
+    # An unknown trainer.device, trainer.compile or trainer.hetconv fails here, before a GPU is claimed (and before
+    # Hydra starts: a login node without a GPU launches jobs that train on one, so no device is looked for here).
+    check_device(cfg.trainer.device)
     compile_mode(cfg.trainer.compile, torch.device("cpu"))
     check_impl(cfg.trainer.hetconv, "trainer.hetconv")
 

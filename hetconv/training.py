@@ -22,8 +22,18 @@ from models import vgg16
 log = logging.getLogger(__name__)
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_device(name, key: str = "trainer.device") -> None:
+    """The setting names a device; whether it is there is for `select_device`, on the machine that trains."""
+    if name not in DEVICES:
+        raise ValueError(f"{key} must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}, got {name!r}")
+
+
 def select_device(name: str, key: str = "trainer.device") -> torch.device:
     """'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'; errors name the setting `key`."""
+    check_device(name, key)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -31,8 +41,6 @@ def select_device(name: str, key: str = "trainer.device") -> torch.device:
             log.warning("CUDA_VISIBLE_DEVICES is empty, so this job trains on the CPU. With "
                         "hydra/launcher=submitit_local, set hydra.launcher.gpus_per_node to the host's GPUs.")
         return torch.device("cpu")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"{key} must be auto, cpu or cuda, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{key}=cuda but torch sees no CUDA device: use {key}=cpu or auto, "
                          "or check the GPU driver and the CUDA build of torch (torch.version.cuda="

@@ -29,7 +29,7 @@ from hetconv import HetConv2d, training
 from hetconv.data import DatasetError, Split, load_cifar10
 from hetconv.flops import count_flops
 from hetconv.runfiles import atomic_write, exclusive, last_checkpoint, read_metrics, write_json
-from hetconv.settings import check_command_line, check_overrides, raised_here, train_config
+from hetconv.settings import check_command_line, check_jobs, check_overrides, raised_here, train_config
 from hetconv.training import Preprocess, compile_mode, evaluate, milestone_epochs, percent, select_device
 from models import vgg16
 from scripts.make_fake_cifar import make_fake_cifar
@@ -527,6 +527,8 @@ def test_settings_that_cannot_train_are_rejected_before_training(override, messa
     with pytest.raises(ValueError, match=re.escape(message)):
         train_module.train(train_config(*SMALL, *override.split(), f"data.root={fake_root}"), tmp_path)
     assert read_metrics(tmp_path)["status"] == "failed" and not last_checkpoint(tmp_path).exists()
+    with pytest.raises(SystemExit, match=re.escape(f"error: ValueError: {message}")):  # and before Hydra starts
+        check_jobs(override.split())
 
 
 def test_a_second_process_on_the_same_folder_is_refused(fake_root, tmp_path):
