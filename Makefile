@@ -28,8 +28,13 @@ flops: install
 bench: install
 	$(PY) scripts/bench.py $(ARGS)
 
+# The table is made from the folder the sweep trained in: hydra.sweep.dir in ARGS would train elsewhere.
+refuse_sweep_dir = $(if $(findstring hydra.sweep.dir,$(ARGS)),$(error ARGS sets hydra.sweep.dir, but the table \
+	is made from $(1): $(2)))
+
 # The paper's sweep, then its table (also built when some jobs failed; make still reports the failure).
 reproduce: install
+	$(call refuse_sweep_dir,$(SWEEP),name the sweep's folder with SWEEP=<folder> instead)
 	$(PY) train.py -m experiment=paper hydra.sweep.dir=$(SWEEP) $(ARGS); status=$$?; \
 	$(PY) scripts/make_table.py $(SWEEP) && exit $$status
 
@@ -39,6 +44,7 @@ table: install
 # The whole pipeline on generated data (on the GPU if there is one, else about a minute on 2 CPU cores): in demo/.
 # --force: demo/data is the demo's own, generated again (the same data) at every run.
 demo: install
+	$(call refuse_sweep_dir,demo/sweep,the demo sweeps into demo/sweep)
 	$(PY) scripts/make_fake_cifar.py demo/data --force
 	$(PY) train.py -m experiment=demo $(ARGS); status=$$?; \
 	$(PY) scripts/make_table.py demo/sweep --out demo && \

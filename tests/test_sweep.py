@@ -7,6 +7,7 @@ import re
 import shlex
 import shutil
 import stat
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -206,6 +207,20 @@ def test_a_new_job_is_refused_as_another_jobs_twin_whatever_data_folder_and_form
                                                    r"\(trainer.compile: .* -> False; trainer.hetconv: .* -> dense\), "
                                                    r"which make_table.py would count as the same job"):
         train_module.refuse_a_twin(new, other_form, ["model.part=4", "data.root=/elsewhere", "trainer.hetconv=dense"])
+
+
+def test_make_refuses_a_sweep_folder_in_args_that_its_table_would_not_read():
+    def dry_run(target, args):  # make -n prints the commands without running them
+        return subprocess.run(["make", "-n", "-o", "install", target, f"ARGS={args}"], cwd=REPO, capture_output=True,
+                              text=True)
+
+    for target, folder in (("reproduce", "multirun/paper"), ("demo", "demo/sweep")):
+        refused = dry_run(target, "seed=0,1 hydra.sweep.dir=elsewhere")
+        assert refused.returncode == 2 and f"ARGS sets hydra.sweep.dir, but the table is made from {folder}" in (
+            refused.stderr)
+    launched = dry_run("reproduce", "seed=0,1")
+    assert launched.returncode == 0 and "train.py -m experiment=paper hydra.sweep.dir=multirun/paper seed=0,1" in (
+        launched.stdout)
 
 
 def test_a_damaged_metrics_json_is_named_with_what_to_do(tmp_path):
