@@ -69,7 +69,7 @@ class StopSignals:
     requeues a SLURM job) is then called; without one, the run stops. A second SIGINT before the run
     has stopped for the first (during an evaluation or a compilation, say) stops it at once, unsaved: a
     second Ctrl-C is not made to wait. (Launchers may send SIGTERM twice; it only sets the flag.) A
-    signal that was ignored when the run started (SIGINT in a shell's background job) stays ignored."""
+    signal that was ignored when the run started (SIGINT in a shell's background job) stays ignored, as the log says."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
@@ -82,6 +82,9 @@ class StopSignals:
             for sig in self.SIGNALS:
                 if signal.getsignal(sig) is not signal.SIG_IGN:
                     self.previous[sig] = signal.signal(sig, self.handle)
+                elif sig == signal.SIGINT:
+                    log.info("SIGINT is ignored in this process (a shell's background job, say): Ctrl-C does not "
+                             "stop this run; SIGTERM does, its state saved")
         return self
 
     def handle(self, signum, frame):

@@ -77,7 +77,7 @@ def check_settings(cfg) -> None:
         if not is_int(value) or value < least:
             raise ValueError(f"{key} must be an int >= {least}, got {value!r}")
     for key, zero_allowed in (("optim.lr", False), ("schedule.gamma", False), ("optim.momentum", True),
-                              ("optim.weight_decay", True)):
+                              ("optim.weight_decay", True), ("model.width", False)):
         value = OmegaConf.select(cfg, key)
         if not is_finite_number(value) or value < 0 or (value == 0 and not zero_allowed):
             raise ValueError(f"{key} must be a finite number {'>=' if zero_allowed else '>'} 0, got {value!r}")

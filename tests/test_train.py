@@ -432,7 +432,7 @@ def test_a_signal_during_the_last_evaluation_lets_the_run_finish(reference_run, 
     assert "SIGTERM after the last epoch: the run finished first" in caplog.text
 
 
-def test_a_second_ctrl_c_stops_at_once_and_an_ignored_sigint_stays_ignored():
+def test_a_second_ctrl_c_stops_at_once_and_an_ignored_sigint_stays_ignored(caplog):
     with train_module.StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)  # launchers may send it twice: still a flag
@@ -442,12 +442,13 @@ def test_a_second_ctrl_c_stops_at_once_and_an_ignored_sigint_stays_ignored():
             time.sleep(1)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a shell's background job
     try:
-        with train_module.StopSignals() as stop:
+        with caplog.at_level(logging.INFO, logger="train"), train_module.StopSignals() as stop:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.1)
             assert stop.received is None
     finally:
         signal.signal(signal.SIGINT, previous)
+    assert "SIGINT is ignored in this process (a shell's background job, say): Ctrl-C does not stop" in caplog.text
 
 
 def test_sigusr2_without_a_launchers_handler_stops_the_run_with_its_exit_code():
@@ -517,6 +518,7 @@ def test_a_damaged_or_foreign_checkpoint_is_named_and_the_run_left_as_it_is(refe
     ("trainer.jobs_per_gpu=0", "trainer.jobs_per_gpu must be an int >= 1 (or null to not pin jobs), got 0"),
     ("trainer.jobs_per_gpu=abc", "trainer.jobs_per_gpu must be an int >= 1 (or null to not pin jobs), got 'abc'"),
     ("model.num_classes=abc", "model.num_classes must be an int >= 1, got 'abc'"),
+    ("model.width=0", "model.width must be a finite number > 0, got 0"),
     ("trainer.compile=fast", "trainer.compile must be auto, true, false or a torch.compile mode"),
     ("trainer.hetconv=fast", "trainer.hetconv must be one of auto, grouped, dense, got 'fast'"),
     ("trainer.device=gpu", "trainer.device must be auto, cpu or cuda, got 'gpu'"),
