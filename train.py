@@ -42,7 +42,7 @@ from hetconv.runfiles import (ANOTHER_FOLDER, RESUMABLE_CHANGES, RunRecord, chec
                               config_differences, exclusive, final_weights, flatten, how_to_resume, is_sweep_folder,
                               last_checkpoint, load, lock_path, read_metrics, save, save_final_weights)
 from hetconv.settings import (check_command_line, check_jobs, check_settings, config_groups, ends_without_traceback,
-                              override_key, train_config)
+                              override_key, refuse_a_sweep, train_config)
 from hetconv.training import (build_training, compile_mode, evaluate, execution, how_it_runs, percent, precision,
                               train_step)
 from models.vgg import check_part_fits
@@ -209,8 +209,10 @@ def training_data(cfg: DictConfig, device: torch.device, run_dir: Path,
 def main(cfg: DictConfig) -> dict:
     try:
         hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode == RunMode.RUN:
-            refuse_a_sweep(hydra_cfg)
+        if hydra_cfg.mode == RunMode.RUN:  # where check_jobs left the command to Hydra (-cp, say)
+            refuse_a_sweep(OmegaConf.select(hydra_cfg, "sweeper.params") or {},
+                           {override_key(override) for override in hydra_cfg.overrides.task},
+                           hydra_cfg.runtime.choices.get("experiment"))
         return train(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN,
                      overrides=list(hydra_cfg.overrides.task))
     except Exception as error:
@@ -218,20 +220,6 @@ def main(cfg: DictConfig) -> dict:
         if ends_without_traceback(error):
             raise SystemExit(1) from None  # its message is the line just logged, on stderr too
         raise
-
-
-def refuse_a_sweep(hydra_cfg: DictConfig) -> None:
-    """A single run's command that sets a sweep (experiment=paper without -m, say) is refused: it would train one
-    job of it. A swept key that the command line gives one value makes it a single run."""
-    sweep = OmegaConf.select(hydra_cfg, "sweeper.params") or {}
-    given = {override_key(override) for override in hydra_cfg.overrides.task}
-    unset = [key for key in sweep if key not in given]
-    if unset:
-        experiment = hydra_cfg.runtime.choices.get("experiment")
-        raise ValueError(f"this command sets a sweep ({', '.join(f'{key}={sweep[key]}' for key in unset)}"
-                         f"{f', from experiment={experiment}' if experiment else ''}), which only -m runs: add -m to "
-                         f"the command (python train.py -m ...), or give {' and '.join(unset)} one value for a single "
-                         f"run")
 
 
 def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: list[str] | None = None) -> dict:

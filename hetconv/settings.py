@@ -165,7 +165,14 @@ def check_jobs(argv: list[str]) -> None:
         if any(o.is_sweep_override() for o in overrides if o.key_or_group in groups or not args.multirun):
             return
         composed = train_config(*choices, name=args.config_name or "train", with_hydra=True)
-        sweep = (OmegaConf.select(composed, "hydra.sweeper.params") or {}) if args.multirun else {}
+        sweep = OmegaConf.select(composed, "hydra.sweeper.params") or {}
+        if not args.multirun:
+            try:
+                refuse_a_sweep(sweep, {o.key_or_group for o in overrides},
+                               OmegaConf.select(composed, "hydra.runtime.choices.experiment"))
+            except ValueError as error:
+                raise SystemExit(f"error: ValueError: {error}") from None
+            sweep = {}
         if any(override_key(key) in groups for key in sweep):  # an experiment sweeping a config group
             return
         base = OmegaConf.masked_copy(composed, [key for key in composed if key != "hydra"])
@@ -186,6 +193,18 @@ def check_jobs(argv: list[str]) -> None:
                 raise SystemExit(f"error: ValueError: {job_named}{error}") from None
     except (HydraException, OmegaConfBaseException):
         return
+
+
+def refuse_a_sweep(sweep: dict, given: set[str], experiment: str | None) -> None:
+    """A single run's command that sets a sweep (`sweep`: hydra.sweeper.params, as experiment=paper sets it; `given`:
+    the keys the command line sets) is refused: it would train one job of it. A swept key that the command line
+    gives one value makes it a single run."""
+    unset = [key for key in sweep if key not in given]
+    if unset:
+        raise ValueError(f"this command sets a sweep ({', '.join(f'{key}={sweep[key]}' for key in unset)}"
+                         f"{f', from experiment={experiment}' if experiment else ''}), which only -m runs: add -m to "
+                         f"the command (python train.py -m ...), or give {' and '.join(unset)} one value for a single "
+                         f"run")
 
 
 def check_overrides(overrides: list[str], readable: list[str], groups, script: str, *, hint: str) -> None:

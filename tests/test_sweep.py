@@ -396,11 +396,15 @@ def test_a_job_waits_for_a_free_gpu_slot_and_a_reused_worker_keeps_its_gpu(tmp_p
 
 
 def test_a_sweep_without_multirun_is_refused_rather_than_run_as_one_job(tmp_path):
-    result = script("train.py", "experiment=paper", f"hydra.run.dir={tmp_path}", check=False)
-    assert result.returncode == 1 and ("this command sets a sweep (model.part=1,2,4,8,16,32,64, from "
-                                       "experiment=paper), which only -m runs: add -m to the command (python train.py "
-                                       "-m ...), or give model.part one value for a single run") in result.stderr
-    assert not (tmp_path / "metrics.json").exists()
+    refusal = ("this command sets a sweep (model.part=1,2,4,8,16,32,64, from experiment=paper), which only -m runs: "
+               "add -m to the command (python train.py -m ...), or give model.part one value for a single run")
+    result = script("train.py", "experiment=paper", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert result.returncode == 1 and refusal in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before Hydra made the run's folder
+    # Composed from a folder named on the command line, which the check before Hydra leaves alone: refused in the run
+    result = script("train.py", "-cd", str(REPO / "configs"), "experiment=paper", f"hydra.run.dir={tmp_path / 'cd'}",
+                    check=False)
+    assert result.returncode == 1 and refusal in result.stderr and not (tmp_path / "cd" / "metrics.json").exists()
     # with model.part given, the same command is a single run: it gets past this check to the settings' own
     result = script("train.py", "experiment=paper", "model.part=3", f"hydra.run.dir={tmp_path}", check=False)
     assert result.returncode == 1 and "vgg16(part=3, width=1.0)" in result.stderr
