@@ -109,16 +109,17 @@ def check_one_dataset(jobs: list[Job]) -> None:
 
 def check_each_job_once(jobs: list[Job]) -> None:
     """A row's n counts seeds: two folders of the same (part, width, seed), a copied sweep say, would count twice."""
-    seen: dict[tuple, Path] = {}
+    seen: dict[tuple, Job] = {}
     for job in jobs:
         key = (job.config["model"]["part"], job.config["model"]["width"], job.config["seed"])
         if key in seen:
-            raise SystemExit(f"error: {seen[key]} and {job.path} are the same job (part={key[0]}, width={key[1]}, "
-                             f"seed={key[2]}); give each job's folder once. Is one a copy of the other, or was "
-                             "the sweep launched again with a setting written out at its default value? That names "
-                             "a new folder, where train.py refuses to train the job again: remove the one of the two "
-                             "that holds no metrics.json.")
-        seen[key] = job.path
+            untrained = [twin.path for twin in (seen[key], job) if twin.metrics is None]
+            why = (f"{untrained[0]} holds no metrics.json: the sweep was launched again with its overrides written "
+                   "otherwise (a setting at its default value, say), which names a new folder, where train.py refused "
+                   "to train the job again. Remove that folder" if untrained else "Is one a copy of the other?")
+            raise SystemExit(f"error: {seen[key].path} and {job.path} are the same job (part={key[0]}, "
+                             f"width={key[1]}, seed={key[2]}); give each job's folder once. {why}")
+        seen[key] = job
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:

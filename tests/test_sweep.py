@@ -91,7 +91,8 @@ def test_sweep_keeps_going_past_a_failed_job_and_the_table_shows_it(fake_root, t
     # A copy of the sweep beside the sweep would count every job twice as two seeds.
     copy = shutil.copytree(sweep_dir, tmp_path / "copy")
     twice = script("scripts/make_table.py", str(sweep_dir), str(copy), "--out", str(out), check=False)
-    assert twice.returncode != 0 and "are the same job (part=4, width=0.25, seed=0)" in twice.stderr
+    assert twice.returncode != 0 and ("are the same job (part=4, width=0.25, seed=0); give each job's folder once. "
+                                      "Is one a copy of the other?") in twice.stderr
 
     # Launched again with a setting written out at its default value: a new folder, refused before it trains, even
     # computed in the other form (left out of the folder's name), which the table would not tell apart either.
@@ -225,6 +226,16 @@ def test_make_refuses_a_sweep_folder_in_args_that_its_table_would_not_read():
     launched = dry_run("reproduce", "seed=0,1")
     assert launched.returncode == 0 and "train.py -m experiment=paper hydra.sweep.dir=multirun/paper seed=0,1" in (
         launched.stdout)
+
+
+def test_a_twin_folder_without_a_record_is_named_as_the_one_to_remove(tmp_path):
+    job = fake_job(tmp_path / "sweep", 4, 1.0, "finished")
+    twin = tmp_path / "sweep" / "part=4,seed=0,optim.lr=0.02"
+    shutil.copytree(job / ".hydra", twin / ".hydra")  # where a relaunch was refused, its folder left with a file more
+    (twin / "notes.txt").touch()
+    with pytest.raises(SystemExit, match=re.escape(f"{twin} holds no metrics.json: the sweep was launched again with "
+                                                   "its overrides written otherwise") + ".*Remove that folder"):
+        make_table.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "table")])
 
 
 def test_a_damaged_metrics_json_is_named_with_what_to_do(tmp_path):
