@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from hetconv.data import CLASSES  # noqa: E402
 from hetconv.flops import count_flops, count_params, truncate_millions  # noqa: E402
 from hetconv.provenance import count, git_commit, now  # noqa: E402
 from hetconv.report import RESULTS_DIR, load_published, markdown_table, typed_command, write_csv  # noqa: E402
@@ -29,6 +30,8 @@ from hetconv.runfiles import (RESUMABLE_CHANGES, config_differences, held_by_a_p
                               last_checkpoint, read_metrics)
 from models import vgg16  # noqa: E402
 from models.vgg import PAPER_PARTS  # noqa: E402
+
+PAPER_CLASSES = len(CLASSES)  # the paper's VGG-16 classifies CIFAR-10's classes
 
 
 @dataclass
@@ -141,7 +144,7 @@ def paper_costs(part: int, width: float, num_classes: int) -> tuple[float | None
 def published_figures(part: int, width: float, num_classes: int, published: dict) -> dict:
     """The paper's figures to set beside a row; none for a width-scaled model or another classifier, which are not
     the paper's."""
-    return published.get(part, {}) if width == 1 and num_classes == 10 else {}
+    return published.get(part, {}) if width == 1 and num_classes == PAPER_CLASSES else {}
 
 
 def row_order(group: tuple) -> tuple:
@@ -260,8 +263,8 @@ def render_markdown(rows: list[dict], info: dict, command: str) -> str:
         "optimistic. "
         "FLOPs are in the paper's convention (results/flops.md); params are effective parameters. "
         "Paper accuracy: Singh et al., CVPR 2019, Table for VGG-16 on CIFAR-10."
-        + (f" No row has paper figures: the paper trained 10-class models, these jobs {info['num_classes']}."
-           if info["num_classes"] != 10 else
+        + (f" No row has paper figures: the paper trained {PAPER_CLASSES}-class models, these jobs "
+           f"{info['num_classes']}." if info["num_classes"] != PAPER_CLASSES else
            " Rows of width != 1 have no paper figures: the paper trained full-width models only."
            if any(r["width"] != 1 for r in rows) else "") + "\n"
     )
