@@ -888,17 +888,20 @@ def test_the_eta_follows_the_last_epochs_pace(caplog, tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_on_the_cpu_a_freed_activation_is_reused_without_page_faults():
     # A step frees and reallocates every activation; a heap that hands the memory back to the OS makes
-    # each reallocation fault every page in again. The first rounds grow the heap to its working size.
+    # each reallocation fault every page in again. The heap reaches its working size in 2 to 4 rounds, by where
+    # its blocks happen to fall (seen over 60 processes; CI once failed on a round 4 that faulted), so most rounds
+    # must reuse it, not all.
     probe = """
 import resource, torch
 from hetconv.training import configure_backend
 configure_backend(torch.device("cpu"))
-for _ in range(3):
+for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(2**24)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-torch.ones(2**24)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     pages = 2**24 * 4 // resource.getpagesize()
-    assert int(result.stdout) < pages // 100
+    faults = [int(line) for line in result.stdout.split()]
+    reused = [f < pages // 100 for f in faults]
+    assert sum(reused) > len(faults) // 2, f"page faults per round: {faults} (a round's tensor is {pages} pages)"
