@@ -11,6 +11,7 @@ the evaluation batch size come from the checkpoint's config, so the run's final 
 exactly on the same device type. The output file also records the commit, library versions and date.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -93,6 +94,9 @@ def trained_on(state: dict) -> dict:
 def main(cfg: DictConfig) -> dict:
     try:
         return evaluate_checkpoint(cfg)
+    except BrokenPipeError:  # the report's reader has gone (`| true`); output= is written already
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or Python's last flush fails again
+        raise SystemExit(1) from None
     except Exception as error:
         if ends_without_traceback(error):
             raise SystemExit(f"error: {type(error).__name__}: {error}") from None
@@ -129,9 +133,10 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
               "test_acc": result["acc"], "test_loss": round(result["loss"], 6), "images": len(test), **costs,
               "per_class_acc": dict(zip(CLASSES, result["per_class_acc"])), "device": device_name(device),
               "git_commit": git_commit(), "versions": library_versions(), "evaluated": now()}
+    if output:  # before printing, which fails where the reader has gone (`| true`)
+        write_json(output, report)
     print_report(report, run_data["test_fingerprint"], cfg.data.root)
     if output:
-        write_json(output, report)
         print(f"wrote {cfg.output}")
     return report
 

@@ -105,6 +105,16 @@ def test_eval_reproduces_the_final_test_accuracy(reference_run, fake_root, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]  # evaluation leaves no other files
 
 
+def test_eval_whose_reader_has_gone_writes_its_output_and_ends_quietly(reference_run, tmp_path):
+    reader, writer = os.pipe()
+    os.close(reader)  # as `python eval.py ... | true`
+    result = subprocess.run([sys.executable, str(REPO / "eval.py"), f"checkpoint={reference_run}",
+                             f"output={tmp_path / 'eval.json'}"], cwd=tmp_path, stdout=writer, stderr=subprocess.PIPE,
+                            text=True)
+    os.close(writer)
+    assert result.returncode == 1 and result.stderr == ""
+    assert json.loads((tmp_path / "eval.json").read_text())["test_acc"] == read_metrics(reference_run)["test_acc"]
+
 def test_eval_preprocesses_as_the_checkpoints_config_says(reference_run, tmp_path):
     """eval.py's own data settings are only where the data is: normalisation is the run's."""
     state = torch.load(reference_run / "model.pt", weights_only=False)
