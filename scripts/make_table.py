@@ -238,7 +238,7 @@ def render_markdown(rows: list[dict], info: dict, command: str) -> str:
               "re-impl best-epoch acc %*", "paper acc %", "diff (final - paper)", "jobs"]
     body = [[r["part"], r["width"], millions(r["flops_m"]), millions(r["published_flops_m"]),
              millions(r["params_m"], digits=3), fmt(r["test_acc"], r["test_acc_std"], r["n"]),
-             fmt(r["best_test_acc"], r["best_test_acc_std"], r["n"]), fmt(r["reimpl_best_test_acc"]),
+             fmt(r["best_test_acc"], r["best_test_acc_std"], r["n"]), fmt(r["reimpl_best_test_acc"], digits=1),
              fmt(r["published_test_acc"]), "-" if r["diff"] is None else f"{r['diff']:+.2f}", r["status"]]
             for r in rows]
     warning = "" if not info["not_cifar10"] else (

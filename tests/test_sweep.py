@@ -303,7 +303,7 @@ def test_table_compares_only_full_width_rows_and_tells_a_killed_job_from_a_runni
               if line.startswith("| 1 |")]
     # FLOPs, the re-implementation's best epoch, accuracy and diff of the paper
     paper_cells = {cells[1]: [cells[3], cells[7], cells[8], cells[9]] for cells in part_1}
-    assert paper_cells == {"1.0": ["313.74M", "94.10", "94.06", "-4.06"], "0.25": ["-", "-", "-", "-"]}
+    assert paper_cells == {"1.0": ["313.74M", "94.1", "94.06", "-4.06"], "0.25": ["-", "-", "-", "-"]}
     assert "Rows of width != 1 have no paper figures" in markdown
 
 
