@@ -155,6 +155,11 @@ def metrics_path(run_dir: Path) -> Path:
     return run_dir / "metrics.json"
 
 
+def holds_a_run(folder: Path) -> bool:
+    """Whether train.py has trained in the folder: its record, checkpoint or final weights are there."""
+    return any(path.exists() for path in (metrics_path(folder), last_checkpoint(folder), final_weights(folder)))
+
+
 class RunRecord:
     """metrics.json: what the run is, how far it got, and how it ended.
 

@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from hetconv.data import DatasetError
 from hetconv.layer import check_impl
 from hetconv.provenance import REPO_ROOT
-from hetconv.runfiles import command_line_override
+from hetconv.runfiles import command_line_override, holds_a_run
 from hetconv.training import check_device, compile_mode
 from models.vgg import check_part_fits
 
@@ -166,13 +166,15 @@ def check_jobs(argv: list[str]) -> None:
             return
         composed = train_config(*choices, name=args.config_name or "train", with_hydra=True)
         sweep = OmegaConf.select(composed, "hydra.sweeper.params") or {}
-        if not args.multirun:
-            try:
+        try:
+            if args.multirun:
+                refuse_a_runs_folder(sweep_folder(parser.parse_overrides(args.overrides), composed))
+            else:
                 refuse_a_sweep(sweep, {o.key_or_group for o in overrides},
                                OmegaConf.select(composed, "hydra.runtime.choices.experiment"))
-            except ValueError as error:
-                raise SystemExit(f"error: ValueError: {error}") from None
-            sweep = {}
+                sweep = {}
+        except ValueError as error:
+            raise SystemExit(f"error: ValueError: {error}") from None
         if any(override_key(key) in groups for key in sweep):  # an experiment sweeping a config group
             return
         base = OmegaConf.masked_copy(composed, [key for key in composed if key != "hydra"])
@@ -193,6 +195,23 @@ def check_jobs(argv: list[str]) -> None:
                 raise SystemExit(f"error: ValueError: {job_named}{error}") from None
     except (HydraException, OmegaConfBaseException):
         return
+
+
+def sweep_folder(overrides: list, composed: DictConfig) -> Path | None:
+    """The folder a sweep writes to, as the command line (`overrides`, parsed) or its config names it; None where it
+    resolves in Hydra alone (${now:...}, say)."""
+    given = [override.value() for override in overrides if override.key_or_group == "hydra.sweep.dir"]
+    folder = given[-1] if given else OmegaConf.select(composed, "hydra.sweep.dir", throw_on_resolution_failure=False)
+    return folder and Path(folder)
+
+
+def refuse_a_runs_folder(sweep_dir: Path | None) -> None:
+    """A sweep is not launched into a folder where a single run trained: its jobs would train inside that run's
+    folder, and Hydra's multirun.yaml there would make train.py refuse to resume the run."""
+    if sweep_dir and holds_a_run(sweep_dir):
+        raise ValueError(f"hydra.sweep.dir={sweep_dir} is the folder of a run that train.py trained without -m: a sweep "
+                         f"there would train its jobs inside it. Give the sweep a folder of its own (hydra.sweep.dir="
+                         f"..., or make reproduce SWEEP=...), or move the run away.")
 
 
 def refuse_a_sweep(sweep: dict, given: set[str], experiment: str | None) -> None:

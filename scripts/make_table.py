@@ -61,14 +61,16 @@ class Job:
 
 
 def find_jobs(sweep_dirs: list[Path]) -> list[Job]:
-    """Every job folder under the sweep folders, once; its config as metrics.json recorded it, since
-    Hydra rewrites .hydra/config.yaml whenever a command is launched on the folder."""
+    """Every job folder under the sweep folders, once: each that trained (metrics.json; hydra.output_subdir=null
+    writes no .hydra/), and each that Hydra made for a job (.hydra/config.yaml) but a sweep's own folder, where a
+    single run refused there left it. Its config as metrics.json recorded it, since Hydra rewrites .hydra/config.yaml
+    whenever a command is launched on the folder."""
     paths = []
     for sweep in sweep_dirs:
         if not sweep.is_dir():
             raise SystemExit(f"error: {sweep} is not a folder; give the sweep folder(s) train.py -m wrote")
-        paths += [c.parent.parent.resolve() for c in sorted(sweep.glob("**/.hydra/config.yaml"))
-                  if not is_sweep_folder(c.parent.parent)]
+        made = [c.parent.parent for c in sweep.glob("**/.hydra/config.yaml") if not is_sweep_folder(c.parent.parent)]
+        paths += sorted({job.resolve() for job in made + [m.parent for m in sweep.glob("**/metrics.json")]})
     jobs = []
     for path in dict.fromkeys(paths):
         try:
@@ -81,7 +83,8 @@ def find_jobs(sweep_dirs: list[Path]) -> list[Job]:
                              "metrics.json: relaunch its sweep, which writes both again, or move the folder away")
         jobs.append(Job(path, config, metrics))
     if not jobs:
-        raise SystemExit(f"error: no jobs (folders with .hydra/config.yaml) under {', '.join(map(str, sweep_dirs))}")
+        raise SystemExit(f"error: no jobs (folders with metrics.json or .hydra/config.yaml) under "
+                         f"{', '.join(map(str, sweep_dirs))}")
     return jobs
 
 
