@@ -37,6 +37,11 @@ from scripts.make_fake_cifar import make_fake_cifar
 SCALARS = {"train/loss", "train/acc", "test/loss", "test/acc", "lr", "time/epoch_s", "time/images_per_s"}
 
 
+def small_config(data_root, *overrides: str):
+    """The users' train.yaml shrunk for the CPU (SMALL), on the data in data_root, with `overrides` after."""
+    return train_config(*SMALL, f"data.root={data_root}", *overrides)
+
+
 def copy_stopped_after_epoch_2(reference_run, run_dir, change=lambda state: None) -> None:
     """A copy of the reference run whose checkpoint is as if it stopped after epoch 2 of 3, then `change`d."""
     shutil.copytree(reference_run, run_dir)
@@ -175,7 +180,7 @@ def test_a_run_killed_before_writing_its_final_weights_writes_them_when_relaunch
                                                                                     tmp_path):
     run_dir = shutil.copytree(reference_run, tmp_path / "run")
     (run_dir / "model.pt").unlink()  # killed between the last checkpoint and the final save
-    train_module.train(train_config(*SMALL, f"data.root={fake_root}"), run_dir)
+    train_module.train(small_config(fake_root), run_dir)
     final = torch.load(run_dir / "model.pt", weights_only=False)
     last = torch.load(last_checkpoint(run_dir), weights_only=False)
     assert final["epoch"] == 3 and final["data"] == read_metrics(run_dir)["data"]
@@ -208,9 +213,8 @@ def test_the_seed_augmentation_and_optimizer_settings_reach_the_training_loop(fa
 
     monkeypatch.setattr(training, "build_optimizer", optimizer)
     monkeypatch.setattr(training, "TrainBatches", batches)
-    cfg = train_config(*SMALL, "seed=7", "data.crop_padding=2", "data.flip=false", "optim.lr=0.03",
-                       "optim.momentum=0.8", "optim.weight_decay=0.001", "optim.nesterov=true",
-                       f"data.root={fake_root}")
+    cfg = small_config(fake_root, "seed=7", "data.crop_padding=2", "data.flip=false", "optim.lr=0.03",
+                       "optim.momentum=0.8", "optim.weight_decay=0.001", "optim.nesterov=true")
     with pytest.raises(KeyError, match="stop before training"):
         train_module.train(cfg, tmp_path)
     group = seen.pop("optimizer").param_groups[0]
@@ -220,7 +224,7 @@ def test_the_seed_augmentation_and_optimizer_settings_reach_the_training_loop(fa
 
 
 def test_diverging_loss_fails_the_run_and_keeps_the_last_good_checkpoint(fake_root, tmp_path, monkeypatch):
-    cfg = train_config(*SMALL, f"data.root={fake_root}")
+    cfg = small_config(fake_root)
     real_step, calls = train_module.train_step, []
     steps_per_epoch = 4000 // 100
 
@@ -415,7 +419,7 @@ def test_a_launchers_own_signal_handler_runs_after_the_state_is_saved(reference_
 
     monkeypatch.setattr(train_module, "train_step", step_then_signal)
     try:
-        metrics = train_module.train(train_config(*SMALL, f"data.root={fake_root}"), tmp_path)
+        metrics = train_module.train(small_config(fake_root), tmp_path)
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert launcher_calls == [10]  # saved at epoch 2, step 10, before the launcher's handler ran
@@ -436,7 +440,7 @@ def test_a_signal_during_the_last_evaluation_lets_the_run_finish(reference_run, 
         return real_evaluate(*args)
 
     monkeypatch.setattr(train_module, "evaluate", evaluate_then_signal)
-    metrics = train_module.train(train_config(*SMALL, f"data.root={fake_root}"), tmp_path)
+    metrics = train_module.train(small_config(fake_root), tmp_path)
     assert metrics["status"] == "finished" and (tmp_path / "model.pt").is_file()
     assert comparable(metrics) == comparable(read_metrics(reference_run))
     assert "SIGTERM after the last epoch: the run finished first" in caplog.text
@@ -499,7 +503,7 @@ def test_a_damaged_or_foreign_checkpoint_is_named_and_the_run_left_as_it_is(refe
     copy_stopped_after_epoch_2(reference_run, run_dir)
     checkpoint, before = last_checkpoint(run_dir), (run_dir / "metrics.json").read_bytes()
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # cut short by a full disk, say
-    cfg = train_config(*SMALL, f"data.root={fake_root}")
+    cfg = small_config(fake_root)
     with pytest.raises(ValueError, match=re.escape(f"{checkpoint}: not a readable checkpoint") + ".*can be moved away"):
         train_module.train(cfg, run_dir)
     torch.save({"weights": {}}, checkpoint)
@@ -537,7 +541,7 @@ def test_a_damaged_or_foreign_checkpoint_is_named_and_the_run_left_as_it_is(refe
 ])
 def test_settings_that_cannot_train_are_rejected_before_training(override, message, fake_root, tmp_path):
     with pytest.raises(ValueError, match=re.escape(message)):
-        train_module.train(train_config(*SMALL, *override.split(), f"data.root={fake_root}"), tmp_path)
+        train_module.train(small_config(fake_root, *override.split()), tmp_path)
     assert read_metrics(tmp_path)["status"] == "failed" and not last_checkpoint(tmp_path).exists()
     with pytest.raises(SystemExit, match=re.escape(f"error: ValueError: {message}")):  # and before Hydra starts
         check_jobs(override.split())
@@ -545,7 +549,7 @@ def test_settings_that_cannot_train_are_rejected_before_training(override, messa
 
 def test_a_second_process_on_the_same_folder_is_refused(fake_root, tmp_path):
     with exclusive(tmp_path), pytest.raises(BlockingIOError, match="another process is training in"):
-        train_module.train(train_config(*SMALL, f"data.root={fake_root}"), tmp_path)
+        train_module.train(small_config(fake_root), tmp_path)
     assert not (tmp_path / "metrics.json").exists()
 
 
@@ -564,9 +568,9 @@ def test_resuming_on_other_data_is_refused_and_on_the_same_data_moved_accepted(r
     script("train.py", *SMALL, f"data.root={moved}", f"hydra.run.dir={run_dir}")
     assert read_metrics(run_dir)["status"] == "finished" and read_metrics(run_dir)["data"]["root"] == str(moved)
     # Finished, it has nothing to do, on its data wherever it is; a relaunch on other data is refused all the same.
-    train_module.train(train_config(*SMALL, f"data.root={fake_root}"), run_dir)
+    train_module.train(small_config(fake_root), run_dir)
     with pytest.raises(train_module.Refused, match=f"data.root={other} holds other data"):
-        train_module.train(train_config(*SMALL, f"data.root={other}"), run_dir)
+        train_module.train(small_config(other), run_dir)
 
 
 def test_a_finished_run_without_its_checkpoint_is_left_alone(reference_run, fake_root, tmp_path):
@@ -581,14 +585,14 @@ def test_a_finished_run_without_its_checkpoint_is_left_alone(reference_run, fake
     assert other.returncode != 0 and "optim.lr: 0.1 -> 0.05" in other.stderr
     make_fake_cifar(tmp_path / "other", train=500, test=100, seed=1)
     with pytest.raises(train_module.Refused, match="holds other data"):
-        train_module.train(train_config(*SMALL, f"data.root={tmp_path / 'other'}"), run_dir)
+        train_module.train(small_config(tmp_path / "other"), run_dir)
     assert {name: (run_dir / name).read_bytes() for name in before} == before
 
 
 @pytest.mark.parametrize("killed_at", [1, 2])  # 1: no checkpoint yet, so the rerun starts the run over
 def test_an_epoch_is_logged_before_its_checkpoint_so_a_kill_between_loses_nothing(killed_at, fake_root, tmp_path,
                                                                                   monkeypatch):
-    cfg = train_config(*SMALL, f"data.root={fake_root}")
+    cfg = small_config(fake_root)
     real_save = train_module.save
 
     def save_killed(path, state):
@@ -634,7 +638,7 @@ def test_a_failed_write_names_the_file_and_the_free_space(tmp_path):
 def test_a_checkpoint_folder_that_cannot_be_written_fails_the_run_before_it_trains(fake_root, tmp_path):
     (tmp_path / "checkpoints").write_text("not a folder")
     with pytest.raises(OSError, match=r"could not write .*checkpoints/\.writable"):
-        train_module.train(train_config(*SMALL, f"data.root={fake_root}"), tmp_path)
+        train_module.train(small_config(fake_root), tmp_path)
     assert read_metrics(tmp_path)["status"] == "failed" and read_metrics(tmp_path)["epochs_done"] == 0
 
 
@@ -643,7 +647,7 @@ def test_a_run_killed_after_its_last_checkpoint_finishes_when_launched_again(ref
     shutil.copytree(reference_run, run_dir, ignore=shutil.ignore_patterns("events.out.tfevents.*", "model.pt"))
     metrics = read_metrics(run_dir)
     write_json(run_dir / "metrics.json", {**metrics, "status": "running"})  # as its last epoch left it
-    assert train_module.train(train_config(*SMALL, f"data.root={fake_root}"), run_dir)["status"] == "finished"
+    assert train_module.train(small_config(fake_root), run_dir)["status"] == "finished"
     assert {**read_metrics(run_dir), "updated": None} == {**metrics, "updated": None}
     last = torch.load(last_checkpoint(run_dir), weights_only=False)
     final = torch.load(run_dir / "model.pt", weights_only=False)
@@ -659,14 +663,14 @@ def test_final_weights_without_their_checkpoint_and_record_are_not_trained_over(
     (run_dir / "metrics.json").unlink()
     weights = (run_dir / "model.pt").read_bytes()
     with pytest.raises(train_module.Refused, match=r"holds a run's final weights \(model.pt\), but neither"):
-        train_module.train(train_config(*SMALL, "seed=1", f"data.root={fake_root}"), run_dir)
+        train_module.train(small_config(fake_root, "seed=1"), run_dir)
     assert (run_dir / "model.pt").read_bytes() == weights and not (run_dir / "metrics.json").exists()
 
 
 def test_a_single_run_in_a_sweeps_folder_is_refused(fake_root, tmp_path):
     (tmp_path / "multirun.yaml").touch()
     with pytest.raises(train_module.Refused, match=f"{tmp_path} is a sweep's folder .* hydra.sweep.dir={tmp_path};"):
-        train_module.train(train_config(*SMALL, f"data.root={fake_root}"), tmp_path)
+        train_module.train(small_config(fake_root), tmp_path)
     assert list(tmp_path.iterdir()) == [tmp_path / "multirun.yaml"]
 
 
@@ -698,7 +702,7 @@ def test_too_few_classes_for_the_labels_is_rejected_naming_the_key(tmp_path, cap
     for path in (tmp_path / "data" / "cifar-10-batches-py").glob("data_batch_*"):  # 5 classes to train on
         batch = pickle.loads(path.read_bytes())
         path.write_bytes(pickle.dumps({**batch, b"labels": [label % 5 for label in batch[b"labels"]]}))
-    cfg = train_config(*SMALL, "model.num_classes=5", "trainer.batch_size=50", f"data.root={tmp_path / 'data'}")
+    cfg = small_config(tmp_path / "data", "model.num_classes=5", "trainer.batch_size=50")
     with pytest.raises(ValueError, match="model.num_classes=5, but the data's labels go up to 9"):  # the test split's
         train_module.train(cfg, tmp_path / "run")
     assert read_metrics(tmp_path / "run")["epochs_done"] == 0  # refused before training
@@ -756,7 +760,7 @@ def test_a_resume_on_another_cpu_thread_count_warns_that_it_will_not_end_exactly
     started_with = threads + 1 if other_threads else threads
     run_dir = tmp_path / "run"
     copy_stopped_after_epoch_2(reference_run, run_dir, lambda state: state.update(cpu_threads=started_with))
-    train_module.train(train_config(*SMALL, f"data.root={fake_root}"), run_dir)
+    train_module.train(small_config(fake_root), run_dir)
     warned = f"trained on {started_with} CPU threads and resumes on {threads}" in caplog.text
     assert warned == other_threads and read_metrics(run_dir)["status"] == "finished"
 
@@ -771,7 +775,7 @@ def test_a_start_without_a_checkpoint_records_its_failure_over_an_old_record(epo
     metrics = read_metrics(run_dir)
     (run_dir / "metrics.json").write_text(json.dumps({**metrics, "status": "interrupted", "epochs_done": epochs_done}))
     with pytest.raises(DatasetError):
-        train_module.train(train_config(*SMALL, f"data.root={tmp_path / 'nowhere'}", "data.download=false"), run_dir)
+        train_module.train(small_config(tmp_path / "nowhere", "data.download=false"), run_dir)
     assert read_metrics(run_dir)["status"] == "failed" and "DatasetError" in read_metrics(run_dir)["reason"]
     assert (f"metrics.json records a run that trained ({epochs_done} epochs done, interrupted), but there is no "
             "checkpoints/last.pt to resume it from: the run starts over") in caplog.text
@@ -828,16 +832,14 @@ def test_trainer_compile_reaches_torch_compile_and_the_record(fake_root, tmp_pat
         return wrappers[-1]
 
     monkeypatch.setattr(torch, "compile", recording_compile)
-    train_module.train(train_config(*SMALL, "trainer.epochs=1", "trainer.compile=max-autotune",
-                                    f"data.root={fake_root}"), tmp_path)
+    train_module.train(small_config(fake_root, "trainer.epochs=1", "trainer.compile=max-autotune"), tmp_path)
     assert modes == ["max-autotune"] and read_metrics(tmp_path)["torch_compile"] == "max-autotune"
     data = read_metrics(tmp_path)["data"]
     assert wrappers[0].images == data["train_images"] + data["test_images"]  # the compiled model trains and tests
 
 
 def test_trainer_hetconv_reaches_the_layers_and_the_record(fake_root, tmp_path):
-    train_module.train(train_config(*SMALL, "trainer.epochs=1", "trainer.hetconv=dense", f"data.root={fake_root}"),
-                       tmp_path)
+    train_module.train(small_config(fake_root, "trainer.epochs=1", "trainer.hetconv=dense"), tmp_path)
     metrics = read_metrics(tmp_path)
     grouped, dense = (vgg16(4, width=0.25, impl=impl) for impl in ("grouped", "dense"))
     assert metrics["hetconv"] == "dense" and metrics["status"] == "finished"
