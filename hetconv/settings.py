@@ -18,6 +18,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # how Hydra
 from hydra._internal.utils import get_args_parser  # Hydra's own command-line parser (hydra-core is pinned)
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -197,9 +198,9 @@ def check_jobs(argv: list[str]) -> None:
         return
 
 
-def sweep_folder(overrides: list, composed: DictConfig) -> Path | None:
-    """The folder a sweep writes to, as the command line (`overrides`, parsed) or its config names it; None where it
-    resolves in Hydra alone (${now:...}, say)."""
+def sweep_folder(overrides: list[Override], composed: DictConfig) -> Path | None:
+    """The folder a sweep writes to, as the command line or its config names it; None where it depends on what Hydra
+    knows at run time alone (${hydra:job.name}, say)."""
     given = [override.value() for override in overrides if override.key_or_group == "hydra.sweep.dir"]
     folder = given[-1] if given else OmegaConf.select(composed, "hydra.sweep.dir", throw_on_resolution_failure=False)
     return folder and Path(folder)

@@ -61,10 +61,10 @@ class Job:
 
 
 def find_jobs(sweep_dirs: list[Path]) -> list[Job]:
-    """Every job folder under the sweep folders, once: each that trained (metrics.json; hydra.output_subdir=null
-    writes no .hydra/), and each that Hydra made for a job (.hydra/config.yaml) but a sweep's own folder, where a
-    single run refused there left it. Its config as metrics.json recorded it, since Hydra rewrites .hydra/config.yaml
-    whenever a command is launched on the folder."""
+    """Every job folder under the sweep folders, once: each that holds a record (metrics.json; a job launched with
+    hydra.output_subdir=null has no .hydra/), and each with Hydra's files for a job that wrote none yet
+    (.hydra/config.yaml; not a sweep's own folder, where a refused single run leaves them). A job's config is the one
+    metrics.json recorded, since Hydra rewrites .hydra/config.yaml whenever a command is launched on the folder."""
     paths = []
     for sweep in sweep_dirs:
         if not sweep.is_dir():
