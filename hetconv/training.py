@@ -38,7 +38,7 @@ def select_device(name: str, key: str = "trainer.device") -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda")
         if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
-            log.warning("CUDA_VISIBLE_DEVICES is empty, so this job trains on the CPU. With "
+            log.warning("CUDA_VISIBLE_DEVICES is empty, so this job runs on the CPU. With "
                         "hydra/launcher=submitit_local, set hydra.launcher.gpus_per_node to the host's GPUs.")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():

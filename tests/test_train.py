@@ -115,10 +115,14 @@ def test_eval_whose_reader_has_gone_writes_its_output_and_ends_quietly(reference
     os.close(reader)  # as `python eval.py ... | true`
     result = subprocess.run([sys.executable, str(REPO / "eval.py"), f"checkpoint={reference_run}",
                              f"output={tmp_path / 'eval.json'}"], cwd=tmp_path, stdout=writer, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # a warning is logged too
     os.close(writer)
-    assert result.returncode == 1 and result.stderr == ""
+    # The log is on stderr: the report's broken stdout took nothing else with it.
+    assert result.returncode == 1 and result.stderr.endswith("CUDA_VISIBLE_DEVICES is empty, so this job runs on the "
+                                                              "CPU. With hydra/launcher=submitit_local, set "
+                                                              "hydra.launcher.gpus_per_node to the host's GPUs.\n")
     assert json.loads((tmp_path / "eval.json").read_text())["test_acc"] == read_metrics(reference_run)["test_acc"]
+
 
 def test_eval_preprocesses_as_the_checkpoints_config_says(reference_run, tmp_path):
     """eval.py's own data settings are only where the data is: normalisation is the run's."""
