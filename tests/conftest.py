@@ -1,6 +1,7 @@
 """Shared fixtures: a generated CIFAR-10 stand-in, the real configs shrunk for CPU, and script runners."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,15 @@ SMALL = ["model.part=4", "model.width=0.25", "trainer.epochs=3", "trainer.batch_
          "trainer.eval_batch_size=250", "trainer.device=cpu"]
 # Fields of metrics.json that depend on the wall clock, the process or the run's folder, not on the computation.
 INCIDENTAL = {"wall_s", "started", "updated", "epoch_s", "images_per_s", "status", "reason", "launches", "resume"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_as_at_a_terminal():
+    """The tests press Ctrl-C as a user at a terminal would: a suite started with SIGINT ignored (`make test &` in a
+    script) would pass that on to every run it starts, which then, rightly, would not stop."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a handler: its children get SIGINT's default
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

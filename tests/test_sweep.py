@@ -42,7 +42,9 @@ def two_fake_gpus(tmp_path, monkeypatch):
     fake.write_text("#!/bin/sh\necho 'GPU 0: Fake GPU (UUID: GPU-a)'\necho 'GPU 1: Fake GPU (UUID: GPU-b)'\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "TMPDIR": str(tmp_path / "locks")}
+    locks = tmp_path / "locks"
+    locks.mkdir()  # a TMPDIR that does not exist is ignored: the slots would be /tmp's, shared with other sessions
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "TMPDIR": str(locks)}
 
 
 def sweep(sweep_dir, fake_root, *args, env=None):
@@ -378,6 +380,7 @@ def test_parallel_launchers_run_the_sweep_with_one_gpu_per_job(launcher, fake_ro
     metrics = [read_metrics(sweep_dir / JOB.format(p)) for p in (1, 4)]
     assert [m["status"] for m in metrics] == ["finished", "finished"]
     assert sorted(m["cuda_visible_devices"] for m in metrics) == ["0", "1"]  # not both on GPU 0
+    assert [p.name for p in (tmp_path / "locks").iterdir()] == [f"hetconv-gpu-slots-{os.getuid()}"]
     assert [f"model.part={p}" in m["launches"][0]["overrides"] for p, m in zip((1, 4), metrics)] == [True, True]
 
 
