@@ -94,9 +94,6 @@ def trained_on(state: dict) -> dict:
 def main(cfg: DictConfig) -> dict:
     try:
         return evaluate_checkpoint(cfg)
-    except BrokenPipeError:  # the report's reader has gone (`| true`); output= is written already
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or Python's last flush fails again
-        raise SystemExit(1) from None
     except Exception as error:
         if ends_without_traceback(error):
             raise SystemExit(f"error: {type(error).__name__}: {error}") from None
@@ -135,9 +132,14 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
               "git_commit": git_commit(), "versions": library_versions(), "evaluated": now()}
     if output:  # before printing, which fails where the reader has gone (`| true`)
         write_json(output, report)
-    print_report(report, run_data["test_fingerprint"], cfg.data.root)
-    if output:
-        print(f"wrote {cfg.output}")
+    try:
+        print_report(report, run_data["test_fingerprint"], cfg.data.root)
+        if output:
+            print(f"wrote {cfg.output}")
+        sys.stdout.flush()  # now: a pipe's buffer would be written at exit, where this could not answer for it
+    except BrokenPipeError:  # the report's reader has gone; output= is written already
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or Python's last flush fails again
+        raise SystemExit(1) from None
     return report
 
 

@@ -115,7 +115,8 @@ def test_eval_whose_reader_has_gone_writes_its_output_and_ends_quietly(reference
     os.close(reader)  # as `python eval.py ... | true`
     result = subprocess.run([sys.executable, str(REPO / "eval.py"), f"checkpoint={reference_run}",
                              f"output={tmp_path / 'eval.json'}"], cwd=tmp_path, stdout=writer, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # a warning is logged too
+                            text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "",  # a warning is logged too
+                                            "PYTHONUNBUFFERED": ""})  # stdout block-buffered, as into any pipe
     os.close(writer)
     # The log is on stderr: the report's broken stdout took nothing else with it.
     assert result.returncode == 1 and result.stderr.endswith("CUDA_VISIBLE_DEVICES is empty, so this job runs on the "
