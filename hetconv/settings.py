@@ -18,7 +18,6 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # how Hydra
 from hydra._internal.utils import get_args_parser  # Hydra's own command-line parser (hydra-core is pinned)
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -165,11 +164,13 @@ def check_jobs(argv: list[str]) -> None:
         values = [o.input_line for o in overrides if o.key_or_group not in groups]
         if any(o.is_sweep_override() for o in overrides if o.key_or_group in groups or not args.multirun):
             return
-        composed = train_config(*choices, name=args.config_name or "train", with_hydra=True)
+        # With the sweep's folder as the command line gives it, resolved as Hydra resolves it
+        sweep_dirs = [override for override in args.overrides if override_key(override) == "hydra.sweep.dir"]
+        composed = train_config(*choices, *sweep_dirs, name=args.config_name or "train", with_hydra=True)
         sweep = OmegaConf.select(composed, "hydra.sweeper.params") or {}
         try:
             if args.multirun:
-                refuse_a_runs_folder(sweep_folder(parser.parse_overrides(args.overrides), composed))
+                refuse_a_runs_folder(composed)
             else:
                 refuse_a_sweep(sweep, {o.key_or_group for o in overrides},
                                OmegaConf.select(composed, "hydra.runtime.choices.experiment"))
@@ -198,21 +199,15 @@ def check_jobs(argv: list[str]) -> None:
         return
 
 
-def sweep_folder(overrides: list[Override], composed: DictConfig) -> Path | None:
-    """The folder a sweep writes to, as the command line or its config names it; None where it depends on what Hydra
-    knows at run time alone (${hydra:job.name}, say)."""
-    given = [override.value() for override in overrides if override.key_or_group == "hydra.sweep.dir"]
-    folder = given[-1] if given else OmegaConf.select(composed, "hydra.sweep.dir", throw_on_resolution_failure=False)
-    return folder and Path(folder)
-
-
-def refuse_a_runs_folder(sweep_dir: Path | None) -> None:
+def refuse_a_runs_folder(composed: DictConfig) -> None:
     """A sweep is not launched into a folder where a single run trained: its jobs would train inside that run's
-    folder, and Hydra's multirun.yaml there would make train.py refuse to resume the run."""
-    if sweep_dir and holds_a_run(sweep_dir):
-        raise ValueError(f"hydra.sweep.dir={sweep_dir} is the folder of a run that train.py trained without -m: a sweep "
-                         f"there would train its jobs inside it. Give the sweep a folder of its own (hydra.sweep.dir="
-                         f"..., or make reproduce SWEEP=...), or move the run away.")
+    folder, and Hydra's multirun.yaml there would make train.py refuse to resume the run. A folder that names what
+    Hydra knows at run time alone (${hydra:job.name}, say) is left to it."""
+    sweep_dir = OmegaConf.select(composed, "hydra.sweep.dir", throw_on_resolution_failure=False)
+    if sweep_dir and holds_a_run(Path(sweep_dir)):
+        raise ValueError(f"{command_line_override('hydra.sweep.dir', Path(sweep_dir))} holds a run that train.py "
+                         f"trained: a sweep there would train its jobs inside that run's folder. Give the sweep a "
+                         f"folder of its own (hydra.sweep.dir=..., or make reproduce SWEEP=...), or move the run away.")
 
 
 def refuse_a_sweep(sweep: dict, given: set[str], experiment: str | None) -> None:

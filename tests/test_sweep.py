@@ -267,24 +267,36 @@ def test_the_table_skips_the_sweeps_own_folder_and_names_a_job_that_lost_its_met
         make_table.main([str(sweep_dir), "--out", str(tmp_path / "table")])
 
 
-def test_the_table_counts_a_job_without_hydras_files_and_a_run_in_the_sweeps_own_folder(tmp_path, monkeypatch):
-    sweep_dir = fake_job(tmp_path, 4, 1.0, "finished", seed=2, test_acc=95.5).rename(tmp_path / "run")  # a run's...
-    (sweep_dir / "multirun.yaml").touch()  # ...that a sweep was launched into before train.py refused that
+def test_the_table_counts_a_job_without_hydras_files_and_a_run_in_the_sweeps_own_folder(tmp_path):
+    sweep_dir = fake_job(tmp_path, 4, 1.0, "finished", seed=2, test_acc=95.5)  # a single run's folder...
+    (sweep_dir / "multirun.yaml").touch()  # ...that a sweep was launched into, as train.py allowed until 3278194
     fake_job(sweep_dir, 4, 1.0, "finished", test_acc=93.0)
     shutil.rmtree(fake_job(sweep_dir, 4, 1.0, "finished", seed=1, test_acc=94.0) / ".hydra")  # hydra.output_subdir=null
     make_table.main([str(sweep_dir), "--out", str(tmp_path / "table")])
     [row] = [r for r in csv.DictReader(open(tmp_path / "table" / "table.csv")) if r["part"] == "4"]
     assert (row["n"], row["test_acc"], row["status"]) == ("3", "94.17", "3 finished")
-    # Now refused before Hydra writes multirun.yaml there, whether the command line or the experiment names the folder
-    refusal = "is the folder of a run that train.py trained without -m: a sweep there would train its jobs inside it"
-    with pytest.raises(SystemExit, match=f"hydra.sweep.dir={sweep_dir} {refusal}"):
-        check_jobs(["-m", "model.part=1,4", f"hydra.sweep.dir={sweep_dir}"])
+
+
+def test_a_sweep_into_a_single_runs_folder_is_refused_before_hydra_writes_there(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    shutil.copytree(sweep_dir, tmp_path / "multirun" / "paper")
-    with pytest.raises(SystemExit, match=f"hydra.sweep.dir=multirun/paper {refusal}"):
-        check_jobs(["-m", "experiment=paper"])
-    (tmp_path / "multirun" / "paper" / "metrics.json").unlink()  # a sweep's folder alone: launched again, it resumes
+    monkeypatch.setenv("RUNS", str(tmp_path))
+    (tmp_path / "multirun").mkdir()
+    run = fake_job(tmp_path, 4, 1.0, "finished").rename(tmp_path / "multirun" / "paper")
+    refusal = ("hydra.sweep.dir={} holds a run that train.py trained: a sweep there would train its jobs inside that "
+               "run's folder. Give the sweep a folder of its own")
+    # named by the command line (the last of two wins, as in Hydra; an interpolation resolves), or by the experiment
+    for command, named in ((["hydra.sweep.dir=elsewhere", f"hydra.sweep.dir={run}"], run),
+                           (["hydra.sweep.dir=${oc.env:RUNS}/multirun/paper"], run),
+                           (["experiment=paper"], "multirun/paper")):
+        with pytest.raises(SystemExit, match=re.escape(refusal.format(named))):
+            check_jobs(["-m", "model.part=1,4", *command])
+    for fine in (["model.part=1,4", f"hydra.sweep.dir={run}", "hydra.sweep.dir=elsewhere"],
+                 ["model.part=1,4", "hydra.sweep.dir=2024"]):  # a number is a folder's name too
+        check_jobs(["-m", *fine])
+    (run / "metrics.json").unlink()
+    (run / "multirun.yaml").touch()  # a sweep's own folder: launched again, the sweep resumes its jobs
     check_jobs(["-m", "experiment=paper"])
+
 
 def test_a_job_launched_with_a_mistyped_part_is_a_failed_row_of_the_table(tmp_path):
     fake_job(tmp_path / "sweep", 4, 1.0, "finished")
