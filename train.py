@@ -258,10 +258,7 @@ def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: lis
                 return metrics
             # Killed before its record said finished, perhaps before TensorBoard's success mark: marked now (where
             # the mark is there, TensorBoard keeps the first).
-            writer, finished_session = open_tensorboard(run_dir, state["epoch"], cfg, record.info)
-            writer.file_writer.add_summary(finished_session)
-            writer.close()
-            return record.update("finished")
+            return record_finished(*open_tensorboard(run_dir, state["epoch"], cfg, record.info), record)
         try:
             return run(cfg, config, run_dir, state, record, how_to_resume(run_dir, in_sweep), overrides)
         except Exception as error:
@@ -410,9 +407,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
                 interrupted(stop, f"{stop.received.name} after epoch {epoch}")
 
         # Still under StopSignals: a signal from here on lets the run finish, which takes less than stopping.
-        writer.file_writer.add_summary(finished_session)
-        writer.close()
-        metrics = record.update("finished")
+        metrics = record_finished(writer, finished_session, record)
         save_final_weights(run_dir, model.state_dict(), config, epoch, data_info)
         if stop.received:
             log.warning("%s: %s after the last epoch: the run finished first", run_dir, stop.received.name)
@@ -475,6 +470,13 @@ def open_tensorboard(run_dir: Path, epoch: int, cfg: DictConfig, info: dict) -> 
     writer.file_writer.add_summary(experiment)
     writer.file_writer.add_summary(session_start)
     return writer, finished_session
+
+
+def record_finished(writer: SummaryWriter, finished_session: Summary, record: RunRecord) -> dict:
+    """Marks the run a success in TensorBoard's HParams tab, closes its writer, and records the run finished."""
+    writer.file_writer.add_summary(finished_session)
+    writer.close()
+    return record.update("finished")
 
 
 def log_epoch(writer: SummaryWriter, h: dict, metrics: dict, epochs: int, epoch_wall_s: float) -> None:
