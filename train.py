@@ -288,16 +288,16 @@ def refuse_a_twin(run_dir: Path, config: dict, overrides: list[str]) -> None:
             # not to the table, which would count the two as one job.
             runs_otherwise = config_differences(started["config"], config,
                                                 ("data.root", "data.download", "trainer.jobs_per_gpu"))
+            computed_otherwise = (f" and only another way to compute it ({'; '.join(runs_otherwise)}), which "
+                                  "make_table.py would count as the same job: to compare such settings, give each its "
+                                  "own hydra.sweep.dir. It would train it" if runs_otherwise else "")
+            what_to_remove = (f" ({run_dir}, which held only Hydra's files, was removed)" if removed
+                              else f", and remove {run_dir}, which holds no training")
             raise Refused(f"{run_dir.name} would train the job that {other.name} holds, with the same recipe"
-                          + (f" and only another way to compute it ({'; '.join(runs_otherwise)}), which make_table.py "
-                             f"would count as the same job: to compare such settings, give each its own "
-                             f"hydra.sweep.dir. It would train it" if runs_otherwise else "")
-                          + f" under another name: a job's folder is named after its overrides, and this launch "
-                          f"{naming_changes(started['launches'], overrides)}. Relaunch the sweep with the overrides "
-                          f"its jobs were launched with"
-                          + (f" ({run_dir}, which held only Hydra's files, was removed)" if removed else
-                             f", and remove {run_dir}, which holds no training")
-                          + f"; to train the job again, {ANOTHER_FOLDER}.")
+                          f"{computed_otherwise} under another name: a job's folder is named after its overrides, and "
+                          f"this launch {naming_changes(started['launches'], overrides)}. Relaunch the sweep with the "
+                          f"overrides its jobs were launched with{what_to_remove}; to train the job again, "
+                          f"{ANOTHER_FOLDER}.")
 
 
 def naming_changes(launches: list[dict], overrides: list[str]) -> str:
