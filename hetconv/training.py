@@ -92,8 +92,10 @@ def compile_mode(setting, device: torch.device) -> str | None:
     """trainer.compile as a torch.compile mode, None for eager. auto: reduce-overhead on CUDA, where a
     CIFAR-size step is bound by kernel launches that CUDA graphs remove; eager on the CPU, where
     inductor's code trains slower than eager (scripts/bench.py measures both)."""
-    if setting is False or setting is True:
-        return "default" if setting else None
+    if setting is True:
+        return "default"
+    if setting is False:
+        return None
     if setting == "auto":
         return "reduce-overhead" if device.type == "cuda" else None
     if setting in COMPILE_MODES:
@@ -134,8 +136,8 @@ class Preprocess:
     """uint8 images on the device -> the network's float inputs (see data.to_inputs)."""
 
     def __init__(self, data_cfg, channels_last: bool, device: torch.device):
-        stats = [torch.tensor(data_cfg[k], device=device) for k in ("mean", "std")] if data_cfg.normalize else [None] * 2
-        self.mean, self.std = stats
+        self.mean = torch.tensor(data_cfg.mean, device=device) if data_cfg.normalize else None
+        self.std = torch.tensor(data_cfg.std, device=device) if data_cfg.normalize else None
         self.channels_last = channels_last
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
