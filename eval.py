@@ -85,6 +85,18 @@ def data_root(setting: str | None, run_data: dict) -> Path:
     return root
 
 
+def output_file(setting: str | None) -> Path | None:
+    """The file output= names, if any, checked now: evaluating can take minutes."""
+    if not setting:
+        return None
+    output = Path(to_absolute_path(setting))
+    if output.is_dir():
+        raise ValueError(f"output={setting} is a folder: name the file to write the report to, e.g. "
+                         f"{command_line_override('output', output / 'eval.json')}")
+    check_writable(output.parent)
+    return output
+
+
 def trained_on(state: dict) -> dict:
     """The data the run recorded: model.pt carries it, last.pt in its record."""
     return state["data"] if "data" in state else state["record"]["info"]["data"]
@@ -106,12 +118,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
                          "checkpoint=...")
     check_flags(cfg, ("data.download",))
     path = checkpoint_path(cfg.checkpoint)
-    output = cfg.output and Path(to_absolute_path(cfg.output))
-    if output:  # before evaluating, which can take minutes
-        if output.is_dir():
-            raise ValueError(f"output={cfg.output} is a folder: name the file to write the report to, e.g. "
-                             f"{command_line_override('output', output / 'eval.json')}")
-        check_writable(output.parent)
+    output = output_file(cfg.output)
     device = select_device(cfg.device, key="device")
     configure_backend(device)
     model, state, run_cfg = load_model(path, device)
