@@ -132,7 +132,8 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     """Mean and sample std, rounded as metrics.json rounds; no std from a single seed."""
     if not values:
         return None, None
-    return round(statistics.mean(values), 2), round(statistics.stdev(values), 2) if len(values) > 1 else None
+    std = round(statistics.stdev(values), 2) if len(values) > 1 else None
+    return round(statistics.mean(values), 2), std
 
 
 def paper_costs(part: int, width: float, num_classes: int) -> tuple[float | None, float | None]:
@@ -196,7 +197,7 @@ def fmt(value, std=None, n=None, digits=2) -> str:
 
 
 def millions(value: float | None, digits: int = 2) -> str:
-    return fmt(value, digits=digits) + "M" if value else "-"
+    return f"{fmt(value, digits=digits)}M" if value else "-"
 
 
 def augmentation(data_cfg: dict) -> str:
