@@ -33,7 +33,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
-from hetconv.data import Split, fingerprint, fingerprint_of_test, is_official, load_cifar10
+from hetconv.data import Split, check_labels, fingerprint, fingerprint_of_test, is_official, load_cifar10
 from hetconv.flops import describe_flops, model_costs
 from hetconv.gpus import claim_gpu
 from hetconv.provenance import device_name
@@ -198,10 +198,8 @@ def training_data(cfg: DictConfig, device: torch.device, run_dir: Path,
         log.warning("%s does not hold the official CIFAR-10 files (%d training and %d test images here): fine for "
                     "trying the pipeline, but make_table.py keeps this run out of results/", data_info["root"],
                     data_info["train_images"], data_info["test_images"])
-    top_label = max(int(split.labels.max()) for split in splits.values())  # a test label too would fail in epoch 1
-    if top_label >= cfg.model.num_classes:
-        raise ValueError(f"model.num_classes={cfg.model.num_classes}, but the data's labels go up to "
-                         f"{top_label}: set model.num_classes to the data's class count")
+    # The test split's labels too: they would fail at the end of epoch 1.
+    check_labels(splits, cfg.model.num_classes, "set model.num_classes to the data's class count")
     return {name: split.to(device) for name, split in splits.items()}, data_info
 
 

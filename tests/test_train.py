@@ -325,6 +325,15 @@ def test_eval_names_what_is_wrong_with_the_checkpoint_data_or_settings_it_is_giv
         eval_error(f"checkpoint={tmp_path / 'other.pt'}", f"data.root={fake_root}"))
 
     state = torch.load(reference_run / "model.pt", weights_only=False)
+    state["config"]["model"]["num_classes"] = 5  # as if trained on data of 5 classes: the last layer's first 5 rows
+    last = max(key for key in state["model"] if key.startswith("classifier.")).rsplit(".", 1)[0]
+    state["model"] = {key: value[:5] if key.startswith(last) else value for key, value in state["model"].items()}
+    torch.save(state, tmp_path / "five.pt")
+    assert (f"model.num_classes=5, but the data's labels go up to 9: {tmp_path / 'five.pt'} was trained for 5 "
+            f"classes; evaluate it on test data of its classes") in str(
+        eval_error(f"checkpoint={tmp_path / 'five.pt'}", f"data.root={fake_root}"))
+
+    state = torch.load(reference_run / "model.pt", weights_only=False)
     state["data"]["root"] = str(tmp_path / "elsewhere")  # a run folder copied from another machine
     torch.save(state, tmp_path / "copied.pt")
     assert (f"the run trained on the data in {tmp_path / 'elsewhere'}, and there is no cifar-10-batches-py/ there "
