@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from hetconv.data import CLASSES, FOLDER, DatasetError, check_labels, fingerprint_of_test, is_official, load_cifar10
 from hetconv.flops import describe_flops, model_costs
-from hetconv.provenance import count, device_name, git_commit, library_versions, now
 from hetconv.layer import resolved_impl
+from hetconv.provenance import count, device_name, git_commit, library_versions, now
 from hetconv.runfiles import check_writable, command_line_override, final_weights, last_checkpoint, load, write_json
 from hetconv.settings import check_command_line, check_flags, ends_without_traceback
 from hetconv.training import Preprocess, build_model, configure_backend, evaluate, select_device

@@ -36,8 +36,8 @@ from tqdm import tqdm
 from hetconv.data import Split, check_labels, fingerprint, fingerprint_of_test, is_official, load_cifar10
 from hetconv.flops import describe_flops, model_costs
 from hetconv.gpus import claim_gpu
-from hetconv.provenance import device_name
 from hetconv.layer import resolved_impl
+from hetconv.provenance import device_name
 from hetconv.runfiles import (ANOTHER_FOLDER, RESUMABLE_CHANGES, RunRecord, check_writable, command_line_override,
                               config_differences, exclusive, final_weights, flatten, how_to_resume, is_sweep_folder,
                               last_checkpoint, load, lock_path, read_metrics, save, save_final_weights)

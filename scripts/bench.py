@@ -428,13 +428,8 @@ def row_of(rows: list[dict], part: int) -> dict | None:
     return next((r for r in rows if r["part"] == part), None)
 
 
-def part_one(rows: list[dict]) -> dict | None:
-    """The P=1 row, every speed-up's reference."""
-    return row_of(rows, 1)
-
-
 def model_section(rows: list[dict], recipe_modes: set) -> str:
-    base = part_one(rows)
+    base = row_of(rows, 1)  # every speed-up's reference
 
     def speedup(r: dict, kind: str) -> str:
         return f"{r[kind + '_speedup']:.2f}x" if base else "-"
@@ -477,7 +472,7 @@ def sweep_projection(rows: list[dict], compile_as: str | None, recipe_modes: set
 def breakdown_section(rows: list[dict]) -> str:
     """Milliseconds per profiled step by category, and the FLOP-proportional ceiling of the speed-up: the
     step with every HetConv layer's convolutions at R(P) of P=1's and everything else as at P=1."""
-    base = part_one(rows)
+    base = row_of(rows, 1)  # every speed-up's reference
     if base is None or base["breakdown"] is None:
         return ""
     base_total, base_convs = sum(base["breakdown"].values()), base["breakdown"]["3x3 convs"]
@@ -502,7 +497,7 @@ def breakdown_section(rows: list[dict]) -> str:
 
 def compile_section(compiled: list[dict], eager: list[dict], setting: str, recipe_modes: set) -> str:
     eager_by_part = {r["part"]: r for r in eager}
-    base = part_one(compiled)
+    base = row_of(compiled, 1)
     text = (f"\n## torch.compile (trainer.compile={setting}) against eager\n\n"
             "Timed in the same turns as the eager parts above: a *gain* is the median of the per-turn ratios eager "
             "time / compiled time of the same part, *gain spread* that of the ratios, *spread* that of the compiled "
