@@ -33,7 +33,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
-from hetconv.data import Split, check_labels, fingerprint, fingerprint_of_test, is_official, load_cifar10
+from hetconv.data import FOLDER, Split, check_labels, fingerprint, fingerprint_of_test, is_official, load_cifar10
 from hetconv.flops import describe_flops, model_costs
 from hetconv.gpus import claim_gpu
 from hetconv.layer import resolved_impl
@@ -171,20 +171,26 @@ def refuse_other_data(run_dir: Path, started_on: dict | None, data: dict) -> Non
             f"{ANOTHER_FOLDER}.")
 
 
-def load_data(cfg: DictConfig) -> tuple[dict[str, Split], dict]:
-    """CIFAR-10's splits from data.root, and what the run's record keeps of them."""
+def load_data(cfg: DictConfig, run_dir: Path, started_on: dict | None) -> tuple[dict[str, Split], dict]:
+    """CIFAR-10's splits from data.root, and what the run's record keeps of them; a run that started on other data
+    (`started_on`, its record's) is refused, before any download where a download could not fetch its data."""
     data_root = Path(to_absolute_path(cfg.data.root))
+    if started_on and not started_on["official_cifar10"] and not (data_root / FOLDER).is_dir():
+        raise Refused(f"{run_dir} trained on the data in {started_on['root']}, not the official CIFAR-10 files, and "
+                      f"data.root={cfg.data.root} holds no {FOLDER}/ (a download would fetch other data): rerun with "
+                      f"{command_line_override('data.root', started_on['root'])}")
     splits = load_cifar10(data_root, cfg.data.download)
-    return splits, {"root": str(data_root), "official_cifar10": is_official(data_root),
-                    "fingerprint": fingerprint(splits),
-                    "test_fingerprint": fingerprint_of_test(splits["test"]),
-                    "train_images": len(splits["train"]), "test_images": len(splits["test"])}
+    data_info = {"root": str(data_root), "official_cifar10": is_official(data_root), "fingerprint": fingerprint(splits),
+                 "test_fingerprint": fingerprint_of_test(splits["test"]),
+                 "train_images": len(splits["train"]), "test_images": len(splits["test"])}
+    refuse_other_data(run_dir, started_on, data_info)
+    return splits, data_info
 
 
 def leave_finished(cfg: DictConfig, run_dir: Path, trained_on: dict) -> None:
     """A finished run has nothing to do, but a command that names other data for it is refused as a resume would be:
     a sweep relaunched on other data must not skip its jobs as if they had trained on it."""
-    refuse_other_data(run_dir, trained_on, load_data(cfg)[1])
+    load_data(cfg, run_dir, trained_on)
     log.info("%s already finished %d epochs: nothing to do", run_dir, cfg.trainer.epochs)
 
 
@@ -192,8 +198,7 @@ def training_data(cfg: DictConfig, device: torch.device, run_dir: Path,
                   started_on: dict | None) -> tuple[dict[str, Split], dict]:
     """CIFAR-10's splits on the device, and what the run's record keeps of them; a resumed run refuses other data
     than it started on (`started_on`, its record's)."""
-    splits, data_info = load_data(cfg)
-    refuse_other_data(run_dir, started_on, data_info)
+    splits, data_info = load_data(cfg, run_dir, started_on)
     if not data_info["official_cifar10"]:  # a subset, generated data, an extra batch: said now, not after the sweep
         log.warning("%s does not hold the official CIFAR-10 files (%d training and %d test images here): fine for "
                     "trying the pipeline, but make_table.py keeps this run out of results/", data_info["root"],

@@ -585,6 +585,13 @@ def test_resuming_on_other_data_is_refused_and_on_the_same_data_moved_accepted(r
     train_module.train(small_config(fake_root), run_dir)
     with pytest.raises(train_module.Refused, match=f"data.root={other} holds other data"):
         train_module.train(small_config(other), run_dir)
+    # A folder without data (the default data.root, say): no download could fetch generated data, so none is tried.
+    with pytest.raises(train_module.Refused, match=re.escape(
+            f"{run_dir} trained on the data in {moved}, not the official CIFAR-10 files, and data.root="
+            f"{tmp_path / 'empty'} holds no cifar-10-batches-py/ (a download would fetch other data): rerun with "
+            f"data.root={moved}")):
+        train_module.train(small_config(tmp_path / "empty", "data.download=true"), run_dir)
+    assert not (tmp_path / "empty").exists()
 
 
 def test_a_finished_run_without_its_checkpoint_is_left_alone(reference_run, fake_root, tmp_path):
