@@ -237,9 +237,21 @@ def check_overrides(overrides: list[str], readable: list[str], groups, script: s
             continue
         problem = f"adds {key} with +, but {script} reads only its configs' settings" if override.is_add() else (
             f"{script} does not read {key}")
-        close = difflib.get_close_matches(key, [k for k in readable if k != key], n=1)
+        close = closest_setting(key, [k for k in readable if k != key])
         raise ValueError(f"{override.input_line}: {problem}, so it would be ignored"
-                         + (f" (did you mean {close[0]}?)" if close else "") + f". {hint}")
+                         + (f" (did you mean {close}?)" if close else "") + f". {hint}")
+
+
+def closest_setting(key: str, readable: list[str]) -> str | None:
+    """What a mistyped key most likely meant: a setting of its own group with a close name (trainer.epoch:
+    trainer.epochs; compared whole, trainer.foo would be taken for trainer.amp), else one of that name in another
+    group (optm.lr: optim.lr)."""
+    group, _, name = key.rpartition(".")
+    names = {k.rpartition(".")[2]: k for k in readable if k.rpartition(".")[0] == group}
+    close = difflib.get_close_matches(name, list(names), n=1)
+    if close:
+        return names[close[0]]
+    return next((k for k in readable if k.rpartition(".")[2] == name), None)
 
 
 def ends_without_traceback(error: Exception) -> bool:

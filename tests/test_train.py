@@ -409,6 +409,13 @@ def test_a_setting_that_nothing_would_read_is_refused(reference_run, fake_root, 
     readable = ["model.part", "data.mean"]
     check_overrides(["experiment=demo", "model.part=4", "data.mean.0=0.5"], readable, ["experiment"], "train.py",
                     hint="")
+    readable = [*readable, "optim.lr", "trainer.amp", "trainer.epochs"]
+    with pytest.raises(ValueError) as refused:  # compared whole with trainer.amp, trainer.foo would look close to it
+        check_overrides(["trainer.foo=1"], readable, [], "train.py", hint="")
+    assert "did you mean" not in str(refused.value)
+    for typed, meant in (("trainer.epoch", "trainer.epochs"), ("optm.lr", "optim.lr"), ("train.epochs", "trainer.epochs")):
+        with pytest.raises(ValueError, match=re.escape(f"(did you mean {meant}?)")):
+            check_overrides([f"{typed}=1"], readable, [], "train.py", hint="")
     with pytest.raises(ValueError, match="train.py does not take a setting away; set data.mean instead"):
         check_overrides(["~data.mean"], readable, ["experiment"], "train.py", hint="")
     with pytest.raises(ValueError, match="eval.py does not read experiment"):  # it would set the model's width
