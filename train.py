@@ -116,9 +116,9 @@ def refuse_other_settings(run_dir: Path, saved: dict, config: dict) -> None:
     differences = config_differences(saved, config)
     if differences:
         raise Refused(
-            f"{run_dir} holds a run with other settings ({'; '.join(differences)}). Its checkpoint and "
-            f"metrics were left as they are. To resume it (or see that it has finished), rerun with the settings "
-            f"it was started with; for other settings, {ANOTHER_FOLDER}.")
+            f"{run_dir} holds a run with other settings ({'; '.join(differences)}). Its files were left as they "
+            f"are. To resume it (or see that it has finished), rerun with the settings it was started with; for "
+            f"other settings, {ANOTHER_FOLDER}.")
 
 
 def resume_point(run_dir: Path, config: dict) -> dict | None:
