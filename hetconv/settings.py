@@ -81,8 +81,10 @@ def check_settings(cfg) -> None:
         value = OmegaConf.select(cfg, key)
         if not is_finite_number(value) or value < 0 or (value == 0 and not zero_allowed):
             raise ValueError(f"{key} must be a finite number {'>=' if zero_allowed else '>'} 0, got {value!r}")
-    if not (is_int(cfg.seed) and -2**63 <= cfg.seed < 2**64):
-        raise ValueError(f"seed must be an int from -2**63 to 2**64 - 1, as torch.manual_seed takes, got {cfg.seed!r}")
+    # torch.manual_seed takes -2**63 too, but draws for a negative seed as for that seed + 2**64: the table would
+    # count one run twice as two seeds.
+    if not (is_int(cfg.seed) and 0 <= cfg.seed < 2**64):
+        raise ValueError(f"seed must be an int from 0 to 2**64 - 1, got {cfg.seed!r}")
     milestones = OmegaConf.select(cfg, "schedule.milestones")
     if not (OmegaConf.is_list(milestones) and all(is_int(m) and m >= 0 for m in milestones)):
         raise ValueError(f"schedule.milestones must be a list of epochs (ints >= 0) at schedule.reference_epochs, "

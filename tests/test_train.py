@@ -538,8 +538,9 @@ def test_a_damaged_or_foreign_checkpoint_is_named_and_the_run_left_as_it_is(refe
     ("trainer.batch_size=1", "trainer.batch_size must be an int >= 2, got 1"),  # BatchNorm1d would fail in step 1
     ("trainer.epochs=-1", "trainer.epochs must be an int >= 1, got -1"),
     ("data.crop_padding=-4", "data.crop_padding must be an int >= 0, got -4"),
-    ("seed=abc", "seed must be an int from -2**63 to 2**64 - 1, as torch.manual_seed takes, got 'abc'"),
-    ("seed=18446744073709551616", "seed must be an int from -2**63 to 2**64 - 1"),
+    ("seed=abc", "seed must be an int from 0 to 2**64 - 1, got 'abc'"),
+    ("seed=18446744073709551616", "seed must be an int from 0 to 2**64 - 1"),
+    ("seed=-1", "seed must be an int from 0 to 2**64 - 1, got -1"),  # torch draws for it as for 2**64 - 1
     ("schedule.milestones=[50,a]", "schedule.milestones must be a list of epochs (ints >= 0)"),
     ("optim.lr=-1", "optim.lr must be a finite number > 0, got -1"),
     ("optim.lr=nan", "optim.lr must be a finite number > 0, got nan"),
