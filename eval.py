@@ -20,7 +20,7 @@ import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from hetconv.data import CLASSES, FOLDER, DatasetError, check_labels, fingerprint_of_test, is_official, load_cifar10
+from hetconv.data import CLASSES, FOLDER, DatasetError, fingerprint_of_test, is_official, load_cifar10, top_label
 from hetconv.flops import describe_flops, model_costs
 from hetconv.layer import resolved_impl
 from hetconv.provenance import count, device_name, git_commit, library_versions, now
@@ -125,9 +125,10 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     run_data = trained_on(state)
     root = data_root(cfg.data.root, run_data)
     test = load_cifar10(root, cfg.data.download, splits=("test",))["test"]
-    check_labels({"test": test}, run_cfg.model.num_classes,
-                 f"{path} was trained for {run_cfg.model.num_classes} classes; evaluate it on test data of its "
-                 f"classes, data.root=<its folder>")
+    if top_label({"test": test}) >= run_cfg.model.num_classes:
+        raise ValueError(f"{path} was trained for {run_cfg.model.num_classes} classes (its model.num_classes), but "
+                         f"the test labels in {root} go up to {top_label({'test': test})}: evaluate it on test data "
+                         f"of its classes, with data.root=... (it trained on the data in {run_data['root']})")
     test_fingerprint = fingerprint_of_test(test)
     test = test.to(device)
     costs = model_costs(model)

@@ -33,7 +33,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
-from hetconv.data import FOLDER, Split, check_labels, fingerprint, fingerprint_of_test, is_official, load_cifar10
+from hetconv.data import FOLDER, Split, fingerprint, fingerprint_of_test, is_official, load_cifar10, top_label
 from hetconv.flops import describe_flops, model_costs
 from hetconv.gpus import claim_gpu
 from hetconv.layer import resolved_impl
@@ -176,9 +176,11 @@ def load_data(cfg: DictConfig, run_dir: Path, started_on: dict | None) -> tuple[
     (`started_on`, its record's) is refused, before any download where a download could not fetch its data."""
     data_root = Path(to_absolute_path(cfg.data.root))
     if started_on and not started_on["official_cifar10"] and not (data_root / FOLDER).is_dir():
-        raise Refused(f"{run_dir} trained on the data in {started_on['root']}, not the official CIFAR-10 files, and "
-                      f"data.root={cfg.data.root} holds no {FOLDER}/ (a download would fetch other data): rerun with "
-                      f"{command_line_override('data.root', started_on['root'])}")
+        recorded = Path(started_on["root"])
+        fix = (f"rerun with {command_line_override('data.root', recorded)}" if (recorded / FOLDER).is_dir() else
+               f"put that data back there, or {ANOTHER_FOLDER}")
+        raise Refused(f"{run_dir} trained on the data in {recorded}, not the official CIFAR-10 files that a download "
+                      f"fetches, and {data_root} holds no {FOLDER}/: {fix}.")
     splits = load_cifar10(data_root, cfg.data.download)
     data_info = {"root": str(data_root), "official_cifar10": is_official(data_root), "fingerprint": fingerprint(splits),
                  "test_fingerprint": fingerprint_of_test(splits["test"]),
@@ -203,8 +205,10 @@ def training_data(cfg: DictConfig, device: torch.device, run_dir: Path,
         log.warning("%s does not hold the official CIFAR-10 files (%d training and %d test images here): fine for "
                     "trying the pipeline, but make_table.py keeps this run out of results/", data_info["root"],
                     data_info["train_images"], data_info["test_images"])
-    # The test split's labels too: they would fail at the end of epoch 1.
-    check_labels(splits, cfg.model.num_classes, "set model.num_classes to the data's class count")
+    highest = top_label(splits)  # the test split's too: they would fail at the end of epoch 1
+    if highest >= cfg.model.num_classes:
+        raise ValueError(f"model.num_classes={cfg.model.num_classes}, but the data's labels go up to {highest}: set "
+                         f"model.num_classes to the data's class count")
     return {name: split.to(device) for name, split in splits.items()}, data_info
 
 

@@ -81,8 +81,8 @@ def check_settings(cfg) -> None:
         value = OmegaConf.select(cfg, key)
         if not is_finite_number(value) or value < 0 or (value == 0 and not zero_allowed):
             raise ValueError(f"{key} must be a finite number {'>=' if zero_allowed else '>'} 0, got {value!r}")
-    # torch.manual_seed takes -2**63 too, but draws for a negative seed as for that seed + 2**64: the table would
-    # count one run twice as two seeds.
+    # torch.manual_seed takes -2**63 too, but draws for a negative seed as for that seed + 2**64: seed=-1 and
+    # seed=2**64-1 would be one run, which the table would count as two seeds.
     if not (is_int(cfg.seed) and 0 <= cfg.seed < 2**64):
         raise ValueError(f"seed must be an int from 0 to 2**64 - 1, got {cfg.seed!r}")
     milestones = OmegaConf.select(cfg, "schedule.milestones")
@@ -168,7 +168,10 @@ def check_jobs(argv: list[str]) -> None:
             return
         # With the sweep's folder as the command line gives it, resolved as Hydra resolves it
         sweep_dirs = [override for override in args.overrides if override_key(override) == "hydra.sweep.dir"]
-        composed = train_config(*choices, *sweep_dirs, name=args.config_name or "train", with_hydra=True)
+        try:
+            composed = train_config(*choices, *sweep_dirs, name=args.config_name or "train", with_hydra=True)
+        except ValueError as error:  # a group given a number (trainer=1): Hydra's message, without its traceback
+            raise SystemExit(f"error: ValueError: {error}") from None
         sweep = OmegaConf.select(composed, "hydra.sweeper.params") or {}
         try:
             if args.multirun:
@@ -246,14 +249,15 @@ def check_overrides(overrides: list[str], readable: list[str], groups, script: s
 
 def closest_setting(key: str, readable: list[str]) -> str | None:
     """What a mistyped key most likely meant: a setting of its own group with a close name (trainer.epoch:
-    trainer.epochs; compared whole, trainer.foo would be taken for trainer.amp), else one of that name in another
-    group (optm.lr: optim.lr)."""
+    trainer.epochs), else one of that name in another group (optm.lr: optim.lr), else a key that is very close
+    whole (optm.lrr: optim.lr). Compared whole at difflib's usual cutoff, trainer.foo was taken for trainer.amp."""
     group, _, name = key.rpartition(".")
     names = {k.rpartition(".")[2]: k for k in readable if k.rpartition(".")[0] == group}
     close = difflib.get_close_matches(name, list(names), n=1)
     if close:
         return names[close[0]]
-    return next((k for k in readable if k.rpartition(".")[2] == name), None)
+    same_name = [k for k in readable if k.rpartition(".")[2] == name]
+    return (same_name or difflib.get_close_matches(key, readable, n=1, cutoff=0.8) or [None])[0]
 
 
 def ends_without_traceback(error: Exception) -> bool:

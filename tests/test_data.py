@@ -130,7 +130,7 @@ def official_copy(tmp_path, monkeypatch):
 def test_an_extra_training_batch_is_not_the_official_cifar10(tmp_path, monkeypatch):
     folder = official_copy(tmp_path, monkeypatch)
     assert is_official(tmp_path)
-    assert train_module.load_data(train_config(f"data.root={tmp_path}"))[1]["official_cifar10"]  # a run's record
+    assert train_module.load_data(train_config(f"data.root={tmp_path}"), tmp_path / "run", None)[1]["official_cifar10"]  # a run's record
     shutil.copy(folder / "test_batch", folder / "data_batch_6")  # loaded, so trained on: the test set leaks in
     assert len(load_cifar10(tmp_path, download_if_missing=False)["train"]) == 600
     assert not is_official(tmp_path)

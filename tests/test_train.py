@@ -329,8 +329,8 @@ def test_eval_names_what_is_wrong_with_the_checkpoint_data_or_settings_it_is_giv
     last = max(key for key in state["model"] if key.startswith("classifier.")).rsplit(".", 1)[0]
     state["model"] = {key: value[:5] if key.startswith(last) else value for key, value in state["model"].items()}
     torch.save(state, tmp_path / "five.pt")
-    assert (f"model.num_classes=5, but the data's labels go up to 9: {tmp_path / 'five.pt'} was trained for 5 "
-            f"classes; evaluate it on test data of its classes") in str(
+    assert (f"{tmp_path / 'five.pt'} was trained for 5 classes (its model.num_classes), but the test labels in "
+            f"{fake_root} go up to 9: evaluate it on test data of its classes") in str(
         eval_error(f"checkpoint={tmp_path / 'five.pt'}", f"data.root={fake_root}"))
 
     state = torch.load(reference_run / "model.pt", weights_only=False)
@@ -399,6 +399,9 @@ def test_a_setting_that_nothing_would_read_is_refused(reference_run, fake_root, 
     assert result.returncode == 1 and result.stderr.count("++trainer.epoch=3: train.py does not read trainer.epoch, "
                                                           "so it would be ignored (did you mean trainer.epochs?)") == 1
     assert not sweep.exists()  # refused once, before the sweep's first job
+    result = script("train.py", "trainer=1", check=False)  # a group given a number: Hydra's message, no traceback
+    assert result.returncode == 1 and result.stderr == (
+        "error: ValueError: Config group override must be a string or a list. Got int\n")
     assert "hydra_bash_completion" in script("train.py", "-sc", "install=bash").stdout  # Hydra's arguments, not settings
     result = script("eval.py", f"checkpoint={reference_run}", "data.normalize=true", check=False, cwd=tmp_path)
     assert result.returncode == 1 and ("data.normalize=true: eval.py does not read data.normalize, so it would be "
@@ -413,7 +416,7 @@ def test_a_setting_that_nothing_would_read_is_refused(reference_run, fake_root, 
     with pytest.raises(ValueError) as refused:  # compared whole with trainer.amp, trainer.foo would look close to it
         check_overrides(["trainer.foo=1"], readable, [], "train.py", hint="")
     assert "did you mean" not in str(refused.value)
-    for typed, meant in (("trainer.epoch", "trainer.epochs"), ("optm.lr", "optim.lr"), ("train.epochs", "trainer.epochs")):
+    for typed, meant in (("trainer.epoch", "trainer.epochs"), ("optm.lr", "optim.lr"), ("optm.lrr", "optim.lr")):
         with pytest.raises(ValueError, match=re.escape(f"(did you mean {meant}?)")):
             check_overrides([f"{typed}=1"], readable, [], "train.py", hint="")
     with pytest.raises(ValueError, match="train.py does not take a setting away; set data.mean instead"):
@@ -594,12 +597,18 @@ def test_resuming_on_other_data_is_refused_and_on_the_same_data_moved_accepted(r
     with pytest.raises(train_module.Refused, match=f"data.root={other} holds other data"):
         train_module.train(small_config(other), run_dir)
     # A folder without data (the default data.root, say): no download could fetch generated data, so none is tried.
-    with pytest.raises(train_module.Refused, match=re.escape(
-            f"{run_dir} trained on the data in {moved}, not the official CIFAR-10 files, and data.root="
-            f"{tmp_path / 'empty'} holds no cifar-10-batches-py/ (a download would fetch other data): rerun with "
-            f"data.root={moved}")):
-        train_module.train(small_config(tmp_path / "empty", "data.download=true"), run_dir)
+    empty = small_config(tmp_path / "empty", "data.download=true")
+    refusal = (f"{run_dir} trained on the data in {moved}, not the official CIFAR-10 files that a download fetches, "
+               f"and {tmp_path / 'empty'} holds no cifar-10-batches-py/: ")
+    with pytest.raises(train_module.Refused, match=re.escape(f"{refusal}rerun with data.root={moved}.")):
+        train_module.train(empty, run_dir)
+    shutil.rmtree(moved)
+    with pytest.raises(train_module.Refused, match=re.escape(f"{refusal}put that data back there, or train in")):
+        train_module.train(empty, run_dir)
     assert not (tmp_path / "empty").exists()
+    official = {**read_metrics(run_dir)["data"], "official_cifar10": True}  # a download would fetch it: tried
+    with pytest.raises(DatasetError, match="CIFAR-10 not found"):
+        train_module.load_data(small_config(tmp_path / "empty", "data.download=false"), run_dir, official)
 
 
 def test_a_finished_run_without_its_checkpoint_is_left_alone(reference_run, fake_root, tmp_path):
@@ -814,11 +823,12 @@ def test_a_resume_that_fails_on_bad_input_keeps_the_record_and_logs_why(referenc
     run_dir = tmp_path / "run"
     copy_stopped_after_epoch_2(reference_run, run_dir)
     before = (run_dir / "metrics.json").read_bytes()
-    result = script("train.py", *SMALL, f"data.root={tmp_path / 'nowhere'}", "data.download=false",
-                    f"hydra.run.dir={run_dir}", check=False)
+    (tmp_path / "nowhere" / "cifar-10-batches-py").mkdir(parents=True)
+    result = script("train.py", *SMALL, f"data.root={tmp_path / 'nowhere'}", f"hydra.run.dir={run_dir}", check=False)
     assert result.returncode != 0 and "DatasetError" in result.stderr
     assert (run_dir / "metrics.json").read_bytes() == before  # still resumable, not "failed"
-    assert "DatasetError: CIFAR-10 not found" in (run_dir / "train.log").read_text()
+    assert f"DatasetError: CIFAR-10 in {tmp_path / 'nowhere' / 'cifar-10-batches-py'} is incomplete" in (
+        run_dir / "train.log").read_text()
 
 
 def test_a_single_run_stopped_by_bad_input_prints_the_message_once_and_a_traceback_only_when_asked(fake_root,
