@@ -125,10 +125,11 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     run_data = trained_on(state)
     root = data_root(cfg.data.root, run_data)
     test = load_cifar10(root, cfg.data.download, splits=("test",))["test"]
-    if top_label({"test": test}) >= run_cfg.model.num_classes:
+    highest = top_label({"test": test})
+    if highest >= run_cfg.model.num_classes:
         raise ValueError(f"{path} was trained for {run_cfg.model.num_classes} classes (its model.num_classes), but "
-                         f"the test labels in {root} go up to {top_label({'test': test})}: evaluate it on test data "
-                         f"of its classes, with data.root=... (it trained on the data in {run_data['root']})")
+                         f"the test labels in {root} go up to {highest}: evaluate it on test data of its classes, "
+                         f"with data.root=... (it trained on the data in {run_data['root']})")
     test_fingerprint = fingerprint_of_test(test)
     test = test.to(device)
     costs = model_costs(model)
