@@ -472,7 +472,7 @@ def sweep_projection(rows: list[dict], compile_as: str | None, recipe_modes: set
 def breakdown_section(rows: list[dict]) -> str:
     """Milliseconds per profiled step by category, and the FLOP-proportional ceiling of the speed-up: the
     step with every HetConv layer's convolutions at R(P) of P=1's and everything else as at P=1."""
-    base = row_of(rows, 1)  # every speed-up's reference
+    base = row_of(rows, 1)
     if base is None or base["breakdown"] is None:
         return ""
     base_total, base_convs = sum(base["breakdown"].values()), base["breakdown"]["3x3 convs"]
