@@ -168,18 +168,17 @@ def check_jobs(argv: list[str]) -> None:
             return
         # With the sweep's folder as the command line gives it, resolved as Hydra resolves it
         sweep_dirs = [override for override in args.overrides if override_key(override) == "hydra.sweep.dir"]
-        try:
+        try:  # our refusals, and Hydra's ValueError for a group given a number (trainer=1) without its traceback
             composed = train_config(*choices, *sweep_dirs, name=args.config_name or "train", with_hydra=True)
-        except ValueError as error:  # a group given a number (trainer=1): Hydra's message, without its traceback
-            raise SystemExit(f"error: ValueError: {error}") from None
-        sweep = OmegaConf.select(composed, "hydra.sweeper.params") or {}
-        try:
+            sweep = OmegaConf.select(composed, "hydra.sweeper.params") or {}
             if args.multirun:
                 refuse_a_runs_folder(composed)
             else:
                 refuse_a_sweep(sweep, {o.key_or_group for o in overrides},
                                OmegaConf.select(composed, "hydra.runtime.choices.experiment"))
                 sweep = {}
+        except OmegaConfBaseException:  # some are ValueErrors too: Hydra answers them, as below
+            return
         except ValueError as error:
             raise SystemExit(f"error: ValueError: {error}") from None
         if any(override_key(key) in groups for key in sweep):  # an experiment sweeping a config group
