@@ -464,8 +464,8 @@ def test_job_folders_are_named_by_every_override_that_changes_what_the_job_compu
 
 
 def test_the_resume_hint_names_the_folder():
-    assert how_to_resume(Path("outputs/2026-11-26/13-17-50"), in_sweep=False) == (
-        "rerun the same command with hydra.run.dir=outputs/2026-11-26/13-17-50")  # the default is a new folder
+    run_dir = Path("outputs/2026-11-26/13-17-50_part4_seed0")  # the default is a new folder at each launch
+    assert how_to_resume(run_dir, in_sweep=False) == f"rerun the same command with hydra.run.dir={run_dir}"
     assert how_to_resume(Path("multirun/paper/part=4,seed=0"), in_sweep=True) == (
         "rerun the sweep command with hydra.sweep.dir=multirun/paper")
 

@@ -578,6 +578,20 @@ def test_a_second_process_on_the_same_folder_is_refused(fake_root, tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_runs_launched_side_by_side_get_a_default_folder_each(fake_root, tmp_path):
+    """A shell loop that starts a run per part, each in the background: they start within a second, and a folder
+    named by the time alone would be one folder, where all but one run would be refused."""
+    runs = {part: start("train.py", *SMALL, f"model.part={part}", "trainer.epochs=1", f"data.root={fake_root}",
+                        cwd=tmp_path) for part in (2, 4)}
+    for part, process in runs.items():
+        assert process.wait(timeout=300) == 0, process.stdout.read()
+        [run_dir] = (tmp_path / "outputs").glob(f"*/*_part{part}_seed0")
+        assert re.fullmatch(rf"\d{{4}}-\d\d-\d\d/\d\d-\d\d-\d\d_part{part}_seed0",
+                            run_dir.relative_to(tmp_path / "outputs").as_posix())
+        metrics = read_metrics(run_dir)
+        assert (metrics["status"], metrics["part"]) == ("finished", part)
+
+
 def test_resuming_on_other_data_is_refused_and_on_the_same_data_moved_accepted(reference_run, fake_root, tmp_path):
     run_dir = tmp_path / "run"
     copy_stopped_after_epoch_2(reference_run, run_dir)
