@@ -265,6 +265,9 @@ def render_markdown(rows: list[dict], info: dict, command: str) -> str:
         "*Best-epoch accuracy is the highest test accuracy over all epochs: it is selected on the test set, "
         "as the public re-implementation did (its figures beside ours, from results/published.csv), and so is "
         "optimistic. "
+        + ("Rows from one seed (n=1) have no spread: run-to-run noise on CIFAR-10 at this accuracy is about 0.15-0.3 "
+           "points, so one seed per P cannot separate parts whose accuracies lie that close (more seeds: "
+           "make reproduce ARGS=\"seed=0,1,2\"). " if any(r["n"] == 1 for r in rows) else "") +
         "FLOPs are in the paper's convention (results/flops.md); params are effective parameters. "
         "Paper accuracy: Singh et al., CVPR 2019, Table for VGG-16 on CIFAR-10."
         + (f" No row has paper figures: the paper trained {PAPER_CLASSES}-class models, these jobs "

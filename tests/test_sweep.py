@@ -491,3 +491,14 @@ def test_slurm_launcher_asks_for_one_gpu_per_job():
     assert (launcher.cpus_per_task, launcher.mem_gb, launcher.timeout_min, launcher.max_num_timeout,
             launcher.array_parallelism) == (8, 32, 480, 5, 7)
     assert cfg.hydra.sweeper.params["model.part"] == "1,2,4,8,16,32,64"
+
+
+def test_the_table_says_when_a_row_rests_on_one_seed(tmp_path):
+    """Run-to-run noise (0.15-0.3 points) is larger than most gaps between the paper's rows: a one-seed row says so."""
+    for seed, test_acc in enumerate((93.0, 94.0)):
+        fake_job(tmp_path / "sweep", 4, 1.0, "finished", seed=seed, test_acc=test_acc)
+    make_table.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "table")])
+    assert "Rows from one seed" not in (tmp_path / "table" / "table.md").read_text()
+    fake_job(tmp_path / "sweep", 16, 1.0, "finished")
+    make_table.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "table")])
+    assert "Rows from one seed (n=1) have no spread: run-to-run noise" in (tmp_path / "table" / "table.md").read_text()
