@@ -30,6 +30,30 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU ")]
 
 
+def gpus_each_job_shares(launcher) -> int:
+    """How many GPUs the jobs of a sweep that `launcher` (hydra.launcher) runs side by side on this host all see,
+    each the same ones; 0 where it runs them one at a time, or where each gets its own (SLURM)."""
+    target = launcher.get("_target_", "")
+    if target.endswith("JoblibLauncher") and launcher.get("n_jobs") != 1:
+        return len(visible_gpus())
+    if target.endswith("submitit_launcher.LocalLauncher"):  # each job sees the first gpus_per_node GPUs, or none
+        return min(launcher.get("gpus_per_node") or 0, len(visible_gpus()))
+    return 0
+
+
+def refuse_one_gpu_for_all(launcher, launcher_name: str, trainer) -> None:
+    """Jobs that a launcher runs side by side, all seeing the same GPUs, would all train on the first of them unless
+    they claim one each (`claim_gpu`)."""
+    if trainer.jobs_per_gpu is not None or trainer.device == "cpu":
+        return
+    shared = gpus_each_job_shares(launcher)
+    if shared > 1:
+        raise ValueError(f"hydra/launcher={launcher_name} runs the sweep's jobs side by side, each seeing the same "
+                         f"{shared} GPUs, and with trainer.jobs_per_gpu=null every job would train on the first of "
+                         f"them: add trainer.jobs_per_gpu=1 to give each job a GPU of its own (2 to put two jobs on "
+                         f"each)")
+
+
 def default_lock_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"hetconv-gpu-slots-{os.getuid()}"
 

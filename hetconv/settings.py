@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hetconv.data import DatasetError
+from hetconv.gpus import refuse_one_gpu_for_all
 from hetconv.layer import check_impl
 from hetconv.provenance import REPO_ROOT
 from hetconv.runfiles import command_line_override, holds_a_run
@@ -147,13 +148,17 @@ def settings_overrides(overrides: list[str]) -> list[str]:
     return [override for override in overrides if not re.match(r"[+~]*hydra[./=]", override)]
 
 
+LAUNCHER = ("hydra/launcher", "hydra.launcher.")  # the keys that choose and set the launcher
+
+
 def check_jobs(argv: list[str]) -> None:
     """check_settings on every job that train.py's command line launches, before Hydra makes a folder for any: a
     value that cannot train (trainer.amp=off, say) is refused once, rather than leaving a failed job's folder per
     job (and, on SLURM, a submitted job each). A single run's part is checked against its width too. A sweep's part
-    that does not split its width fails that job alone, which the table lists as failed, while the others train.
-    What Hydra cannot compose, a config from another folder, a swept config group and a value that resolves in the
-    job alone are left to Hydra and to each job's own checks."""
+    that does not split its width fails that job alone, which the table lists as failed, while the others train. A
+    sweep whose jobs would all train on the first of several GPUs is refused (gpus.refuse_one_gpu_for_all). What
+    Hydra cannot compose, a config from another folder, a swept config group and a value that resolves in the job
+    alone are left to Hydra and to each job's own checks."""
     args = get_args_parser().parse_args(argv)
     # What only prints (--cfg job shows a config as it is), or composes a config from another folder.
     if args.help or args.hydra_help or args.shell_completion or args.cfg or args.info or args.config_path \
@@ -166,21 +171,17 @@ def check_jobs(argv: list[str]) -> None:
         values = [o.input_line for o in overrides if o.key_or_group not in groups]
         if any(o.is_sweep_override() for o in overrides if o.key_or_group in groups or not args.multirun):
             return
-        # With the sweep's folder as the command line gives it, resolved as Hydra resolves it
-        sweep_dirs = [override for override in args.overrides if override_key(override) == "hydra.sweep.dir"]
-        try:  # our refusals, and Hydra's ValueError for a group given a number (trainer=1) without its traceback
-            composed = train_config(*choices, *sweep_dirs, name=args.config_name or "train", with_hydra=True)
-            sweep = OmegaConf.select(composed, "hydra.sweeper.params") or {}
-            if args.multirun:
-                refuse_a_runs_folder(composed)
-            else:
-                refuse_a_sweep(sweep, {o.key_or_group for o in overrides},
-                               OmegaConf.select(composed, "hydra.runtime.choices.experiment"))
-                sweep = {}
-        except OmegaConfBaseException:  # some are ValueErrors too: Hydra answers them, as below
-            return
-        except ValueError as error:
-            raise SystemExit(f"error: ValueError: {error}") from None
+        # With the sweep's folder and launcher as the command line gives them, resolved as Hydra resolves them
+        where = [override for override in args.overrides
+                 if override_key(override) == "hydra.sweep.dir" or override_key(override).startswith(LAUNCHER)]
+        composed = train_config(*choices, *where, name=args.config_name or "train", with_hydra=True)
+        sweep = OmegaConf.select(composed, "hydra.sweeper.params") or {}
+        if args.multirun:
+            refuse_a_runs_folder(composed)
+        else:
+            refuse_a_sweep(sweep, {o.key_or_group for o in overrides},
+                           OmegaConf.select(composed, "hydra.runtime.choices.experiment"))
+            sweep = {}
         if any(override_key(key) in groups for key in sweep):  # an experiment sweeping a config group
             return
         base = OmegaConf.masked_copy(composed, [key for key in composed if key != "hydra"])
@@ -199,8 +200,13 @@ def check_jobs(argv: list[str]) -> None:
             except ValueError as error:
                 job_named = f"the sweep's job {' '.join(job)}: " if args.multirun else ""
                 raise SystemExit(f"error: ValueError: {job_named}{error}") from None
-    except (HydraException, OmegaConfBaseException):
+            if args.multirun and len(jobs) > 1:
+                refuse_one_gpu_for_all(composed.hydra.launcher, composed.hydra.runtime.choices["hydra/launcher"],
+                                       cfg.trainer)
+    except (HydraException, OmegaConfBaseException):  # some OmegaConf errors are ValueErrors too: Hydra answers them
         return
+    except ValueError as error:  # our refusals, and Hydra's for a group given a number (trainer=1), without a traceback
+        raise SystemExit(f"error: ValueError: {error}") from None
 
 
 def refuse_a_runs_folder(composed: DictConfig) -> None:

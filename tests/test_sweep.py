@@ -396,6 +396,26 @@ def test_parallel_launchers_run_the_sweep_with_one_gpu_per_job(launcher, fake_ro
     assert [f"model.part={p}" in m["launches"][0]["overrides"] for p, m in zip((1, 4), metrics)] == [True, True]
 
 
+def test_a_sweep_whose_jobs_would_all_train_on_the_first_of_several_gpus_is_refused(tmp_path, two_fake_gpus,
+                                                                                      monkeypatch):
+    monkeypatch.setenv("PATH", two_fake_gpus["PATH"])
+    refusal = ("runs the sweep's jobs side by side, each seeing the same 2 GPUs, and with trainer.jobs_per_gpu=null "
+               "every job would train on the first of them: add trainer.jobs_per_gpu=1")
+    side_by_side = (["hydra/launcher=joblib"], ["hydra/launcher=submitit_local", "hydra.launcher.gpus_per_node=2"])
+    for launcher in side_by_side:
+        command = ["-m", "model.part=1,4", f"hydra.sweep.dir={tmp_path / 'sweep'}", *launcher]
+        with pytest.raises(SystemExit, match=re.escape(f"error: ValueError: {launcher[0]} {refusal}")):
+            check_jobs(command)
+        for fine in ("trainer.jobs_per_gpu=1", "trainer.device=cpu"):
+            check_jobs([*command, fine])
+        check_jobs([*command, "model.part=4"])  # one job: nothing beside it
+    for one_at_a_time in (["hydra/launcher=joblib", "hydra.launcher.n_jobs=1"], ["hydra/launcher=basic"],
+                          ["hydra/launcher=submitit_local"]):  # without gpus_per_node its jobs see no GPU
+        check_jobs(["-m", "model.part=1,4", f"hydra.sweep.dir={tmp_path / 'sweep'}", *one_at_a_time])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # one GPU: the jobs share it, as asked
+    check_jobs(["-m", "model.part=1,4", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra/launcher=joblib"])
+
+
 def never_wait(seconds):
     raise AssertionError("claim_gpu waited for a slot while one was free")
 
