@@ -901,12 +901,14 @@ def test_trainer_hetconv_reaches_the_layers_and_the_record(fake_root, tmp_path):
     assert metrics["flops"] == pytest.approx(count_flops(grouped, "paper"), rel=1e-12)
 
 
-def test_a_compiled_run_trains_evaluates_and_checkpoints(fake_root, tmp_path):
+@pytest.mark.parametrize("form", ["grouped", "dense"])  # dense: CUDA's default form, compiled as CUDA compiles it
+def test_a_compiled_run_trains_evaluates_and_checkpoints(form, fake_root, tmp_path):
     """Inductor for real (CUDA graphs need CUDA, so on the CPU this mode compiles like the default one)."""
-    script("train.py", *SMALL, "trainer.epochs=1", "trainer.compile=reduce-overhead", f"data.root={fake_root}",
-           f"hydra.run.dir={tmp_path}")
+    script("train.py", *SMALL, "trainer.epochs=1", "trainer.compile=reduce-overhead", f"trainer.hetconv={form}",
+           f"data.root={fake_root}", f"hydra.run.dir={tmp_path}")
     metrics = read_metrics(tmp_path)
-    assert metrics["status"] == "finished" and metrics["torch_compile"] == "reduce-overhead"
+    assert metrics["status"] == "finished"
+    assert (metrics["torch_compile"], metrics["hetconv"]) == ("reduce-overhead", form)
     assert metrics["train_loss"] < 2.0 and metrics["test_acc"] > 20  # chance: 2.30 and 10%
     weights = torch.load(tmp_path / "model.pt", weights_only=False)["model"]
     assert not any(key.startswith("_orig_mod.") for key in weights)  # loadable without torch.compile
