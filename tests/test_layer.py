@@ -111,6 +111,7 @@ def test_both_impls_give_every_weight_the_same_gradient(in_channels, out_channel
 def test_auto_resolves_to_dense_on_cuda_and_grouped_elsewhere_and_an_unknown_impl_is_refused():
     assert resolved_impl("auto", torch.device("cuda")) == "dense"
     assert resolved_impl("auto", torch.device("cpu")) == "grouped"
+    assert resolved_impl("auto", torch.device("mps")) == "grouped"  # every device but CUDA
     assert resolved_impl("grouped", torch.device("cuda")) == "grouped"
     with pytest.raises(ValueError, match="impl must be one of auto, grouped, dense, got 'fast'"):
         HetConv2d(8, 8, 2, impl="fast")
