@@ -1,6 +1,7 @@
 """HetConv2d is exactly the paper's layer, and its structural zeros cannot be brought back."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -189,6 +190,14 @@ def test_loaded_state_dict_cannot_fill_the_masked_block(impl):
         fresh.load_state_dict(state)  # 2 groups of 4 filters x 4 channels
     assert torch.count_nonzero(masked_entries(fresh)) == 0
     torch.testing.assert_close(fresh(x), expected)
+
+
+def test_loading_a_hetconv_layers_own_weights_does_not_warn():
+    source, fresh = HetConv2d(8, 8, 2), HetConv2d(8, 8, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning is for weights with the structural zeros filled only
+        fresh.load_state_dict(source.state_dict())
+    torch.testing.assert_close(fresh.weight1x1, source.weight1x1)
 
 
 @pytest.mark.parametrize("impl", ["grouped", "dense"])
