@@ -94,6 +94,8 @@ def test_counting_keeps_the_models_mode():
     model = vgg16(4, width=0.25).train()
     count_flops(model, "executed")
     assert model.training
+    count_flops(model.eval(), "executed")  # eval.py counts the model it evaluates
+    assert not model.training
     with pytest.raises(ValueError, match="convention must be one of"):
         count_flops(model, "macs")
 
