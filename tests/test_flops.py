@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hetconv import HetConv2d
-from hetconv.flops import count_flops, count_params, paper_ratio, truncate_millions
+from hetconv.flops import count_flops, count_params, describe_flops, paper_ratio, truncate_millions
 from hetconv.report import RESULTS_DIR, load_published
 from models import vgg16
 from models.vgg import PAPER_PARTS, conv_channels, conv_sides
@@ -103,6 +103,12 @@ def test_counting_keeps_the_models_mode():
 def test_truncation_is_not_rounding():
     assert truncate_millions(175_239_999.9) == 175.23
     assert truncate_millions(313_740_288) == 313.74
+    assert truncate_millions(256_030_000) == 256.03  # not 256.02: 256.03 * 100 is 25602.999... in floating point
+
+
+def test_the_printed_flops_are_truncated_as_the_paper_prints_them():
+    costs = {"flops": 6_989_999.0, "executed_flops": 7_627_264.0}
+    assert describe_flops(costs) == "FLOPs 6.98M (paper convention), 7.62M executed"
 
 
 def test_committed_flops_table_is_current():
