@@ -111,6 +111,13 @@ def test_the_printed_flops_are_truncated_as_the_paper_prints_them():
     assert describe_flops(costs) == "FLOPs 6.98M (paper convention), 7.62M executed"
 
 
+@pytest.mark.parametrize("convention", ["paper", "executed"])
+def test_a_model_is_counted_in_its_own_dtype(convention):
+    layer = torch.nn.Sequential(HetConv2d(16, 32, 4))
+    expected = count_flops(layer, convention, (16, 8, 8))
+    assert count_flops(layer.double(), convention, (16, 8, 8)) == expected
+
+
 def test_committed_flops_table_is_current():
     from scripts.flops_table import already_written, flops_rows, render_markdown
 
