@@ -460,6 +460,19 @@ def test_a_job_waits_for_a_free_gpu_slot_and_a_reused_worker_keeps_its_gpu(tmp_p
     held["3"].close()
 
 
+def test_no_visible_gpu_is_no_gpu_to_claim(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpus, "sleep", never_wait)
+    monkeypatch.setattr(gpus, "_held", [])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0, 2,")  # spaces and a trailing comma name no GPU
+    assert gpus.visible_gpus() == ["0", "2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # every GPU hidden
+    assert gpus.visible_gpus() == [] and gpus.claim_gpu(1, lock_dir=tmp_path) is None
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("PATH", str(tmp_path))  # a host without nvidia-smi
+    assert gpus.visible_gpus() == [] and gpus.claim_gpu(1, lock_dir=tmp_path) is None
+    assert gpus._held == []
+
+
 def test_a_sweep_without_multirun_is_refused_rather_than_run_as_one_job(tmp_path):
     refusal = ("this command sets a sweep (model.part=1,2,4,8,16,32,64, from experiment=paper), which only -m runs: "
                "add -m to the command (python train.py -m ...), or give model.part one value for a single run")
