@@ -473,6 +473,31 @@ def test_no_visible_gpu_is_no_gpu_to_claim(tmp_path, monkeypatch):
     assert gpus._held == []
 
 
+def test_a_gpus_slots_are_the_same_whichever_gpus_a_job_sees(tmp_path, monkeypatch):
+    """A sweep launched on GPUs 3,5 and another on GPU 5 alone share GPU 5's slots."""
+    class Waits(Exception):
+        pass
+
+    def would_wait(seconds):
+        raise Waits
+
+    monkeypatch.setattr(gpus, "sleep", would_wait)
+    held = []
+    for _ in range(2):  # the first sweep's two jobs fill both GPUs' single slots
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+        monkeypatch.setattr(gpus, "_held", [])
+        gpus.claim_gpu(1, lock_dir=tmp_path)
+        held += gpus._held
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    monkeypatch.setattr(gpus, "_held", [])
+    try:
+        with pytest.raises(Waits):  # GPU 5's one slot is taken: the job waits rather than doubling up
+            gpus.claim_gpu(1, lock_dir=tmp_path)
+    finally:
+        for handle in held:
+            handle.close()
+
+
 def test_a_sweep_without_multirun_is_refused_rather_than_run_as_one_job(tmp_path):
     refusal = ("this command sets a sweep (model.part=1,2,4,8,16,32,64, from experiment=paper), which only -m runs: "
                "add -m to the command (python train.py -m ...), or give model.part one value for a single run")
