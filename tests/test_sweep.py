@@ -498,6 +498,25 @@ def test_a_gpus_slots_are_the_same_whichever_gpus_a_job_sees(tmp_path, monkeypat
             handle.close()
 
 
+def test_a_job_waiting_for_a_gpu_slot_says_so_once(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    monkeypatch.setattr(gpus, "_held", [])
+    gpus.claim_gpu(1, lock_dir=tmp_path)
+    [busy] = gpus._held
+    monkeypatch.setattr(gpus, "_held", [])
+    polls = []
+
+    def sleep(seconds):
+        polls.append(seconds)
+        if len(polls) == 3:  # the job on GPU 3 ends while this one waits
+            busy.close()
+
+    monkeypatch.setattr(gpus, "sleep", sleep)
+    with caplog.at_level(logging.INFO, logger=gpus.__name__):
+        assert gpus.claim_gpu(1, lock_dir=tmp_path, poll_s=7) == "3"
+    assert polls == [7, 7, 7] and caplog.text.count("GPU slots") == 1  # not a line every poll, for hours
+
+
 def test_a_sweep_without_multirun_is_refused_rather_than_run_as_one_job(tmp_path):
     refusal = ("this command sets a sweep (model.part=1,2,4,8,16,32,64, from experiment=paper), which only -m runs: "
                "add -m to the command (python train.py -m ...), or give model.part one value for a single run")
