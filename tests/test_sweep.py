@@ -416,6 +416,14 @@ def test_a_sweep_whose_jobs_would_all_train_on_the_first_of_several_gpus_is_refu
     check_jobs(["-m", "model.part=1,4", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra/launcher=joblib"])
 
 
+def test_the_gpus_a_launchers_jobs_share_are_those_they_see(two_fake_gpus, monkeypatch):
+    monkeypatch.setenv("PATH", two_fake_gpus["PATH"])
+    plugin = "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
+    local = {"_target_": plugin + "LocalLauncher", "gpus_per_node": 4}
+    assert gpus.gpus_each_job_shares(local) == 2  # "0,1,2,3" on a host of two GPUs: the two there are
+    assert gpus.gpus_each_job_shares({"_target_": plugin + "SlurmLauncher", "gpus_per_node": 2}) == 0  # its own
+
+
 def never_wait(seconds):
     raise AssertionError("claim_gpu waited for a slot while one was free")
 
