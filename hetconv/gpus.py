@@ -20,9 +20,14 @@ _held = []  # the open lock file of this process's slot: closing it would releas
 
 
 def visible_gpus() -> list[str]:
-    """The GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else every GPU nvidia-smi lists."""
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else every GPU on the host."""
     if "CUDA_VISIBLE_DEVICES" in os.environ:
         return [d.strip() for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    return host_gpus()
+
+
+def host_gpus() -> list[str]:
+    """Every GPU nvidia-smi lists, whatever CUDA_VISIBLE_DEVICES says."""
     try:
         listing = subprocess.run(["nvidia-smi", "--list-gpus"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
@@ -36,8 +41,10 @@ def gpus_each_job_shares(launcher) -> int:
     target = launcher.get("_target_", "")
     if target.endswith("JoblibLauncher") and launcher.get("n_jobs") != 1:
         return len(visible_gpus())
-    if target.endswith("submitit_launcher.LocalLauncher"):  # each job sees the first gpus_per_node GPUs, or none
-        return min(launcher.get("gpus_per_node") or 0, len(visible_gpus()))
+    if target.endswith("submitit_launcher.LocalLauncher"):
+        # Each job sees the host's first gpus_per_node GPUs, or none: submitit sets CUDA_VISIBLE_DEVICES to 0..n-1,
+        # whatever the launching shell's was.
+        return min(launcher.get("gpus_per_node") or 0, len(host_gpus()))
     return 0
 
 

@@ -424,6 +424,10 @@ def test_the_gpus_a_launchers_jobs_share_are_those_they_see(two_fake_gpus, monke
     plugin = "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
     local = {"_target_": plugin + "LocalLauncher", "gpus_per_node": 4}
     assert gpus.gpus_each_job_shares(local) == 2  # "0,1,2,3" on a host of two GPUs: the two there are
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # submitit_local sets its own, 0..gpus_per_node-1, over the shell's
+    assert gpus.gpus_each_job_shares(local) == 2
+    joblib = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"}
+    assert gpus.gpus_each_job_shares(joblib) == 1  # joblib's jobs inherit the shell's
     assert gpus.gpus_each_job_shares({"_target_": plugin + "SlurmLauncher", "gpus_per_node": 2}) == 0  # its own
 
 
