@@ -18,6 +18,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # how Hydra
 from hydra._internal.utils import get_args_parser  # Hydra's own command-line parser (hydra-core is pinned)
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ValueType
 from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -205,7 +206,7 @@ def check_jobs(argv: list[str]) -> None:
                                        cfg.trainer)
     except (HydraException, OmegaConfBaseException):  # some OmegaConf errors are ValueErrors too: Hydra answers them
         return
-    except ValueError as error:  # our refusals, and Hydra's for a group given a number (trainer=1), without a traceback
+    except ValueError as error:  # our refusals, without a traceback
         raise SystemExit(f"error: ValueError: {error}") from None
 
 
@@ -243,6 +244,10 @@ def check_overrides(overrides: list[str], readable: list[str], groups, script: s
         known = any(".".join(parts[:i]) in readable for i in range(1, len(parts) + 1))  # data.mean.0: data.mean's
         if override.is_delete():
             raise ValueError(f"{override.input_line}: {script} does not take a setting away; set {key} instead")
+        if key in groups and not_config_names(override):
+            options = ", ".join(sorted(p.stem for p in (REPO_ROOT / "configs" / key).glob("*.yaml")))
+            raise ValueError(f"{override.input_line}: {key} is a config group, set to the name of one of its configs "
+                             f"({options}); a setting inside it is {key}.<setting>=<value>")
         if key in groups or (known and not override.is_add()):
             continue
         problem = f"adds {key} with +, but {script} reads only its configs' settings" if override.is_add() else (
@@ -250,6 +255,15 @@ def check_overrides(overrides: list[str], readable: list[str], groups, script: s
         close = closest_setting(key, [k for k in readable if k != key])
         raise ValueError(f"{override.input_line}: {problem}, so it would be ignored"
                          + (f" (did you mean {close}?)" if close else "") + f". {hint}")
+
+
+def not_config_names(override) -> list:
+    """What an override gives a config group that cannot name one of its configs: a number or null (trainer=1,
+    trainer=1,2: Hydra refuses a sweep's with a traceback). A glob or interval sweep is left to Hydra."""
+    if override.value_type in (ValueType.GLOB_CHOICE_SWEEP, ValueType.INTERVAL_SWEEP):
+        return []
+    values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+    return [value for value in values if not isinstance(value, (str, list))]
 
 
 def closest_setting(key: str, readable: list[str]) -> str | None:
