@@ -108,10 +108,9 @@ def model_costs(model: nn.Module) -> dict[str, float]:
             "params": params, "stored_params": stored_params}
 
 
-def truncate_millions(count: float, digits: int = 2) -> float:
-    """Millions truncated (not rounded) to `digits` decimals, as the paper prints FLOPs."""
-    scale = 10**digits
-    return math.floor(count / 1e6 * scale + 1e-9) / scale
+def truncate_millions(count: float) -> float:
+    """Millions truncated (not rounded) to 0.01M, as the paper prints FLOPs."""
+    return math.floor(count / 1e6 * 100 + 1e-9) / 100
 
 
 def describe_flops(costs: dict[str, float]) -> str:
