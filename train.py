@@ -56,7 +56,9 @@ OmegaConf.register_new_resolver(
 
 
 class Refused(ValueError):
-    """A resume that would change what the run computes; the run's files are left exactly as they are."""
+    """A launch that train.py declines: a resume that would change what the run computes, or a folder that is not
+    this run's to train in (a sweep's, final weights alone, another job's twin). The run's files are left exactly
+    as they are: no failed record is written over them."""
 
 
 class Interrupted(SystemExit):
