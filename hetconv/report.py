@@ -38,6 +38,16 @@ def typed_command(script: str, argv: list[str] | None) -> str:
     return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
 
 
+def output_folder(text: str) -> Path:
+    """argparse type of --out: a folder, made when the report is written. A file in its place (or above it) is
+    refused now, not after the work that the report would hold."""
+    path = Path(text)
+    file = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if file:
+        raise argparse.ArgumentTypeError(f"{file} is a file, not a folder")
+    return path
+
+
 def positive_int(text: str) -> int:
     """argparse type of a count such as --repeats: a whole number >= 1."""
     if not text.isdigit() or int(text) < 1:

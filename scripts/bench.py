@@ -36,7 +36,6 @@ import statistics
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -47,7 +46,7 @@ from hetconv.data import Split, memory_format
 from hetconv.flops import count_flops, paper_ratio
 from hetconv.layer import IMPLS, resolved_impl
 from hetconv.provenance import count, device_name, git_commit, library_versions, now
-from hetconv.report import RESULTS_DIR, markdown_table, positive_int, typed_command
+from hetconv.report import RESULTS_DIR, markdown_table, output_folder, positive_int, typed_command
 from hetconv.settings import check_settings, train_config
 from hetconv.training import (COMPILE_MODES, autocast, build_training, compile_mode, configure_backend, execution,
                               precision, select_device, train_step)
@@ -608,7 +607,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="training batch, layers' and inference's too (default: the recipe's trainer.batch_size)")
     parser.add_argument("--repeats", type=positive_int, default=7)
     parser.add_argument("--skip-layers", action="store_true", help="model level only")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out", type=output_folder, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     parts = parse_parts(parser, args.parts)
     overrides = [f"trainer.device={args.device}", f"trainer.hetconv={args.impl}"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hetconv.flops import model_costs, truncate_millions
 from hetconv.provenance import git_commit, library_versions, now
-from hetconv.report import RESULTS_DIR, load_published, markdown_table, typed_command, write_csv
+from hetconv.report import RESULTS_DIR, load_published, markdown_table, output_folder, typed_command, write_csv
 from models import vgg16
 from models.vgg import PAPER_PARTS
 
@@ -79,7 +79,7 @@ def without_date_and_commit(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for flops.csv and flops.md")
+    parser.add_argument("--out", type=output_folder, default=RESULTS_DIR, help="folder for flops.csv and flops.md")
     out = parser.parse_args(argv).out
     rows = flops_rows()
     # Rendered before writing: the commit it names is not dirty with this run's own files.

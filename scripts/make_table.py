@@ -25,7 +25,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from hetconv.data import CLASSES  # noqa: E402
 from hetconv.flops import count_flops, count_params, truncate_millions  # noqa: E402
 from hetconv.provenance import count, git_commit, now  # noqa: E402
-from hetconv.report import RESULTS_DIR, load_published, markdown_table, typed_command, write_csv  # noqa: E402
+from hetconv.report import (RESULTS_DIR, load_published, markdown_table, output_folder, typed_command,  # noqa: E402
+                             write_csv)
 from hetconv.runfiles import (RESUMABLE_CHANGES, config_differences, held_by_a_process, is_sweep_folder,  # noqa: E402
                               last_checkpoint, read_metrics)
 from models import vgg16  # noqa: E402
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweeps", nargs="+", type=Path,
                         help="sweep folders written by train.py -m, or job folders in them")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for table.md, table.csv, acc_vs_flops.png")
+    parser.add_argument("--out", type=output_folder, default=RESULTS_DIR, help="folder for table.md, table.csv, acc_vs_flops.png")
     args = parser.parse_args(argv)
     command = typed_command("scripts/make_table.py", argv)
     jobs = find_jobs(args.sweeps)

@@ -146,6 +146,20 @@ def test_table_refuses_to_put_generated_data_or_no_result_into_results(tmp_path)
     assert {p.name: p.read_bytes() for p in (REPO / "results").iterdir()} == results
 
 
+def test_an_out_folder_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    from scripts import flops_table
+
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    monkeypatch.setattr(make_table, "find_jobs", lambda *a: pytest.fail("read the sweep before checking --out"))
+    monkeypatch.setattr(flops_table, "flops_rows", lambda: pytest.fail("counted before checking --out"))
+    for main, args in ((make_table.main, [str(tmp_path)]), (flops_table.main, [])):
+        for out in (taken, taken / "table"):  # the folder, or one above it
+            with pytest.raises(SystemExit):
+                main([*args, "--out", str(out)])
+            assert f"argument --out: {taken} is a file, not a folder" in capsys.readouterr().err
+
+
 def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, seed=0, test_acc=90.0, overrides=(),
              official=None):
     """A job folder as train.py leaves it, without training: .hydra/config.yaml and the metrics.json that train.py's
