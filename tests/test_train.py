@@ -228,7 +228,9 @@ def test_the_seed_augmentation_and_optimizer_settings_reach_the_training_loop(fa
         "lr": 0.03, "momentum": 0.8, "weight_decay": 0.001, "nesterov": True}
 
 
-def test_diverging_loss_fails_the_run_and_keeps_the_last_good_checkpoint(fake_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signal_after_diverging", [False, True], ids=["at_the_epochs_end", "at_a_signal"])
+def test_diverging_loss_fails_the_run_and_keeps_the_last_good_checkpoint(signal_after_diverging, fake_root, tmp_path,
+                                                                         monkeypatch):
     cfg = small_config(fake_root)
     real_step, calls = train_module.train_step, []
     steps_per_epoch = 4000 // 100
@@ -238,6 +240,8 @@ def test_diverging_loss_fails_the_run_and_keeps_the_last_good_checkpoint(fake_ro
         if len(calls) == steps_per_epoch + 5:
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))
+        if signal_after_diverging and len(calls) == steps_per_epoch + 10:  # its state is not saved over epoch 1's
+            os.kill(os.getpid(), signal.SIGTERM)
         return real_step(model, *args)
 
     monkeypatch.setattr(train_module, "train_step", step_that_diverges_in_epoch_2)
