@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweeps", nargs="+", type=Path,
                         help="sweep folders written by train.py -m, or job folders in them")
-    parser.add_argument("--out", type=output_folder, default=RESULTS_DIR, help="folder for table.md, table.csv, acc_vs_flops.png")
+    parser.add_argument("--out", type=output_folder, default=RESULTS_DIR,
+                        help="folder for table.md, table.csv, acc_vs_flops.png")
     args = parser.parse_args(argv)
     command = typed_command("scripts/make_table.py", argv)
     jobs = find_jobs(args.sweeps)

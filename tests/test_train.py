@@ -406,8 +406,8 @@ def test_a_setting_that_nothing_would_read_is_refused(reference_run, fake_root, 
     for group_given_a_number in (["trainer=1"], ["-m", "trainer=1,2"]):  # Hydra's answer to the sweep: a traceback
         result = script("train.py", *group_given_a_number, check=False)
         assert result.returncode == 1 and result.stderr == (
-            f"error: ValueError: {group_given_a_number[-1]}: trainer is a config group, set to the name of one of its "
-            "configs (default); a setting inside it is trainer.<setting>=<value>\n")
+            f"error: ValueError: {group_given_a_number[-1]}: trainer is a config group, set to the name of one of "
+            "its configs (default); a setting inside it is trainer.<setting>=<value>\n")
     assert "hydra_bash_completion" in script("train.py", "-sc", "install=bash").stdout  # Hydra's arguments, not settings
     result = script("eval.py", f"checkpoint={reference_run}", "data.normalize=true", check=False, cwd=tmp_path)
     assert result.returncode == 1 and ("data.normalize=true: eval.py does not read data.normalize, so it would be "
