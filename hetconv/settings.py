@@ -24,7 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hetconv.data import DatasetError
+from hetconv.data import FOLDER, DatasetError
 from hetconv.gpus import refuse_one_gpu_for_all
 from hetconv.layer import check_impl
 from hetconv.provenance import REPO_ROOT
@@ -83,6 +83,11 @@ def check_settings(cfg) -> None:
         value = OmegaConf.select(cfg, key)
         if not is_finite_number(value) or value < 0 or (value == 0 and not zero_allowed):
             raise ValueError(f"{key} must be a finite number {'>=' if zero_allowed else '>'} 0, got {value!r}")
+    if cfg.optim.momentum >= 1:  # old gradients would never fade from the velocity: its steps grow without bound
+        raise ValueError(f"optim.momentum must be below 1, got {cfg.optim.momentum!r}")
+    if not (isinstance(cfg.data.root, str) and cfg.data.root.strip()):  # data.root= would be the working folder
+        raise ValueError(f"data.root must name the folder that holds {FOLDER}/ (or will, once downloaded), got "
+                         f"{cfg.data.root!r}")
     # torch.manual_seed takes -2**63 too, but draws for a negative seed as for that seed + 2**64: seed=-1 and
     # seed=2**64-1 would be one run, which the table would count as two seeds.
     if not (is_int(cfg.seed) and 0 <= cfg.seed < 2**64):

@@ -555,6 +555,10 @@ def test_a_damaged_or_foreign_checkpoint_is_named_and_the_run_left_as_it_is(refe
     ("optim.lr=nan", "optim.lr must be a finite number > 0, got nan"),
     ("schedule.gamma=0", "schedule.gamma must be a finite number > 0, got 0"),
     ("optim.momentum=-0.9", "optim.momentum must be a finite number >= 0, got -0.9"),
+    ("optim.momentum=1", "optim.momentum must be below 1, got 1"),
+    ("data.root=null", "data.root must name the folder that holds cifar-10-batches-py/ (or will, once downloaded), "
+                       "got None"),
+    ("data.root=", "data.root must name the folder that holds cifar-10-batches-py/ (or will, once downloaded), got ''"),
     ("optim.nesterov=true optim.momentum=0", "optim.nesterov=true needs optim.momentum > 0"),
     ("data.flip=off", "data.flip must be true or false, got 'off'"),  # a string: Python would take it for true
     ("optim.nesterov=no", "optim.nesterov must be true or false, got 'no'"),
