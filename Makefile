@@ -1,9 +1,10 @@
 # Two commands take a fresh clone to results: `make test`, then `make reproduce` (see README.md).
-# make reproduce ARGS="seed=0,1,2" passes ARGS to the sweep; SWEEP=<folder> puts it elsewhere.
+# make reproduce ARGS="seed=0,1,2" passes ARGS to the sweep; SWEEP=<folder> puts it elsewhere (DEMO=<folder>, the demo).
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SWEEP ?= multirun/paper
+DEMO ?= demo
 ARGS ?=
 
 .PHONY: install test flops bench reproduce table demo
@@ -41,11 +42,12 @@ reproduce: install
 table: install
 	$(PY) scripts/make_table.py $(SWEEP)
 
-# The whole pipeline on generated data (on the GPU if there is one, else about a minute on 2 CPU cores): in demo/.
-# --force: demo/data is the demo's own, generated again (the same data) at every run.
+# The whole pipeline on generated data (on the GPU if there is one, else about a minute on 2 CPU cores): in $(DEMO)/.
+# --force: its data is the demo's own, generated again (the same data) at every run. A sweep folder holds one recipe:
+# a demo with other ARGS goes in another DEMO=<folder> (demo/<name>: git ignores it).
 demo: install
-	$(call refuse_sweep_dir,demo/sweep,the demo sweeps into demo/sweep)
-	$(PY) scripts/make_fake_cifar.py demo/data --force
-	$(PY) train.py -m experiment=demo $(ARGS); status=$$?; \
-	$(PY) scripts/make_table.py demo/sweep --out demo && \
-	echo "Curves: $(VENV)/bin/tensorboard --logdir demo/sweep" && exit $$status
+	$(call refuse_sweep_dir,$(DEMO)/sweep,name the demo's folder with DEMO=<folder> instead)
+	$(PY) scripts/make_fake_cifar.py $(DEMO)/data --force
+	$(PY) train.py -m experiment=demo data.root=$(DEMO)/data hydra.sweep.dir=$(DEMO)/sweep $(ARGS); status=$$?; \
+	$(PY) scripts/make_table.py $(DEMO)/sweep --out $(DEMO) && \
+	echo "Curves: $(VENV)/bin/tensorboard --logdir $(DEMO)/sweep" && exit $$status

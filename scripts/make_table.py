@@ -98,7 +98,7 @@ def check_one_recipe(jobs: list[Job]) -> None:
             raise SystemExit(f"error: {jobs[0].path} and {job.path} ran different recipes ({'; '.join(differences)}); "
                              "make a table of each recipe's jobs separately: give its sweep folders, or, where two "
                              "recipes share a sweep folder, its job folders. A sweep with other settings belongs in "
-                             "a folder of its own: hydra.sweep.dir=..., or make reproduce SWEEP=...")
+                             "a folder of its own: hydra.sweep.dir=..., make reproduce SWEEP=... or make demo DEMO=...")
 
 
 def check_one_dataset(jobs: list[Job]) -> None:

@@ -242,6 +242,11 @@ def test_make_refuses_a_sweep_folder_in_args_that_its_table_would_not_read():
     launched = dry_run("reproduce", "seed=0,1")
     assert launched.returncode == 0 and "train.py -m experiment=paper hydra.sweep.dir=multirun/paper seed=0,1" in (
         launched.stdout)
+    elsewhere = subprocess.run(["make", "-n", "-o", "install", "demo", "DEMO=demo/lr", "ARGS=optim.lr=0.05"],
+                               cwd=REPO, capture_output=True, text=True).stdout  # other settings, in their own folder
+    for command in ("make_fake_cifar.py demo/lr/data", "make_table.py demo/lr/sweep --out demo/lr",
+                    "data.root=demo/lr/data hydra.sweep.dir=demo/lr/sweep optim.lr=0.05"):
+        assert command in elsewhere
 
 
 def test_a_twin_folder_without_a_record_is_named_as_the_one_to_remove(tmp_path):
