@@ -242,8 +242,11 @@ def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: lis
     with exclusive(run_dir):
         state = resume_point(run_dir, config)
         metrics = read_metrics(run_dir)
-        if in_sweep and state is None and metrics is None:
-            refuse_a_twin(run_dir, config, overrides)
+        if state is None and metrics is None:
+            if in_sweep:
+                refuse_a_twin(run_dir, config, overrides)
+            elif is_sweep_folder(run_dir.parent):
+                refuse_a_run_among_jobs(run_dir)
         if state is None:
             if metrics and metrics["status"] == "finished":  # its checkpoint was deleted
                 refuse_other_settings(run_dir, metrics["config"], config)
@@ -289,10 +292,7 @@ def refuse_a_twin(run_dir: Path, config: dict, overrides: list[str]) -> None:
         except ValueError:  # an unreadable record is its own job's to report
             continue
         if started and not config_differences(started["config"], config):
-            # A folder of Hydra's files alone would stand beside the job as its twin in make_table.
-            removed = {entry.name for entry in run_dir.iterdir()} <= {".hydra", "train.log", lock_path(run_dir).name}
-            if removed:
-                shutil.rmtree(run_dir)
+            removed = remove_if_hydras_alone(run_dir)
             # Where the data is and how many jobs share a GPU make no difference to a job; how it computes does, but
             # not to the table, which would count the two as one job.
             runs_otherwise = config_differences(started["config"], config,
@@ -307,6 +307,25 @@ def refuse_a_twin(run_dir: Path, config: dict, overrides: list[str]) -> None:
                           f"this launch {naming_changes(started['launches'], overrides)}. Relaunch the sweep with the "
                           f"overrides its jobs were launched with{what_to_remove}; to train the job again, "
                           f"{ANOTHER_FOLDER}.")
+
+
+def refuse_a_run_among_jobs(run_dir: Path) -> None:
+    """A single run does not start in a new folder inside a sweep's (a job's folder name mistyped, say): it would train
+    there with the single run's recipe, and make_table would take it for one of the sweep's jobs."""
+    removed = remove_if_hydras_alone(run_dir)
+    raise Refused(f"{run_dir} is a new folder in the sweep folder {run_dir.parent}, where a single run would stand "
+                  f"among its jobs{' (it was removed)' if removed else ''}. To resume or add one of the sweep's jobs, "
+                  f"rerun the sweep's command with {command_line_override('hydra.sweep.dir', run_dir.parent)}; for a "
+                  f"single run, {ANOTHER_FOLDER}.")
+
+
+def remove_if_hydras_alone(run_dir: Path) -> bool:
+    """Remove a folder that holds only the files Hydra wrote when this launch started, which make_table would list as
+    a job that never trained; whether it did."""
+    if {entry.name for entry in run_dir.iterdir()} <= {".hydra", "train.log", lock_path(run_dir).name}:
+        shutil.rmtree(run_dir)
+        return True
+    return False
 
 
 def naming_changes(launches: list[dict], overrides: list[str]) -> str:

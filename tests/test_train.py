@@ -736,6 +736,21 @@ def test_a_single_run_in_a_sweeps_folder_is_refused(fake_root, tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "multirun.yaml"]
 
 
+def test_a_single_run_in_a_new_folder_among_a_sweeps_jobs_is_refused(reference_run, fake_root, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    shutil.copytree(reference_run, sweep_dir / "part=4,seed=0")  # one of its jobs, finished
+    (sweep_dir / "multirun.yaml").touch()
+    mistyped = sweep_dir / "part=4,seed=O"
+    (mistyped / ".hydra").mkdir(parents=True)  # what Hydra wrote when the run started
+    with pytest.raises(train_module.Refused, match=re.escape(f"{mistyped} is a new folder in the sweep folder "
+                                                             f"{sweep_dir}, where a single run would stand among its "
+                                                             "jobs (it was removed)")):
+        train_module.train(small_config(fake_root), mistyped)
+    assert not mistyped.exists()
+    # A job that has a record is the sweep's own: a single run may resume it, or leave it finished.
+    assert train_module.train(small_config(fake_root), sweep_dir / "part=4,seed=0")["status"] == "finished"
+
+
 def test_the_test_split_loads_alone_and_a_misplaced_or_incomplete_data_root_is_named(tmp_path):
     make_fake_cifar(tmp_path, train=500, test=100, seed=0)
     for batch in (tmp_path / "cifar-10-batches-py").glob("data_batch_*"):
