@@ -320,8 +320,8 @@ def refuse_a_run_among_jobs(run_dir: Path) -> None:
 
 
 def remove_if_hydras_alone(run_dir: Path) -> bool:
-    """Remove a folder that holds only the files Hydra wrote when this launch started, which make_table would list as
-    a job that never trained; whether it did."""
+    """Remove run_dir where it holds only the files Hydra wrote as this launch started (make_table would list it as a
+    job that never trained); True where it was removed."""
     if {entry.name for entry in run_dir.iterdir()} <= {".hydra", "train.log", lock_path(run_dir).name}:
         shutil.rmtree(run_dir)
         return True
