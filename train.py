@@ -447,7 +447,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
 
 def choose_execution(cfg: DictConfig, run_dir: Path, state: dict | None) -> tuple[torch.device, str | None, str]:
     """The device, torch.compile mode (None: eager) and HetConv form the run computes with: a resumed run's own."""
-    if cfg.trainer.jobs_per_gpu is not None:
+    if cfg.trainer.jobs_per_gpu is not None and cfg.trainer.device != "cpu":  # a CPU job would hold a GPU's slot
         claim_gpu(cfg.trainer.jobs_per_gpu)  # before anything initialises CUDA
     device, compile_as, form = execution(cfg.trainer)
     if state:

@@ -14,12 +14,13 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 
 import train as train_module
-from conftest import REPO, script
+from conftest import REPO, SMALL, script
 from hetconv import gpus
 from hetconv.report import load_published
 from hetconv.runfiles import (RESUMABLE_CHANGES, RunRecord, command_line_override, exclusive, how_to_resume,
@@ -409,13 +410,22 @@ def test_the_table_names_every_launch_and_plots_one_curve_per_width(tmp_path, mo
 ], ids=["joblib", "submitit_local"])
 def test_parallel_launchers_run_the_sweep_with_one_gpu_per_job(launcher, fake_root, tmp_path, two_fake_gpus):
     sweep_dir = tmp_path / "sweep"
-    result = sweep(sweep_dir, fake_root, "model.part=1,4", "trainer.jobs_per_gpu=1", *launcher, env=two_fake_gpus)
+    # trainer.device=auto: a job claims a GPU (the fake ones here, where CUDA finds none and the job trains on the CPU)
+    result = sweep(sweep_dir, fake_root, "model.part=1,4", "trainer.jobs_per_gpu=1", "trainer.device=auto", *launcher,
+                   env=two_fake_gpus)
     assert result.returncode == 0, result.stderr
     metrics = [read_metrics(sweep_dir / JOB.format(p)) for p in (1, 4)]
     assert [m["status"] for m in metrics] == ["finished", "finished"]
     assert sorted(m["cuda_visible_devices"] for m in metrics) == ["0", "1"]  # not both on GPU 0
     assert [p.name for p in (tmp_path / "locks").iterdir()] == [f"hetconv-gpu-slots-{os.getuid()}"]
     assert [f"model.part={p}" in m["launches"][0]["overrides"] for p, m in zip((1, 4), metrics)] == [True, True]
+
+
+def test_a_cpu_job_claims_no_gpu(fake_root, two_fake_gpus, monkeypatch):
+    monkeypatch.setenv("PATH", two_fake_gpus["PATH"])
+    cfg = train_config(*SMALL, f"data.root={fake_root}", "trainer.jobs_per_gpu=1")  # SMALL: trainer.device=cpu
+    assert train_module.choose_execution(cfg, fake_root, None)[0] == torch.device("cpu")
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ and not gpus._held
 
 
 def test_a_sweep_whose_jobs_would_all_train_on_the_first_of_several_gpus_is_refused(tmp_path, two_fake_gpus,
