@@ -228,7 +228,8 @@ def test_the_seed_augmentation_and_optimizer_settings_reach_the_training_loop(fa
         "lr": 0.03, "momentum": 0.8, "weight_decay": 0.001, "nesterov": True}
 
 
-@pytest.mark.parametrize("signal_after_diverging", [False, True], ids=["at_the_epochs_end", "at_a_signal"])
+@pytest.mark.parametrize("signal_after_diverging", [False, True, "in_that_step"],
+                         ids=["at_the_epochs_end", "at_a_signal", "at_a_signal_in_the_step_that_diverged"])
 def test_diverging_loss_fails_the_run_and_keeps_the_last_good_checkpoint(signal_after_diverging, fake_root, tmp_path,
                                                                          monkeypatch):
     cfg = small_config(fake_root)
@@ -237,6 +238,12 @@ def test_diverging_loss_fails_the_run_and_keeps_the_last_good_checkpoint(signal_
 
     def step_that_diverges_in_epoch_2(model, *args):
         calls.append(1)
+        if signal_after_diverging == "in_that_step" and len(calls) == steps_per_epoch + 5:
+            result = real_step(model, *args)  # its loss is finite: the update after it is not
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+            os.kill(os.getpid(), signal.SIGTERM)
+            return result
         if len(calls) == steps_per_epoch + 5:
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))
