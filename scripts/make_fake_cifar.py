@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hetconv.data import CLASSES, FOLDER
+from hetconv.data import CLASSES, FOLDER, is_official
 from hetconv.report import positive_int
 
 PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -65,6 +65,9 @@ def make_fake_cifar(root: Path | str, train: int = 5000, test: int = 1000, seed:
     if held and not overwrite:  # it may be the real CIFAR-10, which would then have to be downloaded again
         raise FileExistsError(f"{folder} already holds {', '.join(held)}: use it as it is (data.root={root}), "
                               "choose another folder, or pass --force to replace it with generated data")
+    if held and is_official(root):  # make demo DEMO=. would force generated data over ./data, the default data.root
+        raise FileExistsError(f"{folder} holds the official CIFAR-10, which --force does not replace (it would have to "
+                              "be downloaded again): choose another folder")
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     batches = np.array_split(rng.integers(0, 10, train), 5)  # the first ones one image larger where 5 does not divide
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=positive_int, default=5000, help="training images (split over 5 batch files)")
     parser.add_argument("--test", type=positive_int, default=1000, help="test images")
     parser.add_argument("--seed", type=int, default=0, help="numpy's generator seed, >= 0")
-    parser.add_argument("--force", action="store_true", help="replace the batch files that root already holds")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the batch files that root already holds (never the official CIFAR-10's)")
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"--seed must be >= 0 (numpy's generator takes no negative seed), got {args.seed}")

@@ -171,6 +171,17 @@ def test_generated_data_replaces_a_dataset_only_when_forced(tmp_path, capsys):
     assert batch_file.read_bytes() != before
 
 
+def test_generated_data_never_replaces_the_official_cifar10(tmp_path, capsys, monkeypatch):
+    """make demo DEMO=<folder> forces generated data into <folder>/data: DEMO=. would be ./data, data.root's default."""
+    batch_file = make_fake_cifar(tmp_path, train=50, test=10, seed=0) / "data_batch_1"
+    before = batch_file.read_bytes()
+    monkeypatch.setattr(make_fake_cifar_script, "is_official", lambda root: str(root) == str(tmp_path))  # md5s
+    with pytest.raises(SystemExit):
+        make_fake_cifar_script.main([str(tmp_path), "--seed", "1", "--force"])
+    assert "holds the official CIFAR-10, which --force does not replace" in capsys.readouterr().err
+    assert batch_file.read_bytes() == before
+
+
 def test_an_empty_split_is_named_before_training(tmp_path):
     test_file = make_fake_cifar(tmp_path, train=50, test=10, seed=0) / "test_batch"
     batch = pickle.loads(test_file.read_bytes())
