@@ -409,9 +409,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
                     record.tick()
                     so_far = {"loss": loss_sum.item(), "correct": correct.item(), "seen": seen,
                               "train_s": time.perf_counter() - started}
-                    # Not saved over the last good state: the losses so far were computed before the last step's
-                    # update, which may itself have made the weights non-finite.
-                    stop_if_diverged(run_dir, epoch, so_far["loss"] / seen, weights=model)
+                    stop_if_diverged(run_dir, epoch, so_far["loss"] / seen, model=model)  # before it is saved
                     save(last_checkpoint(run_dir), checkpoint(epoch, step, epoch_rng, so_far))
                     interrupted(stop, f"{stop.received.name} at epoch {epoch + 1}, step {step}")
             train_loss = loss_sum.item() / seen  # the epoch's first host synchronisation: none between its steps
@@ -471,12 +469,12 @@ def resume_from(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def stop_if_diverged(run_dir: Path, epoch: int, train_loss: float, test_loss: float | None = None,
-                     weights: nn.Module | None = None) -> None:
+                     model: nn.Module | None = None) -> None:
     """A loss that is no longer a number stays so: the epochs after it would only spend the machine, and a checkpoint
-    of its state would replace the last good one. test_loss is None for an epoch stopped by a signal before its end;
-    `weights`, the model then, whose last update no loss has seen yet."""
-    weights_finite = weights is None or all(torch.isfinite(t).all() for t in weights.state_dict().values()
-                                            if t.is_floating_point())
+    of its state would replace the last good one. At a signal mid-epoch there is no test loss yet, and the `model`'s
+    weights are checked too: the last step's update came after the loss it saw."""
+    weights_finite = model is None or all(torch.isfinite(t).all() for t in model.state_dict().values()
+                                          if t.is_floating_point())
     if math.isfinite(train_loss) and (test_loss is None or math.isfinite(test_loss)) and weights_finite:
         return
     kept = f"The last good state, after epoch {epoch}, is kept in {last_checkpoint(run_dir)}. " if epoch else ""
