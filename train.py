@@ -245,7 +245,7 @@ def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: lis
         if state is None and metrics is None:
             if in_sweep:
                 refuse_a_twin(run_dir, config, overrides)
-            elif is_sweep_folder(run_dir.parent):
+            elif is_sweep_folder(run_dir.parent) and not final_weights(run_dir).exists():  # refused below, if so
                 refuse_a_run_among_jobs(run_dir)
         if state is None:
             if metrics and metrics["status"] == "finished":  # its checkpoint was deleted

@@ -756,6 +756,10 @@ def test_a_single_run_in_a_new_folder_among_a_sweeps_jobs_is_refused(reference_r
     assert not mistyped.exists()
     # A job that has a record is the sweep's own: a single run may resume it, or leave it finished.
     assert train_module.train(small_config(fake_root), sweep_dir / "part=4,seed=0")["status"] == "finished"
+    shutil.rmtree(sweep_dir / "part=4,seed=0" / "checkpoints")
+    (sweep_dir / "part=4,seed=0" / "metrics.json").unlink()  # its final weights alone: not a new folder
+    with pytest.raises(train_module.Refused, match=r"holds a run's final weights \(model.pt\), but neither"):
+        train_module.train(small_config(fake_root), sweep_dir / "part=4,seed=0")
 
 
 def test_the_test_split_loads_alone_and_a_misplaced_or_incomplete_data_root_is_named(tmp_path):
