@@ -61,6 +61,19 @@ def refuse_one_gpu_for_all(launcher, launcher_name: str, trainer) -> None:
                          f"each)")
 
 
+def refuse_gpus_the_host_lacks(launcher, trainer) -> None:
+    """submitit_local gives each job GPUs 0..gpus_per_node-1 whether or not the host has them: a job pinned to one it
+    lacks finds no CUDA, and trains on the CPU (trainer.device=auto) or fails (cuda)."""
+    if trainer.device == "cpu" or not launcher.get("_target_", "").endswith("submitit_launcher.LocalLauncher"):
+        return
+    asked, host = launcher.get("gpus_per_node") or 0, len(host_gpus())
+    if asked > host:
+        raise ValueError(f"hydra.launcher.gpus_per_node={asked}, but this host has {host} GPUs (nvidia-smi "
+                         f"--list-gpus): submitit_local would give the jobs GPUs that are not there, where they would "
+                         f"train on the CPU. Set hydra.launcher.gpus_per_node={host}"
+                         + ("" if host else ", or trainer.device=cpu to train on the CPU"))
+
+
 def default_lock_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"hetconv-gpu-slots-{os.getuid()}"
 

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hetconv.data import FOLDER, DatasetError
-from hetconv.gpus import refuse_one_gpu_for_all
+from hetconv.gpus import refuse_gpus_the_host_lacks, refuse_one_gpu_for_all
 from hetconv.layer import check_impl
 from hetconv.provenance import REPO_ROOT
 from hetconv.runfiles import command_line_override, holds_a_run
@@ -162,7 +162,7 @@ def check_jobs(argv: list[str]) -> None:
     value that cannot train (trainer.amp=off, say) is refused once, rather than leaving a failed job's folder per
     job (and, on SLURM, a submitted job each). A single run's part is checked against its width too. A sweep's part
     that does not split its width fails that job alone, which the table lists as failed, while the others train. A
-    sweep whose jobs would all train on the first of several GPUs is refused (gpus.refuse_one_gpu_for_all). What
+    sweep whose jobs would all train on the first of several GPUs, or on GPUs the host lacks, is refused (gpus). What
     Hydra cannot compose, a config from another folder, a swept config group and a value that resolves in the job
     alone are left to Hydra and to each job's own checks."""
     args = get_args_parser().parse_args(argv)
@@ -206,6 +206,8 @@ def check_jobs(argv: list[str]) -> None:
             except ValueError as error:
                 job_named = f"the sweep's job {' '.join(job)}: " if args.multirun else ""
                 raise SystemExit(f"error: ValueError: {job_named}{error}") from None
+            if args.multirun:
+                refuse_gpus_the_host_lacks(composed.hydra.launcher, cfg.trainer)
             if args.multirun and len(jobs) > 1:
                 refuse_one_gpu_for_all(composed.hydra.launcher, composed.hydra.runtime.choices["hydra/launcher"],
                                        cfg.trainer)

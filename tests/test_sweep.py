@@ -448,6 +448,19 @@ def test_a_sweep_whose_jobs_would_all_train_on_the_first_of_several_gpus_is_refu
     check_jobs(["-m", "model.part=1,4", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra/launcher=joblib"])
 
 
+def test_a_submitit_local_sweep_on_more_gpus_than_the_host_has_is_refused(tmp_path, two_fake_gpus, monkeypatch):
+    monkeypatch.setenv("PATH", two_fake_gpus["PATH"])
+    command = ["-m", "model.part=4", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra/launcher=submitit_local",
+               "trainer.jobs_per_gpu=1"]
+    refusal = ("hydra.launcher.gpus_per_node=4, but this host has 2 GPUs (nvidia-smi --list-gpus): submitit_local "
+               "would give the jobs GPUs that are not there, where they would train on the CPU. Set "
+               "hydra.launcher.gpus_per_node=2")
+    with pytest.raises(SystemExit, match=re.escape(refusal)):
+        check_jobs([*command, "hydra.launcher.gpus_per_node=4"])
+    check_jobs([*command, "hydra.launcher.gpus_per_node=2"])
+    check_jobs([*command, "hydra.launcher.gpus_per_node=4", "trainer.device=cpu"])
+
+
 def test_the_gpus_a_launchers_jobs_share_are_those_they_see(two_fake_gpus, monkeypatch):
     monkeypatch.setenv("PATH", two_fake_gpus["PATH"])
     plugin = "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
