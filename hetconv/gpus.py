@@ -38,20 +38,23 @@ def host_gpus() -> list[str]:
 def gpus_each_job_shares(launcher) -> int:
     """How many GPUs the jobs of a sweep that `launcher` (hydra.launcher) runs side by side on this host all see,
     each the same ones; 0 where it runs them one at a time, or where each gets its own (SLURM)."""
-    target = launcher.get("_target_", "")
-    if target.endswith("JoblibLauncher") and launcher.get("n_jobs") != 1:
+    if launcher.get("_target_", "").endswith("JoblibLauncher") and launcher.get("n_jobs") != 1:
         return len(visible_gpus())
-    if target.endswith("submitit_launcher.LocalLauncher"):
+    if is_submitit_local(launcher):
         # Each job sees the host's first gpus_per_node GPUs, or none: submitit sets CUDA_VISIBLE_DEVICES to 0..n-1,
         # whatever the launching shell's was.
         return min(launcher.get("gpus_per_node") or 0, len(host_gpus()))
     return 0
 
 
-def refuse_one_gpu_for_all(launcher, launcher_name: str, trainer) -> None:
+def is_submitit_local(launcher) -> bool:
+    return launcher.get("_target_", "").endswith("submitit_launcher.LocalLauncher")
+
+
+def refuse_one_gpu_for_all(launcher, launcher_name: str, trainers: list) -> None:
     """Jobs that a launcher runs side by side, all seeing the same GPUs, would all train on the first of them unless
-    they claim one each (`claim_gpu`)."""
-    if trainer.jobs_per_gpu is not None or trainer.device == "cpu":
+    they claim one each (`claim_gpu`). `trainers`: the trainer settings of the sweep's jobs."""
+    if all(trainer.jobs_per_gpu is not None or trainer.device == "cpu" for trainer in trainers):
         return
     shared = gpus_each_job_shares(launcher)
     if shared > 1:
@@ -61,10 +64,11 @@ def refuse_one_gpu_for_all(launcher, launcher_name: str, trainer) -> None:
                          f"each)")
 
 
-def refuse_gpus_the_host_lacks(launcher, trainer) -> None:
+def refuse_gpus_the_host_lacks(launcher, trainers: list) -> None:
     """submitit_local gives each job GPUs 0..gpus_per_node-1 whether or not the host has them: a job pinned to one it
-    lacks finds no CUDA, and trains on the CPU (trainer.device=auto) or fails (cuda)."""
-    if trainer.device == "cpu" or not launcher.get("_target_", "").endswith("submitit_launcher.LocalLauncher"):
+    lacks finds no CUDA, and trains on the CPU (trainer.device=auto) or fails (cuda). `trainers`: the trainer
+    settings of the sweep's jobs."""
+    if not is_submitit_local(launcher) or all(trainer.device == "cpu" for trainer in trainers):
         return
     asked, host = launcher.get("gpus_per_node") or 0, len(host_gpus())
     if asked > host:

@@ -193,6 +193,7 @@ def check_jobs(argv: list[str]) -> None:
         base = OmegaConf.masked_copy(composed, [key for key in composed if key != "hydra"])
         jobs = BasicSweeper.split_arguments(parser.parse_overrides(
             [f"{key}={value}" for key, value in sweep.items()] + values), None)[0]
+        trainers = []
         for job in jobs:
             cfg = copy.deepcopy(base)
             for override in parser.parse_overrides(job):
@@ -206,11 +207,12 @@ def check_jobs(argv: list[str]) -> None:
             except ValueError as error:
                 job_named = f"the sweep's job {' '.join(job)}: " if args.multirun else ""
                 raise SystemExit(f"error: ValueError: {job_named}{error}") from None
-            if args.multirun:
-                refuse_gpus_the_host_lacks(composed.hydra.launcher, cfg.trainer)
-            if args.multirun and len(jobs) > 1:
+            trainers.append(cfg.trainer)
+        if args.multirun:  # once for the sweep, not per job: each check asks nvidia-smi
+            refuse_gpus_the_host_lacks(composed.hydra.launcher, trainers)
+            if len(jobs) > 1:
                 refuse_one_gpu_for_all(composed.hydra.launcher, composed.hydra.runtime.choices["hydra/launcher"],
-                                       cfg.trainer)
+                                       trainers)
     except (HydraException, OmegaConfBaseException):  # some OmegaConf errors are ValueErrors too: Hydra answers them
         return
     except ValueError as error:  # our refusals, without a traceback
