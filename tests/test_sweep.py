@@ -232,9 +232,9 @@ def test_a_new_job_is_refused_as_another_jobs_twin_whatever_data_folder_and_form
 
 
 def test_make_refuses_a_sweep_folder_in_args_that_its_table_would_not_read():
-    def dry_run(target, args):  # make -n prints the commands without running them
-        return subprocess.run(["make", "-n", "-o", "install", target, f"ARGS={args}"], cwd=REPO, capture_output=True,
-                              text=True)
+    def dry_run(target, args, *variables):  # make -n prints the commands without running them
+        return subprocess.run(["make", "-n", "-o", "install", target, f"ARGS={args}", *variables], cwd=REPO,
+                              capture_output=True, text=True)
 
     for target, folder in (("reproduce", "multirun/paper"), ("demo", "demo/sweep")):
         refused = dry_run(target, "seed=0,1 hydra.sweep.dir=elsewhere")
@@ -243,8 +243,7 @@ def test_make_refuses_a_sweep_folder_in_args_that_its_table_would_not_read():
     launched = dry_run("reproduce", "seed=0,1")
     assert launched.returncode == 0 and "train.py -m experiment=paper hydra.sweep.dir=multirun/paper seed=0,1" in (
         launched.stdout)
-    elsewhere = subprocess.run(["make", "-n", "-o", "install", "demo", "DEMO=demo/lr", "ARGS=optim.lr=0.05"],
-                               cwd=REPO, capture_output=True, text=True).stdout  # other settings, in their own folder
+    elsewhere = dry_run("demo", "optim.lr=0.05", "DEMO=demo/lr").stdout  # other settings, in their own folder
     for command in ("make_fake_cifar.py demo/lr/data", "make_table.py demo/lr/sweep --out demo/lr",
                     "data.root=demo/lr/data hydra.sweep.dir=demo/lr/sweep optim.lr=0.05"):
         assert command in elsewhere
