@@ -24,7 +24,8 @@ from hetconv.data import CLASSES, FOLDER, DatasetError, fingerprint_of_test, is_
 from hetconv.flops import describe_flops, model_costs
 from hetconv.layer import resolved_impl
 from hetconv.provenance import count, device_name, git_commit, library_versions, now
-from hetconv.runfiles import check_writable, command_line_override, final_weights, last_checkpoint, load, write_json
+from hetconv.runfiles import (check_writable, command_line_override, final_weights, last_checkpoint, load,
+                              training_point, write_json)
 from hetconv.settings import check_command_line, check_flags, ends_without_traceback
 from hetconv.training import Preprocess, build_model, configure_backend, evaluate, select_device
 
@@ -46,12 +47,11 @@ def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict,
     return model, state, run_cfg
 
 
-def training_point(state: dict) -> str:
+def how_far_trained(state: dict) -> str:
     """How far the run had trained when these weights were saved."""
     epochs, epoch, step = state["config"]["trainer"]["epochs"], state["epoch"], state.get("step", 0)
-    if step:
-        return f"at epoch {epoch + 1} of {epochs}, step {step}: the run had not finished"
-    return f"after epoch {epoch} of {epochs}" + ("" if epoch == epochs else ": the run had not finished")
+    finished = epoch == epochs and not step
+    return training_point(epoch, step, epochs) + ("" if finished else ": the run had not finished")
 
 
 def checkpoint_path(setting: str) -> Path:
@@ -136,7 +136,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     preprocess = Preprocess(run_cfg.data, run_cfg.trainer.channels_last, device)
     result = evaluate(model, test, preprocess, run_cfg.trainer.eval_batch_size, run_cfg.trainer.amp,
                       run_cfg.model.num_classes)
-    report = {"checkpoint": str(path), "trained": training_point(state), "part": run_cfg.model.part,
+    report = {"checkpoint": str(path), "trained": how_far_trained(state), "part": run_cfg.model.part,
               "width": run_cfg.model.width, "data_root": str(root), "trained_on": run_data["root"],
               "test_fingerprint": test_fingerprint, "official_cifar10": is_official(root),
               "test_acc": result["acc"], "test_loss": round(result["loss"], 6), "images": len(test), **costs,

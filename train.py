@@ -40,7 +40,8 @@ from hetconv.layer import resolved_impl
 from hetconv.provenance import device_name
 from hetconv.runfiles import (ANOTHER_FOLDER, RESUMABLE_CHANGES, RunRecord, check_writable, command_line_override,
                               config_differences, exclusive, final_weights, flatten, how_to_resume, is_sweep_folder,
-                              last_checkpoint, load, lock_path, read_metrics, save, save_final_weights)
+                              last_checkpoint, load, lock_path, read_metrics, save, save_final_weights,
+                              training_point)
 from hetconv.settings import (check_command_line, check_jobs, check_settings, config_groups, ends_without_traceback,
                               override_key, refuse_a_sweep, train_config)
 from hetconv.training import (build_training, compile_mode, evaluate, execution, how_it_runs, percent, precision,
@@ -364,9 +365,11 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
                 "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None}
 
     epoch, step, partial = 0, 0, None
+    saved = None  # where the checkpoint on disk stands: what a diverged run keeps
     if state:
         epoch, step, partial = resume_from(state, model, optimizer, scheduler, generator)
-        log.info("resuming %s at epoch %d, step %d", run_dir, epoch + 1, step)
+        saved = training_point(epoch, step)
+        log.info("resuming %s %s", run_dir, saved)
 
     where = {"device": device_name(device), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     record.launched(**where, data_root=data_info["root"], overrides=overrides)
@@ -409,14 +412,15 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
                     record.tick()
                     so_far = {"loss": loss_sum.item(), "correct": correct.item(), "seen": seen,
                               "train_s": time.perf_counter() - started}
-                    stop_if_diverged(run_dir, epoch, so_far["loss"] / seen, model=model)  # before it is saved
+                    stop_if_diverged(run_dir, saved, epoch, so_far["loss"] / seen, model=model)  # before it is saved
                     save(last_checkpoint(run_dir), checkpoint(epoch, step, epoch_rng, so_far))
-                    interrupted(stop, f"{stop.received.name} at epoch {epoch + 1}, step {step}")
+                    saved = training_point(epoch, step)
+                    interrupted(stop, f"{stop.received.name} {saved}")
             train_loss = loss_sum.item() / seen  # the epoch's first host synchronisation: none between its steps
             train_s = time.perf_counter() - started
             test = evaluate(setup.forward_model, data["test"], setup.preprocess, cfg.trainer.eval_batch_size,
                             cfg.trainer.amp, cfg.model.num_classes)
-            stop_if_diverged(run_dir, epoch, train_loss, test["loss"])
+            stop_if_diverged(run_dir, saved, epoch, train_loss, test["loss"])
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             epoch += 1
@@ -432,8 +436,9 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
             metrics = record.update("running")
             log_epoch(writer, record.history[-1], metrics, cfg.trainer.epochs, record.wall_s - wall_at_start)
             save(last_checkpoint(run_dir), checkpoint(epoch, 0, generator.get_state(), None))
+            saved = training_point(epoch, 0)
             if stop.received and epoch < cfg.trainer.epochs:  # arrived during evaluation: the state is saved
-                interrupted(stop, f"{stop.received.name} after epoch {epoch}")
+                interrupted(stop, f"{stop.received.name} {saved}")
 
         # Still under StopSignals: a signal from here on lets the run finish, which takes less than stopping.
         metrics = record_finished(writer, finished_session, record)
@@ -468,16 +473,17 @@ def resume_from(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
     return state["epoch"], state["step"], state["partial"]
 
 
-def stop_if_diverged(run_dir: Path, epoch: int, train_loss: float, test_loss: float | None = None,
+def stop_if_diverged(run_dir: Path, saved: str | None, epoch: int, train_loss: float, test_loss: float | None = None,
                      model: nn.Module | None = None) -> None:
     """A loss that is no longer a number stays so: the epochs after it would only spend the machine, and a checkpoint
-    of its state would replace the last good one. At a signal mid-epoch there is no test loss yet, and the `model`'s
-    weights are checked too: the last step's update came after the loss it saw."""
+    of its state would replace the last good one (`saved` says where that stands; None: there is none). At a signal
+    mid-epoch there is no test loss yet, and the `model`'s weights are checked too: the last step's update came after
+    the loss it saw."""
     weights_finite = model is None or all(torch.isfinite(t).all() for t in model.state_dict().values()
                                           if t.is_floating_point())
     if math.isfinite(train_loss) and (test_loss is None or math.isfinite(test_loss)) and weights_finite:
         return
-    kept = f"The last good state, after epoch {epoch}, is kept in {last_checkpoint(run_dir)}. " if epoch else ""
+    kept = f"The last good state, {saved}, is kept in {last_checkpoint(run_dir)}. " if saved else ""
     became = f"{train_loss} (train)" + ("" if test_loss is None else f" / {test_loss} (test)") + (
         "" if weights_finite else ", and the weights are no longer finite")
     raise FloatingPointError(

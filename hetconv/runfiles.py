@@ -141,6 +141,12 @@ def final_weights(run_dir: Path) -> Path:
     return run_dir / "model.pt"
 
 
+def training_point(epochs_done: int, steps_done: int, epochs: int | None = None) -> str:
+    """Where a checkpoint stands in its run ("after epoch 2", "at epoch 3 of 5, step 7"), as messages say it."""
+    of = "" if epochs is None else f" of {epochs}"
+    return f"at epoch {epochs_done + 1}{of}, step {steps_done}" if steps_done else f"after epoch {epochs_done}{of}"
+
+
 def save_final_weights(run_dir: Path, weights: dict, config: dict, epoch: int, data: dict) -> None:
     """What eval.py reads: the weights, the config that made them and the data they were trained on."""
     save(final_weights(run_dir), {"model": weights, "config": config, "epoch": epoch, "data": data})

@@ -262,6 +262,29 @@ def test_diverging_loss_fails_the_run_and_keeps_the_last_good_checkpoint(signal_
     assert "_hparams_/session_end_info" not in hparams_records(tmp_path)  # no status: it did not finish
 
 
+def test_a_run_diverging_after_a_resume_mid_epoch_names_the_mid_epoch_state_it_keeps(fake_root, tmp_path, monkeypatch):
+    cfg = small_config(fake_root)
+    real_step, calls = train_module.train_step, []
+
+    def step_then_signal_then_diverge(model, *args):
+        calls.append(1)
+        if len(calls) == 10:
+            os.kill(os.getpid(), signal.SIGTERM)  # saved at epoch 1, step 10
+        if len(calls) == 15:  # in the resumed launch's epoch 1
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return real_step(model, *args)
+
+    monkeypatch.setattr(train_module, "train_step", step_then_signal_then_diverge)
+    with pytest.raises(train_module.Interrupted):
+        train_module.train(cfg, tmp_path)
+    kept = f"The last good state, at epoch 1, step 10, is kept in {last_checkpoint(tmp_path)}."
+    with pytest.raises(FloatingPointError, match="in epoch 1: training diverged") as diverged:
+        train_module.train(cfg, tmp_path)
+    assert kept in str(diverged.value)
+    assert torch.load(last_checkpoint(tmp_path), weights_only=False)["step"] == 10
+
+
 def hparams_records(run_dir: Path) -> dict[str, HParamsPluginData]:
     """The run's HParams records by tag (_hparams_/session_start_info, ...), as TensorBoard reads them."""
     events = EventAccumulator(str(run_dir)).Reload()
