@@ -39,12 +39,15 @@ def typed_command(script: str, argv: list[str] | None) -> str:
 
 
 def output_folder(text: str) -> Path:
-    """argparse type of --out: a folder, made when the report is written. A file in its place (or above it) is
-    refused now, not after the work that the report would hold."""
+    """argparse type of --out: a folder, made when the report is written. A file in its place (or above it), or a
+    link to nothing, is refused now, not after the work that the report would hold."""
     path = Path(text)
-    file = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
-    if file:
-        raise argparse.ArgumentTypeError(f"{file} is a file, not a folder")
+    for p in (path, *path.parents):
+        if p.is_symlink() and not p.exists():
+            raise argparse.ArgumentTypeError(f"{p} is a link to {p.readlink()}, which does not exist: make that "
+                                             "folder, or name another --out")
+        if p.exists() and not p.is_dir():
+            raise argparse.ArgumentTypeError(f"{p} is a file, not a folder")
     return path
 
 

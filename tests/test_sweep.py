@@ -147,7 +147,7 @@ def test_table_refuses_to_put_generated_data_or_no_result_into_results(tmp_path)
     assert {p.name: p.read_bytes() for p in (REPO / "results").iterdir()} == results
 
 
-def test_an_out_folder_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+def test_an_out_folder_that_is_a_file_or_a_broken_link_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     from scripts import flops_table
 
     taken = tmp_path / "taken"
@@ -159,6 +159,13 @@ def test_an_out_folder_that_is_a_file_is_refused_before_any_work(tmp_path, capsy
             with pytest.raises(SystemExit):
                 main([*args, "--out", str(out)])
             assert f"argument --out: {taken} is a file, not a folder" in capsys.readouterr().err
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "gone")
+    for out in (dangling, dangling / "table"):
+        with pytest.raises(SystemExit):
+            make_table.main([str(tmp_path), "--out", str(out)])
+        error = capsys.readouterr().err
+        assert f"argument --out: {dangling} is a link to {tmp_path / 'gone'}, which does not exist" in error
 
 
 def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, seed=0, test_acc=90.0, overrides=(),
