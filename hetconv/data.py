@@ -42,8 +42,9 @@ class DatasetError(RuntimeError):
 def how_to_get(root: Path, first: str = "run with data.download=true") -> str:
     """What to do about missing data; `first` is the way that fits the case."""
     return (f"To get it: {first}, or download {URL} (md5 {ARCHIVE_MD5}) and "
-            f"extract it into {root}, or point data.root at a folder holding {FOLDER}/. To try the "
-            f"pipeline offline on generated data: python scripts/make_fake_cifar.py data/fake, then data.root=data/fake")
+            f"extract it into {root}, or point data.root at a folder holding {FOLDER}/. To try the pipeline offline "
+            "on generated data: make demo (experiment=demo reads the data it generates), or python "
+            "scripts/make_fake_cifar.py data/fake, then data.root=data/fake")
 
 
 def how_to_replace(folder: Path) -> str:

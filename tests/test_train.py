@@ -298,7 +298,7 @@ def test_missing_data_without_download_fails_before_training_naming_path_and_fil
     message = result.stderr
     assert str(tmp_path / "nowhere" / "cifar-10-batches-py") in message
     assert "data_batch_1..5" in message and "test_batch" in message and "data.download=true" in message
-    assert "make_fake_cifar.py" in message
+    assert "make_fake_cifar.py" in message and "make demo (experiment=demo reads the data it generates)" in message
     assert read_metrics(tmp_path / "run")["status"] == "failed"
     assert not last_checkpoint(tmp_path / "run").exists()
 
