@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import hydra
@@ -224,7 +225,7 @@ def main(cfg: DictConfig) -> dict:
                            {override_key(override) for override in hydra_cfg.overrides.task},
                            hydra_cfg.runtime.choices.get("experiment"))
         return train(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN,
-                     overrides=list(hydra_cfg.overrides.task))
+                     overrides=list(hydra_cfg.overrides.task), hydra_overrides=list(hydra_cfg.overrides.hydra))
     except Exception as error:
         log.error("%s: %s", type(error).__name__, error)  # into train.log too: under SLURM stderr is the launcher's
         if ends_without_traceback(error):
@@ -232,9 +233,11 @@ def main(cfg: DictConfig) -> dict:
         raise
 
 
-def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: list[str] | None = None) -> dict:
-    """Train, resume or leave as finished the run in run_dir. overrides: the command line's, for the run's record (a
-    sweep's job: its own values); None when called without Hydra."""
+def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: list[str] | None = None,
+          hydra_overrides: Collection[str] = ()) -> dict:
+    """Train, resume or leave as finished the run in run_dir. overrides: the command line's (a sweep's job: its own
+    values), for the run's record and, with Hydra's own (`hydra_overrides`), the command that resumes it; None when
+    called without Hydra."""
     config = OmegaConf.to_container(cfg, resolve=True)
     if not in_sweep and is_sweep_folder(run_dir):
         raise Refused(f"{run_dir} is a sweep's folder (it holds multirun.yaml): a run there would mix with its jobs. "
@@ -273,7 +276,8 @@ def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: lis
             # the mark is there, TensorBoard keeps the first).
             return record_finished(*open_tensorboard(run_dir, state["epoch"], cfg, record.info), record)
         try:
-            return run(cfg, config, run_dir, state, record, how_to_resume(run_dir, in_sweep), overrides)
+            return run(cfg, config, run_dir, state, record, how_to_resume(run_dir, in_sweep, overrides, hydra_overrides),
+                       overrides)
         except Exception as error:
             # A run with a checkpoint that this launch did not get to train (bad input on resume, say) keeps
             # the record it had: it is still resumable.
@@ -370,6 +374,8 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         epoch, step, partial = resume_from(state, model, optimizer, scheduler, generator)
         saved = training_point(epoch, step)
         log.info("resuming %s %s", run_dir, saved)
+    else:
+        log.info("new run in %s", run_dir)  # by default named after the launch's time: said before the first epoch
 
     where = {"device": device_name(device), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     record.launched(**where, data_root=data_info["root"], overrides=overrides)
@@ -381,8 +387,8 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     writer, finished_session = open_tensorboard(run_dir, epoch, cfg, info)
 
     def interrupted(stop: StopSignals, reason: str) -> None:
-        record.update("interrupted", f"{reason}: {resume} to resume")
-        log.warning("%s: %s, state saved: %s to resume", run_dir, reason, resume)
+        record.update("interrupted", f"{reason}; to resume: {resume}")
+        log.warning("%s: %s, state saved; to resume: %s", run_dir, reason, resume)
         stop.pass_on()  # returns where the launcher's own handler lets training go on (submitit's, for SIGTERM)
         record.update("running")
         log.info("%s: the launcher's own signal handler let training go on", run_dir)
@@ -445,7 +451,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
         save_final_weights(run_dir, model.state_dict(), config, epoch, data_info)
         if stop.received:
             log.warning("%s: %s after the last epoch: the run finished first", run_dir, stop.received.name)
-    log.info("finished: test accuracy %.2f%% (best %.2f%% at epoch %d), %.0fs", metrics["test_acc"],
+    log.info("%s finished: test accuracy %.2f%% (best %.2f%% at epoch %d), %.0fs", run_dir, metrics["test_acc"],
              metrics["best_test_acc"], metrics["best_epoch"], metrics["wall_s"])
     return metrics
 

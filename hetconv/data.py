@@ -160,10 +160,11 @@ def download(root: Path) -> None:
         partial.unlink()
 
 
-def load_cifar10(root: Path | str, download_if_missing: bool = True,
-                 splits: tuple[str, ...] = ("train", "test")) -> dict[str, Split]:
-    """{name: Split} for each of splits ('train', 'test') from root/cifar-10-batches-py, on the CPU."""
-    root = Path(root)
+def find_batches(root: Path, download_if_missing: bool = True,
+                 splits: tuple[str, ...] = ("train", "test")) -> dict[str, list[Path]] | None:
+    """The batch files of each of splits under root/cifar-10-batches-py, or None where they are to be downloaded. A
+    data.root that is the dataset folder or a file, and data that is not there (nor to be downloaded) or incomplete,
+    are refused, naming the fix: by load_cifar10, and by a sweep once for all its jobs, before they start."""
     folder = root / FOLDER
     if root.name == FOLDER and not folder.is_dir():
         raise DatasetError(f"data.root={root} is the dataset folder itself; data.root names the folder that holds "
@@ -175,12 +176,24 @@ def load_cifar10(root: Path | str, download_if_missing: bool = True,
         if not download_if_missing:
             raise DatasetError(f"CIFAR-10 not found: {folder} does not exist (expected data_batch_1..5 and "
                                f"test_batch in it) and data.download=false. " + how_to_get(root))
-        download(root)
+        return None
     files = batch_files(folder, splits)
     files["train"] = files["train"] or [folder / "data_batch_1..5"]  # none at all: named as missing below
     missing = [str(p) for name in splits for p in files[name] if not p.is_file()]
     if missing:
         raise DatasetError(f"CIFAR-10 in {folder} is incomplete: missing {', '.join(missing)}. " + how_to_replace(folder))
+    return files
+
+
+def load_cifar10(root: Path | str, download_if_missing: bool = True,
+                 splits: tuple[str, ...] = ("train", "test")) -> dict[str, Split]:
+    """{name: Split} for each of splits ('train', 'test') from root/cifar-10-batches-py, on the CPU."""
+    root = Path(root)
+    folder = root / FOLDER
+    files = find_batches(root, download_if_missing, splits)
+    if files is None:
+        download(root)
+        files = find_batches(root, False, splits)
     loaded = {}
     for name in splits:
         parts = [read_batch(p) for p in files[name]]

@@ -27,6 +27,10 @@ from hetconv.provenance import git_commit, library_versions, now
 RESUMABLE_CHANGES = ("data.root", "data.download", "trainer.device", "trainer.jobs_per_gpu", "trainer.compile",
                      "trainer.hetconv")
 
+# What may differ between the jobs of one sweep folder besides RESUMABLE_CHANGES: make_table.py pools a part's seeds
+# into one row, so the rest, the recipe, is the same for every job.
+SWEPT_IN_A_RECIPE = ("seed", "model.part", "model.width")
+
 # What a refused or failed run tells the user to do when its settings must change, or its folder is taken.
 ANOTHER_FOLDER = "train in another folder (hydra.run.dir=... for a run, hydra.sweep.dir=... for a sweep)"
 
@@ -114,6 +118,11 @@ def config_differences(saved: dict, current: dict, ignored: Collection[str] = RE
             for key in sorted(old.keys() | new.keys()) if key not in ignored and old.get(key) != new.get(key)]
 
 
+def recipe_differences(one: dict, other: dict) -> list[str]:
+    """config_differences between two jobs' configs in what makes a recipe: not in SWEPT_IN_A_RECIPE."""
+    return config_differences(one, other, {*SWEPT_IN_A_RECIPE, *RESUMABLE_CHANGES})
+
+
 def command_line_override(key: str, path: Path) -> str:
     """key=path as it is typed in a shell: quoted for Hydra's grammar where the path has other characters than
     letters, digits and _ . / - (a sweep job's folder, part=4,seed=0, has = and ,), then for the shell."""
@@ -125,12 +134,18 @@ def command_line_override(key: str, path: Path) -> str:
     return f'"{hydra_text}"' if not re.search(r'[$`"\\!]', hydra_text) else shlex.quote(hydra_text)
 
 
-def how_to_resume(run_dir: Path, in_sweep: bool) -> str:
-    """The command that resumes the run: the one that started it, pointed at its folder, which by default is
-    named after the time of the launch."""
-    if in_sweep:
-        return f"rerun the sweep command with {command_line_override('hydra.sweep.dir', run_dir.parent)}"
-    return f"rerun the same command with {command_line_override('hydra.run.dir', run_dir)}"
+def how_to_resume(run_dir: Path, in_sweep: bool, overrides: list[str] | None = None,
+                  hydra_overrides: Collection[str] = ()) -> str:
+    """The command that resumes the run: the one that started it, pointed at its folder, which by default is named
+    after the time of the launch. overrides: the command line's (a sweep's job: its own values, which launch that job
+    alone), with Hydra's own apart, as Hydra keeps them; None for a run started without Hydra, which gets how to make
+    the command."""
+    key, folder = ("hydra.sweep.dir", run_dir.parent) if in_sweep else ("hydra.run.dir", run_dir)
+    where = command_line_override(key, folder)
+    if overrides is None:
+        return f"rerun the {'sweep' if in_sweep else 'same'} command with {where}"
+    hydras = [o for o in hydra_overrides if not o.startswith((f"{key}=", "hydra.mode="))]  # -m sets the mode
+    return " ".join(["python train.py", *(["-m"] if in_sweep else []), *map(shlex.quote, [*overrides, *hydras]), where])
 
 
 def last_checkpoint(run_dir: Path) -> Path:

@@ -24,11 +24,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hetconv.data import FOLDER, DatasetError
+from hetconv.data import FOLDER, DatasetError, find_batches
 from hetconv.gpus import refuse_gpus_the_host_lacks, refuse_one_gpu_for_all
 from hetconv.layer import check_impl
 from hetconv.provenance import REPO_ROOT
-from hetconv.runfiles import command_line_override, holds_a_run
+from hetconv.runfiles import command_line_override, holds_a_run, read_metrics, recipe_differences
 from hetconv.training import check_device, compile_mode
 from models.vgg import check_part_fits
 
@@ -133,6 +133,10 @@ def check_command_line(argv: list[str], readable: list[str], groups: list[str], 
         # os.path.exists: False, not an OSError, for a value too long for a path (seed=0,...,99)
         for override in args.overrides:  # checkpoint=multirun/paper/part=4,seed=0, or hydra.run.dir=...
             key, _, value = override.partition("=")
+            if value.startswith("~"):  # Hydra's answer: a LexerNoViableAltException with a caret under the ~
+                home = f" ({key}=$HOME{value[1:]})" if value.partition("/")[0] == "~" else ""  # not ~user/x
+                raise ValueError(f"{override}: the shell does not expand ~ after key=, and Hydra cannot read it: write "
+                                 f"the folder out{home}")
             if re.search("[=,]", value) and os.path.exists(value):
                 raise ValueError(f"{override}: Hydra reads the = and , in this path as its own syntax (did you mean "
                                  f"{command_line_override(key, Path(value))}?)")
@@ -162,7 +166,9 @@ def check_jobs(argv: list[str]) -> None:
     value that cannot train (trainer.amp=off, say) is refused once, rather than leaving a failed job's folder per
     job (and, on SLURM, a submitted job each). A single run's part is checked against its width too. A sweep's part
     that does not split its width fails that job alone, which the table lists as failed, while the others train. A
-    sweep whose jobs would all train on the first of several GPUs, or on GPUs the host lacks, is refused (gpus). What
+    sweep whose jobs would all train on the first of several GPUs, or on GPUs the host lacks, is refused (gpus), and
+    so is one into a folder of another recipe's jobs, or on data that is not there. A folder named for the other mode
+    (hydra.sweep.dir without -m), which Hydra would ignore, is refused too. What
     Hydra cannot compose, a config from another folder, a swept config group and a value that resolves in the job
     alone are left to Hydra and to each job's own checks."""
     args = get_args_parser().parse_args(argv)
@@ -172,6 +178,7 @@ def check_jobs(argv: list[str]) -> None:
         return
     parser, groups = OverridesParser.create(), config_groups()
     try:
+        refuse_the_other_modes_folder(args.overrides, args.multirun)
         overrides = parser.parse_overrides(settings_overrides(args.overrides))
         choices = [o.input_line for o in overrides if o.key_or_group in groups]
         values = [o.input_line for o in overrides if o.key_or_group not in groups]
@@ -182,18 +189,20 @@ def check_jobs(argv: list[str]) -> None:
                  if override_key(override) == "hydra.sweep.dir" or override_key(override).startswith(LAUNCHER)]
         composed = train_config(*choices, *where, name=args.config_name or "train", with_hydra=True)
         sweep = OmegaConf.select(composed, "hydra.sweeper.params") or {}
-        if args.multirun:
-            refuse_a_runs_folder(composed)
-        else:
+        # None where it names what Hydra knows at run time alone (${hydra:job.name}, say): left to Hydra
+        sweep_dir = OmegaConf.select(composed, "hydra.sweep.dir", throw_on_resolution_failure=False)
+        if not args.multirun:
             refuse_a_sweep(sweep, {o.key_or_group for o in overrides},
                            OmegaConf.select(composed, "hydra.runtime.choices.experiment"))
             sweep = {}
+        elif sweep_dir:
+            refuse_a_runs_folder(Path(sweep_dir))
         if any(override_key(key) in groups for key in sweep):  # an experiment sweeping a config group
             return
         base = OmegaConf.masked_copy(composed, [key for key in composed if key != "hydra"])
         jobs = BasicSweeper.split_arguments(parser.parse_overrides(
             [f"{key}={value}" for key, value in sweep.items()] + values), None)[0]
-        trainers = []
+        trainers, configs = [], {}
         for job in jobs:
             cfg = copy.deepcopy(base)
             for override in parser.parse_overrides(job):
@@ -202,12 +211,17 @@ def check_jobs(argv: list[str]) -> None:
                 check_settings(cfg)
                 if not args.multirun:
                     check_part_fits(cfg.model.part, cfg.model.width)
+                configs[" ".join(job)] = OmegaConf.to_container(cfg, resolve=True)
             except OmegaConfBaseException:  # an interpolation that resolves in the job alone: ${hydra:job.num}, say
                 continue
             except ValueError as error:
                 job_named = f"the sweep's job {' '.join(job)}: " if args.multirun else ""
                 raise SystemExit(f"error: ValueError: {job_named}{error}") from None
             trainers.append(cfg.trainer)
+        if args.multirun and sweep_dir:
+            refuse_another_recipe(Path(sweep_dir), configs)
+        if args.multirun and not is_slurm(composed.hydra.launcher):
+            find_each_jobs_data(configs)
         if args.multirun:  # once for the sweep, not per job: each check asks nvidia-smi
             refuse_gpus_the_host_lacks(composed.hydra.launcher, trainers)
             if len(jobs) > 1:
@@ -215,19 +229,73 @@ def check_jobs(argv: list[str]) -> None:
                                        trainers)
     except (HydraException, OmegaConfBaseException):  # some OmegaConf errors are ValueErrors too: Hydra answers them
         return
-    except ValueError as error:  # our refusals, without a traceback
-        raise SystemExit(f"error: ValueError: {error}") from None
+    except (ValueError, DatasetError) as error:  # our refusals, without a traceback
+        raise SystemExit(f"error: {type(error).__name__}: {error}") from None
 
 
-def refuse_a_runs_folder(composed: DictConfig) -> None:
+def is_slurm(launcher: DictConfig) -> bool:
+    return launcher.get("_target_", "").endswith("SlurmLauncher")
+
+
+def find_each_jobs_data(configs: dict[str, dict]) -> None:
+    """find_batches, once for each data folder that a sweep's jobs (`configs`) read: each job would fail alone, with
+    Hydra's traceback for each at the end. Not for a SLURM sweep, whose jobs may read a folder that only their nodes
+    have."""
+    for root, download in dict.fromkeys((c["data"]["root"], c["data"]["download"]) for c in configs.values()):
+        find_batches(Path(root).absolute(), download)
+
+
+def refuse_the_other_modes_folder(overrides: list[str], multirun: bool) -> None:
+    """Hydra reads hydra.run.* for a single run and hydra.sweep.* for a sweep (-m) alone, and ignores the other: the
+    command would train in a new folder named by the time, not in the one it names (where a resume would start
+    over)."""
+    ignored = [override for override in overrides
+               if override_key(override).startswith("hydra.run." if multirun else "hydra.sweep.")]
+    if ignored and multirun:
+        raise ValueError(f"{ignored[0]}: Hydra reads hydra.run.* for a single run alone; this sweep (-m) would ignore "
+                         f"it and train its jobs in a new folder. Name a sweep's folder with hydra.sweep.dir=..., or "
+                         f"drop -m for a single run")
+    if ignored:
+        raise ValueError(f"{ignored[0]}: Hydra reads hydra.sweep.* with -m alone; this single run would ignore it and "
+                         f"train in a new folder. Name a run's folder with hydra.run.dir=..., or add -m for a sweep "
+                         f"(python train.py -m ...)")
+
+
+def refuse_a_runs_folder(sweep_dir: Path) -> None:
     """A sweep is not launched into a folder where a single run trained: its jobs would train inside that run's
-    folder, and Hydra's multirun.yaml there would make train.py refuse to resume the run. A folder that names what
-    Hydra knows at run time alone (${hydra:job.name}, say) is left to it."""
-    sweep_dir = OmegaConf.select(composed, "hydra.sweep.dir", throw_on_resolution_failure=False)
-    if sweep_dir and holds_a_run(Path(sweep_dir)):
-        raise ValueError(f"{command_line_override('hydra.sweep.dir', Path(sweep_dir))} holds a run that train.py "
+    folder, and Hydra's multirun.yaml there would make train.py refuse to resume the run."""
+    if holds_a_run(sweep_dir):
+        raise ValueError(f"{command_line_override('hydra.sweep.dir', sweep_dir)} holds a run that train.py "
                          f"trained: a sweep there would train its jobs inside that run's folder. Give the sweep a "
                          f"folder of its own (hydra.sweep.dir=..., or make reproduce SWEEP=...), or move the run away.")
+
+
+def refuse_another_recipe(sweep_dir: Path, configs: dict[str, dict]) -> None:
+    """A sweep folder holds one recipe, whose seeds make_table.py pools: a launch with a job (`configs`: each job's
+    config, by its overrides) whose recipe no job in the folder shares is refused, naming what differs from the
+    closest one. Relaunched with an override left out (trainer.epochs=2, say), a sweep would otherwise start every job
+    over at full length beside the ones it has. New parts, widths and seeds of the folder's recipe are welcome."""
+    trained = {}
+    for record in sorted(sweep_dir.glob("**/metrics.json")):
+        try:
+            trained[record.parent] = read_metrics(record.parent)
+        except ValueError:  # an unreadable record is its own job's to report
+            continue
+    if not trained:
+        return
+    for job, config in configs.items():
+        differences = {folder: recipe_differences(metrics["config"], config) for folder, metrics in trained.items()}
+        if all(differences.values()):
+            closest = min(differences, key=lambda folder: len(differences[folder]))
+            launches = trained[closest]["launches"]
+            overrides = launches[-1].get("overrides") if launches else None
+            launched_with = f" (that job was last launched with {' '.join(overrides)})" if overrides else ""
+            raise ValueError(f"{command_line_override('hydra.sweep.dir', sweep_dir)} holds a sweep of another recipe: "
+                             f"against its job {closest.relative_to(sweep_dir)}, this launch's job {job} changes "
+                             f"{'; '.join(differences[closest])}. A sweep folder holds one recipe, whose seeds "
+                             f"make_table.py pools. To resume or extend that sweep, launch it with the settings its "
+                             f"jobs had{launched_with}; for this recipe, give the sweep a folder of its own "
+                             f"(hydra.sweep.dir=..., make reproduce SWEEP=... or make demo DEMO=...).")
 
 
 def refuse_a_sweep(sweep: dict, given: set[str], experiment: str | None) -> None:

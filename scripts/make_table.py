@@ -27,8 +27,8 @@ from hetconv.flops import count_flops, count_params, truncate_millions  # noqa: 
 from hetconv.provenance import count, git_commit, now  # noqa: E402
 from hetconv.report import (RESULTS_DIR, load_published, markdown_table, output_folder, typed_command,  # noqa: E402
                              write_csv)
-from hetconv.runfiles import (RESUMABLE_CHANGES, config_differences, held_by_a_process, is_sweep_folder,  # noqa: E402
-                              last_checkpoint, read_metrics)
+from hetconv.runfiles import (held_by_a_process, is_sweep_folder, last_checkpoint, read_metrics,  # noqa: E402
+                              recipe_differences)
 from models import vgg16  # noqa: E402
 from models.vgg import PAPER_PARTS  # noqa: E402
 
@@ -56,7 +56,7 @@ class Job:
             return f"{self.path.name}: finished"
         if m["status"] == "running" and not held_by_a_process(self.path):
             return (f"{self.path.name}: stopped, {m['epochs_done']}/{m['epochs']} epochs done (no process holds its "
-                    f"lock: killed? {m['resume']} to resume)")
+                    f"lock: killed?); to resume: {m['resume']}")
         return f"{self.path.name}: {m['status']}, {m['epochs_done']}/{m['epochs']} epochs done" + (
             f" ({m['reason']})" if m.get("reason") else "")
 
@@ -91,9 +91,8 @@ def find_jobs(sweep_dirs: list[Path]) -> list[Job]:
 
 def check_one_recipe(jobs: list[Job]) -> None:
     """A row pools seeds, so every job must share the recipe; only part, width and seed may vary."""
-    ignored = {"seed", "model.part", "model.width", *RESUMABLE_CHANGES}
     for job in jobs[1:]:
-        differences = config_differences(jobs[0].config, job.config, ignored)
+        differences = recipe_differences(jobs[0].config, job.config)
         if differences:
             raise SystemExit(f"error: {jobs[0].path} and {job.path} ran different recipes ({'; '.join(differences)}); "
                              "make a table of each recipe's jobs separately: give its sweep folders, or, where two "

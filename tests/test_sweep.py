@@ -60,7 +60,11 @@ def test_sweep_keeps_going_past_a_failed_job_and_the_table_shows_it(fake_root, t
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [JOB.format(4), JOB.format(64)]
     assert read_metrics(sweep_dir / JOB.format(4))["status"] == "finished"
     assert read_metrics(sweep_dir / JOB.format(64))["status"] == "failed"
-    assert read_metrics(sweep_dir / JOB.format(4))["resume"] == f"rerun the sweep command with hydra.sweep.dir={sweep_dir}"
+    # The command that resumes a job launches that job alone, in its folder: a finished one is left as it is.
+    resume = shlex.split(read_metrics(sweep_dir / JOB.format(4))["resume"])
+    assert resume[:3] == ["python", "train.py", "-m"] and resume[-1] == f"hydra.sweep.dir={sweep_dir}"
+    assert "already finished" in script(*resume[1:]).stderr
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [JOB.format(4), JOB.format(64)]
     assert (sweep_dir / JOB.format(4) / ".hydra" / "config.yaml").is_file()
 
     out = tmp_path / "table"
@@ -129,6 +133,14 @@ def test_a_sweep_with_a_value_that_cannot_train_is_refused_before_any_job_folder
     for fine in (["-m", "seed=${hydra:job.num}", "model.part=1,4"],  # resolves in the job alone
                  ["--cfg", "job", "trainer.amp=off"]):  # only prints the config
         check_jobs(fine)
+    # Data that is not there is refused once, rather than by each job (and Hydra's traceback for each)
+    result = sweep(sweep_dir, tmp_path / "nowhere", "model.part=1,4")
+    assert result.returncode == 1 and result.stderr.startswith(
+        f"error: DatasetError: CIFAR-10 not found: {tmp_path / 'nowhere' / 'cifar-10-batches-py'} does not exist")
+    assert not sweep_dir.exists()
+    # but a SLURM sweep's jobs may read a folder that only their nodes have
+    check_jobs(["-m", "model.part=1,4", "hydra/launcher=slurm", f"data.root={tmp_path / 'nowhere'}",
+                "data.download=false", f"hydra.sweep.dir={sweep_dir}"])
 
 
 def test_table_refuses_to_put_generated_data_or_no_result_into_results(tmp_path):
@@ -320,11 +332,29 @@ def test_a_sweep_into_a_single_runs_folder_is_refused_before_hydra_writes_there(
         with pytest.raises(SystemExit, match=re.escape(refusal.format(named))):
             check_jobs(["-m", "model.part=1,4", *command])
     for fine in (["model.part=1,4", f"hydra.sweep.dir={run}", "hydra.sweep.dir=elsewhere"],
-                 ["model.part=1,4", "hydra.sweep.dir=2024"]):  # a number is a folder's name too
+                 ["model.part=1,4", "hydra.sweep.dir=2024"],  # a number is a folder's name too
+                 ["experiment=paper", "hydra.sweep.dir=runs/${hydra:job.name}"]):  # named as the sweep starts
         check_jobs(["-m", *fine])
     (run / "metrics.json").unlink()
     (run / "multirun.yaml").touch()  # a sweep's own folder: launched again, the sweep resumes its jobs
     check_jobs(["-m", "experiment=paper"])
+
+
+def test_a_sweep_relaunched_with_another_recipe_is_refused_naming_what_differs(fake_root, tmp_path):
+    """Relaunched with trainer.epochs=2 left out, a sweep would start every job over at six epochs beside its own,
+    which make_table.py would then refuse to pool."""
+    sweep_dir = tmp_path / "sweep"
+    fake_job(sweep_dir, 4, 0.25, "finished", launches=[{"overrides": ["model.part=4", "experiment=demo",
+                                                                      "trainer.epochs=2"]}])
+    with pytest.raises(SystemExit, match=re.escape(
+            f"hydra.sweep.dir={sweep_dir} holds a sweep of another recipe: against its job part=4,width=0.25, this "
+            f"launch's job model.part=1 changes trainer.epochs: 2 -> 6. A sweep folder holds one recipe, whose seeds "
+            f"make_table.py pools. To resume or extend that sweep, launch it with the settings its jobs had (that job "
+            f"was last launched with model.part=4 experiment=demo trainer.epochs=2)")):
+        check_jobs(["-m", "experiment=demo", f"hydra.sweep.dir={sweep_dir}"])
+    # Its own recipe, resumed or given new parts, widths and seeds, on data moved elsewhere and computed otherwise
+    check_jobs(["-m", "experiment=demo", "trainer.epochs=2", "model.part=1,4", "model.width=0.25,0.5", "seed=0,1",
+                f"data.root={fake_root}", "trainer.hetconv=dense", f"hydra.sweep.dir={sweep_dir}"])
 
 
 def test_a_job_launched_with_a_mistyped_part_is_a_failed_row_of_the_table(tmp_path):
@@ -352,8 +382,9 @@ def test_table_compares_only_full_width_rows_and_tells_a_killed_job_from_a_runni
     assert (full["published_flops_m"], full["published_test_acc"], full["diff"]) == ("313.74", "94.06", "-4.06")
     assert narrow["test_acc"] == "90.0"
     assert narrow["published_flops_m"] == narrow["published_test_acc"] == narrow["diff"] == ""
-    assert rows[(4, 1.0)]["status"] == ("part=4,width=1.0: stopped, 1/2 epochs done (no process holds its lock: killed? "
-                                        f"rerun the sweep command with hydra.sweep.dir={sweep_dir} to resume)")
+    assert rows[(4, 1.0)]["status"] == (
+        "part=4,width=1.0: stopped, 1/2 epochs done (no process holds its lock: killed?); to resume: rerun the sweep "
+        f"command with hydra.sweep.dir={sweep_dir}")
     assert rows[(8, 1.0)]["status"] == "part=8,width=1.0: running, 1/2 epochs done"
     not_run = rows.pop((2, 1.0))  # a part of the paper that no job ran: at the paper's width, its figures beside
     assert not_run["status"] == "not run" and not_run["published_test_acc"] != ""
@@ -590,6 +621,13 @@ def test_a_sweep_without_multirun_is_refused_rather_than_run_as_one_job(tmp_path
     result = script("train.py", "-cd", str(REPO / "configs"), "experiment=paper", f"hydra.run.dir={tmp_path / 'cd'}",
                     check=False)
     assert result.returncode == 1 and refusal in result.stderr and not (tmp_path / "cd" / "metrics.json").exists()
+    # Hydra would ignore the other mode's folder, and train in a new one named by the time
+    with pytest.raises(SystemExit, match=re.escape("error: ValueError: hydra.sweep.dir=x: Hydra reads hydra.sweep.* "
+                                                   "with -m alone; this single run would ignore it")):
+        check_jobs(["model.part=4", "hydra.sweep.dir=x"])
+    with pytest.raises(SystemExit, match=re.escape("error: ValueError: hydra.run.dir=x: Hydra reads hydra.run.* for a "
+                                                   "single run alone; this sweep (-m) would ignore it")):
+        check_jobs(["-m", "model.part=1,4", "hydra.run.dir=x"])
     # with model.part given, the same command is a single run: it gets past this check to the settings' own
     result = script("train.py", "experiment=paper", "model.part=3", f"hydra.run.dir={tmp_path}", check=False)
     assert result.returncode == 1 and "vgg16(part=3, width=1.0)" in result.stderr
@@ -603,11 +641,16 @@ def test_job_folders_are_named_by_every_override_that_changes_what_the_job_compu
     assert unnamed == {"model.part", "seed", "experiment", *RESUMABLE_CHANGES}
 
 
-def test_the_resume_hint_names_the_folder():
+def test_the_resume_command_is_the_launchs_own_in_the_runs_folder():
     run_dir = Path("outputs/2026-11-26/13-17-50_part4_seed0")  # the default is a new folder at each launch
+    assert how_to_resume(run_dir, False, ["model.part=4", "data.root='/a b'"], ["hydra.run.dir=elsewhere"]) == (
+        f"python train.py model.part=4 'data.root='\"'\"'/a b'\"'\"'' hydra.run.dir={run_dir}")  # as the shell reads it
+    # A sweep's job: its own values, with the sweep's launcher and folder, launch it alone
+    assert how_to_resume(Path("multirun/paper/part=4,seed=0"), True, ["model.part=4", "experiment=paper"],
+                         ["hydra/launcher=slurm", "hydra.mode=MULTIRUN"]) == (
+        "python train.py -m model.part=4 experiment=paper hydra/launcher=slurm hydra.sweep.dir=multirun/paper")
+    # A run started without Hydra (train.train, as the tests call it) has no command of its own
     assert how_to_resume(run_dir, in_sweep=False) == f"rerun the same command with hydra.run.dir={run_dir}"
-    assert how_to_resume(Path("multirun/paper/part=4,seed=0"), in_sweep=True) == (
-        "rerun the sweep command with hydra.sweep.dir=multirun/paper")
 
 
 @pytest.mark.parametrize("folder", ["multirun/paper/part=4,seed=0", "/tmp/~x", "/home/josé/runs", "/home/o'brien/run",

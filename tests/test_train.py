@@ -153,11 +153,12 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(sig, refe
         time.sleep(0.05)
     process.send_signal(sig)
     output = process.communicate(timeout=120)[0]
+    assert f"new run in {run_dir}" in output
     if sig != signal.SIGKILL:  # preemption or Ctrl-C: the state of the current step is saved
         assert process.returncode == 128 + sig, output
         metrics = read_metrics(run_dir)
         assert metrics["status"] == "interrupted"
-        assert metrics["reason"].endswith(f"rerun the same command with hydra.run.dir={run_dir} to resume")
+        assert metrics["reason"].endswith(f"; to resume: python train.py {' '.join(command)}")  # hydra.run.dir last
         state = torch.load(last_checkpoint(run_dir), weights_only=False)
         assert (state["epoch"], state["step"]) > (1, 0)  # saved where it stopped, past its epoch-1 checkpoint
     else:
@@ -165,7 +166,7 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(sig, refe
     assert "_hparams_/session_end_info" not in hparams_records(run_dir)  # TensorBoard would keep a status set now
 
     resumed = script("train.py", *command)
-    assert "resuming" in resumed.stdout + resumed.stderr
+    assert f"resuming {run_dir}" in resumed.stderr and f"{run_dir} finished: test accuracy" in resumed.stderr
     assert comparable(read_metrics(run_dir)) == comparable(read_metrics(reference_run))
     assert read_metrics(run_dir)["status"] == "finished"
     assert hparams_records(run_dir)["_hparams_/session_end_info"].session_end_info.status == STATUS_SUCCESS
@@ -391,14 +392,19 @@ def test_eval_names_what_is_wrong_with_the_checkpoint_data_or_settings_it_is_giv
     sweep = tmp_path / "sweep"
     shutil.copytree(reference_run, sweep / "part=4,seed=0")
     quoted = f"\"checkpoint='{sweep}/part=4,seed=0'\""
-    assert f"{sweep} holds the folders of 1 finished run: name one, e.g. {quoted}" in str(
-        eval_error(f"checkpoint={sweep}"))
+    for named in (sweep, tmp_path):  # a sweep's folder, or the folder of sweeps (or of outputs' dates)
+        assert f"{named} holds the folders of 1 finished run: name one, e.g. {quoted}" in str(
+            eval_error(f"checkpoint={named}"))
     with pytest.raises(SystemExit, match=re.escape(  # Hydra's own answer: "mismatched input '='"
             f"Hydra reads the = and , in this path as its own syntax (did you mean {quoted}?)")):
         check_command_line([f"checkpoint={sweep}/part=4,seed=0"], list(eval_module.SETTINGS), ["data"], "eval.py",
                            hint="", bare="checkpoint")
     with pytest.raises(SystemExit, match=re.escape(f"did you mean \"hydra.run.dir='{sweep}/part=4,seed=0'\"?")):
         check_command_line([f"hydra.run.dir={sweep}/part=4,seed=0"], [], [], "train.py", hint="")  # Hydra's key too
+    for home, written_out in (("~/runs/x", " (checkpoint=$HOME/runs/x)"), ("~alice/x", "")):  # Hydra: a lexer error
+        with pytest.raises(SystemExit, match=re.escape(f"checkpoint={home}: the shell does not expand ~ after key=, "
+                                                       f"and Hydra cannot read it: write the folder out{written_out}")):
+            check_command_line([f"checkpoint={home}"], list(eval_module.SETTINGS), ["data"], "eval.py", hint="")
     assert "no checkpoint given: name a run folder" in str(eval_error())
     result = script("eval.py", f"checkpoint={REPO / 'README.md'}", check=False, cwd=tmp_path)
     assert result.stderr == (f"error: ValueError: {REPO / 'README.md'}: not a readable checkpoint (it holds more than "
