@@ -66,8 +66,8 @@ def checkpoint_path(setting: str) -> Path:
     if last_checkpoint(path).exists():
         raise FileNotFoundError(f"{path} has no model.pt: its run has not finished. To evaluate the weights it "
                                 f"has so far: {command_line_override('checkpoint', last_checkpoint(path))}")
-    # outputs/<date>/<time>_part4_seed0 or multirun/paper/part=4,seed=0, named by their folders' folder
-    jobs = sorted(weights.parent for pattern in ("*/model.pt", "*/*/model.pt") for weights in path.glob(pattern))
+    # Up to multirun/<date>/<time>/part=4,seed=0 from multirun: deeper, a folder (a home) would take long to search
+    jobs = sorted(weights.parent for depth in (1, 2, 3) for weights in path.glob("*/" * depth + "model.pt"))
     if jobs:
         raise FileNotFoundError(f"{path} holds the folders of {count(len(jobs), 'finished run')}: name one, e.g. "
                                 f"{command_line_override('checkpoint', jobs[0])}")

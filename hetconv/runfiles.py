@@ -139,7 +139,7 @@ def how_to_resume(run_dir: Path, in_sweep: bool, overrides: list[str] | None = N
     """The command that resumes the run: the one that started it, pointed at its folder, which by default is named
     after the time of the launch. overrides: the command line's (a sweep's job: its own values, which launch that job
     alone), with Hydra's own apart, as Hydra keeps them; None for a run started without Hydra, which gets how to make
-    the command."""
+    the command. Hydra keeps no -cp or -cd: a launch from another config folder must add its own."""
     key, folder = ("hydra.sweep.dir", run_dir.parent) if in_sweep else ("hydra.run.dir", run_dir)
     where = command_line_override(key, folder)
     if overrides is None:

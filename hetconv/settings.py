@@ -28,7 +28,7 @@ from hetconv.data import FOLDER, DatasetError, find_batches
 from hetconv.gpus import refuse_gpus_the_host_lacks, refuse_one_gpu_for_all
 from hetconv.layer import check_impl
 from hetconv.provenance import REPO_ROOT
-from hetconv.runfiles import command_line_override, holds_a_run, read_metrics, recipe_differences
+from hetconv.runfiles import SWEPT_IN_A_RECIPE, command_line_override, holds_a_run, read_metrics, recipe_differences
 from hetconv.training import check_device, compile_mode
 from models.vgg import check_part_fits
 
@@ -133,10 +133,11 @@ def check_command_line(argv: list[str], readable: list[str], groups: list[str], 
         # os.path.exists: False, not an OSError, for a value too long for a path (seed=0,...,99)
         for override in args.overrides:  # checkpoint=multirun/paper/part=4,seed=0, or hydra.run.dir=...
             key, _, value = override.partition("=")
-            if value.startswith("~"):  # Hydra's answer: a LexerNoViableAltException with a caret under the ~
+            # bash expands ~ after name= but not after data.root=; Hydra answers a LexerNoViableAltException
+            if value.startswith("~"):
                 home = f" ({key}=$HOME{value[1:]})" if value.partition("/")[0] == "~" else ""  # not ~user/x
-                raise ValueError(f"{override}: the shell does not expand ~ after key=, and Hydra cannot read it: write "
-                                 f"the folder out{home}")
+                raise ValueError(f"{override}: the shell left this ~ as it is, and Hydra cannot read it: write the "
+                                 f"folder out{home}")
             if re.search("[=,]", value) and os.path.exists(value):
                 raise ValueError(f"{override}: Hydra reads the = and , in this path as its own syntax (did you mean "
                                  f"{command_line_override(key, Path(value))}?)")
@@ -187,7 +188,9 @@ def check_jobs(argv: list[str]) -> None:
         # With the sweep's folder and launcher as the command line gives them, resolved as Hydra resolves them
         where = [override for override in args.overrides
                  if override_key(override) == "hydra.sweep.dir" or override_key(override).startswith(LAUNCHER)]
-        composed = train_config(*choices, *where, name=args.config_name or "train", with_hydra=True)
+        # with the values too: a folder may name one (hydra.sweep.dir=runs/e${trainer.epochs}), as Hydra resolves it
+        plain = [o.input_line for o in overrides if o.key_or_group not in groups and not o.is_sweep_override()]
+        composed = train_config(*choices, *plain, *where, name=args.config_name or "train", with_hydra=True)
         sweep = OmegaConf.select(composed, "hydra.sweeper.params") or {}
         # None where it names what Hydra knows at run time alone (${hydra:job.name}, say): left to Hydra
         sweep_dir = OmegaConf.select(composed, "hydra.sweep.dir", throw_on_resolution_failure=False)
@@ -271,31 +274,33 @@ def refuse_a_runs_folder(sweep_dir: Path) -> None:
 
 
 def refuse_another_recipe(sweep_dir: Path, configs: dict[str, dict]) -> None:
-    """A sweep folder holds one recipe, whose seeds make_table.py pools: a launch with a job (`configs`: each job's
-    config, by its overrides) whose recipe no job in the folder shares is refused, naming what differs from the
+    """A sweep folder holds one recipe, whose seeds make_table.py pools: a launch (`configs`: each job's config, by its
+    overrides) none of whose jobs shares its recipe with a job in the folder is refused, naming what differs from the
     closest one. Relaunched with an override left out (trainer.epochs=2, say), a sweep would otherwise start every job
-    over at full length beside the ones it has. New parts, widths and seeds of the folder's recipe are welcome."""
+    over at full length beside the ones it has. New parts, widths and seeds of the folder's recipe are welcome, and so
+    is a sweep over a recipe's setting (optim.lr=0.02,0.05), relaunched before its every value has a job there."""
     trained = {}
     for record in sorted(sweep_dir.glob("**/metrics.json")):
         try:
             trained[record.parent] = read_metrics(record.parent)
         except ValueError:  # an unreadable record is its own job's to report
             continue
-    if not trained:
+    if not trained or not configs:
         return
-    for job, config in configs.items():
-        differences = {folder: recipe_differences(metrics["config"], config) for folder, metrics in trained.items()}
-        if all(differences.values()):
-            closest = min(differences, key=lambda folder: len(differences[folder]))
-            launches = trained[closest]["launches"]
-            overrides = launches[-1].get("overrides") if launches else None
-            launched_with = f" (that job was last launched with {' '.join(overrides)})" if overrides else ""
-            raise ValueError(f"{command_line_override('hydra.sweep.dir', sweep_dir)} holds a sweep of another recipe: "
-                             f"against its job {closest.relative_to(sweep_dir)}, this launch's job {job} changes "
-                             f"{'; '.join(differences[closest])}. A sweep folder holds one recipe, whose seeds "
-                             f"make_table.py pools. To resume or extend that sweep, launch it with the settings its "
-                             f"jobs had{launched_with}; for this recipe, give the sweep a folder of its own "
-                             f"(hydra.sweep.dir=..., make reproduce SWEEP=... or make demo DEMO=...).")
+    differences = {(job, folder): recipe_differences(metrics["config"], config)
+                   for job, config in configs.items() for folder, metrics in trained.items()}
+    if all(differences.values()):
+        job, closest = min(differences, key=lambda pair: len(differences[pair]))
+        launches = trained[closest]["launches"]
+        overrides = launches[-1].get("overrides") if launches else None
+        recipe = [override for override in overrides or [] if override_key(override) not in SWEPT_IN_A_RECIPE]
+        launched_with = f" (besides part, width and seed, that job had: {' '.join(recipe)})" if overrides else ""
+        raise ValueError(f"{command_line_override('hydra.sweep.dir', sweep_dir)} holds a sweep of another recipe: "
+                         f"against its job {closest.relative_to(sweep_dir)}, this launch's job {job or '(no overrides)'} "
+                         f"changes {'; '.join(differences[job, closest])}. A sweep folder holds one recipe, whose seeds "
+                         f"make_table.py pools. To resume or extend that sweep, launch it with the settings its jobs "
+                         f"had{launched_with}; for this recipe, give the sweep a folder of its own "
+                         f"(hydra.sweep.dir=..., make reproduce SWEEP=... or make demo DEMO=...).")
 
 
 def refuse_a_sweep(sweep: dict, given: set[str], experiment: str | None) -> None:

@@ -343,18 +343,25 @@ def test_a_sweep_into_a_single_runs_folder_is_refused_before_hydra_writes_there(
 def test_a_sweep_relaunched_with_another_recipe_is_refused_naming_what_differs(fake_root, tmp_path):
     """Relaunched with trainer.epochs=2 left out, a sweep would start every job over at six epochs beside its own,
     which make_table.py would then refuse to pool."""
-    sweep_dir = tmp_path / "sweep"
+    sweep_dir = tmp_path / "e2"
     fake_job(sweep_dir, 4, 0.25, "finished", launches=[{"overrides": ["model.part=4", "experiment=demo",
                                                                       "trainer.epochs=2"]}])
-    with pytest.raises(SystemExit, match=re.escape(
-            f"hydra.sweep.dir={sweep_dir} holds a sweep of another recipe: against its job part=4,width=0.25, this "
-            f"launch's job model.part=1 changes trainer.epochs: 2 -> 6. A sweep folder holds one recipe, whose seeds "
-            f"make_table.py pools. To resume or extend that sweep, launch it with the settings its jobs had (that job "
-            f"was last launched with model.part=4 experiment=demo trainer.epochs=2)")):
+    refusal = (f"hydra.sweep.dir={sweep_dir} holds a sweep of another recipe: against its job part=4,width=0.25, "
+               "this launch's job {} changes {}. A sweep folder holds one recipe, whose seeds make_table.py pools. To "
+               "resume or extend that sweep, launch it with the settings its jobs had (besides part, width and seed, "
+               "that job had: experiment=demo trainer.epochs=2)")
+    with pytest.raises(SystemExit, match=re.escape(refusal.format("model.part=1", "trainer.epochs: 2 -> 6"))):
         check_jobs(["-m", "experiment=demo", f"hydra.sweep.dir={sweep_dir}"])
+    # The folder as Hydra names it, with the command's own values
+    named = "hydra.sweep.dir=" + str(tmp_path / "e${trainer.epochs}")
+    with pytest.raises(SystemExit, match=re.escape(refusal.format("model.part=1 trainer.epochs=2 optim.lr=0.05",
+                                                                  "optim.lr: 0.02 -> 0.05"))):
+        check_jobs(["-m", "experiment=demo", "trainer.epochs=2", "optim.lr=0.05", named])
     # Its own recipe, resumed or given new parts, widths and seeds, on data moved elsewhere and computed otherwise
     check_jobs(["-m", "experiment=demo", "trainer.epochs=2", "model.part=1,4", "model.width=0.25,0.5", "seed=0,1",
                 f"data.root={fake_root}", "trainer.hetconv=dense", f"hydra.sweep.dir={sweep_dir}"])
+    # A sweep over one of the recipe's settings, relaunched before each of its values has a job in the folder
+    check_jobs(["-m", "experiment=demo", "trainer.epochs=2", "optim.lr=0.02,0.05", f"data.root={fake_root}", named])
 
 
 def test_a_job_launched_with_a_mistyped_part_is_a_failed_row_of_the_table(tmp_path):

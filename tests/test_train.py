@@ -402,8 +402,8 @@ def test_eval_names_what_is_wrong_with_the_checkpoint_data_or_settings_it_is_giv
     with pytest.raises(SystemExit, match=re.escape(f"did you mean \"hydra.run.dir='{sweep}/part=4,seed=0'\"?")):
         check_command_line([f"hydra.run.dir={sweep}/part=4,seed=0"], [], [], "train.py", hint="")  # Hydra's key too
     for home, written_out in (("~/runs/x", " (checkpoint=$HOME/runs/x)"), ("~alice/x", "")):  # Hydra: a lexer error
-        with pytest.raises(SystemExit, match=re.escape(f"checkpoint={home}: the shell does not expand ~ after key=, "
-                                                       f"and Hydra cannot read it: write the folder out{written_out}")):
+        with pytest.raises(SystemExit, match=re.escape(f"checkpoint={home}: the shell left this ~ as it is, and Hydra "
+                                                       f"cannot read it: write the folder out{written_out}")):
             check_command_line([f"checkpoint={home}"], list(eval_module.SETTINGS), ["data"], "eval.py", hint="")
     assert "no checkpoint given: name a run folder" in str(eval_error())
     result = script("eval.py", f"checkpoint={REPO / 'README.md'}", check=False, cwd=tmp_path)
