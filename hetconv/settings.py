@@ -292,9 +292,9 @@ def refuse_another_recipe(sweep_dir: Path, configs: dict[str, dict]) -> None:
     if all(differences.values()):
         job, closest = min(differences, key=lambda pair: len(differences[pair]))
         launches = trained[closest]["launches"]
-        overrides = launches[-1].get("overrides") if launches else None
-        recipe = [override for override in overrides or [] if override_key(override) not in SWEPT_IN_A_RECIPE]
-        launched_with = f" (besides part, width and seed, that job had: {' '.join(recipe)})" if overrides else ""
+        overrides = launches[-1].get("overrides") if launches else None  # None: recorded before overrides were
+        recipe = " ".join(o for o in overrides or [] if override_key(o) not in SWEPT_IN_A_RECIPE) or "no overrides"
+        launched_with = f" (besides part, width and seed, that job had: {recipe})" if overrides is not None else ""
         raise ValueError(f"{command_line_override('hydra.sweep.dir', sweep_dir)} holds a sweep of another recipe: "
                          f"against its job {closest.relative_to(sweep_dir)}, this launch's job {job or '(no overrides)'} "
                          f"changes {'; '.join(differences[job, closest])}. A sweep folder holds one recipe, whose seeds "
