@@ -39,10 +39,10 @@ from hetconv.flops import describe_flops, model_costs
 from hetconv.gpus import claim_gpu
 from hetconv.layer import resolved_impl
 from hetconv.provenance import device_name
-from hetconv.runfiles import (ANOTHER_FOLDER, RESUMABLE_CHANGES, RunRecord, check_writable, command_line_override,
-                              config_differences, exclusive, final_weights, flatten, how_to_resume, is_sweep_folder,
-                              last_checkpoint, load, lock_path, read_metrics, save, save_final_weights,
-                              training_point)
+from hetconv.runfiles import (ANOTHER_FOLDER, RESUMABLE_CHANGES, Refused, RunRecord, check_writable,
+                              command_line_override, config_differences, exclusive, final_weights, flatten,
+                              how_to_resume, is_sweep_folder, last_checkpoint, load, lock_path, read_metrics,
+                              refuse_a_sweeps_folder, save, save_final_weights, training_point)
 from hetconv.settings import (check_command_line, check_jobs, check_settings, config_groups, ends_without_traceback,
                               override_key, refuse_a_sweep, train_config)
 from hetconv.training import (build_training, compile_mode, evaluate, execution, how_it_runs, percent, precision,
@@ -55,12 +55,6 @@ log = logging.getLogger("train")
 OmegaConf.register_new_resolver(
     "job_name", lambda part, seed, others: f"part={part},seed={seed}" + (f",{others}" if others else ""),
     replace=True)
-
-
-class Refused(ValueError):
-    """A launch that train.py declines: a resume that would change what the run computes, or a folder that is not
-    this run's to train in (a sweep's, final weights alone, another job's twin). The run's files are left exactly
-    as they are: no failed record is written over them."""
 
 
 class Interrupted(SystemExit):
@@ -239,10 +233,8 @@ def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: lis
     values), for the run's record and, with Hydra's own (`hydra_overrides`), the command that resumes it; None when
     called without Hydra."""
     config = OmegaConf.to_container(cfg, resolve=True)
-    if not in_sweep and is_sweep_folder(run_dir):
-        raise Refused(f"{run_dir} is a sweep's folder (it holds multirun.yaml): a run there would mix with its jobs. "
-                      f"To add to the sweep, rerun the sweep command with its values and "
-                      f"{command_line_override('hydra.sweep.dir', run_dir)}; for a single run, {ANOTHER_FOLDER}.")
+    if not in_sweep:  # checked before Hydra too (check_jobs), but not for a config from another folder (-cp)
+        refuse_a_sweeps_folder(run_dir)
     with exclusive(run_dir):
         state = resume_point(run_dir, config)
         metrics = read_metrics(run_dir)

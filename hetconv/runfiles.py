@@ -172,6 +172,20 @@ def is_sweep_folder(path: Path) -> bool:
     return (path / "multirun.yaml").exists()
 
 
+class Refused(ValueError):
+    """A launch that train.py declines: a resume that would change what the run computes, or a folder that is not
+    this run's to train in (a sweep's, final weights alone, another job's twin). The run's files are left exactly
+    as they are: no failed record is written over them."""
+
+
+def refuse_a_sweeps_folder(run_dir: Path) -> None:
+    """A single run does not train in a sweep's own folder: it would mix with the sweep's jobs."""
+    if is_sweep_folder(run_dir):
+        raise Refused(f"{run_dir} is a sweep's folder (it holds multirun.yaml): a run there would mix with its jobs. "
+                      f"To add to the sweep, rerun the sweep command with its values and "
+                      f"{command_line_override('hydra.sweep.dir', run_dir)}; for a single run, {ANOTHER_FOLDER}.")
+
+
 def metrics_path(run_dir: Path) -> Path:
     return run_dir / "metrics.json"
 

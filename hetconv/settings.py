@@ -28,7 +28,8 @@ from hetconv.data import FOLDER, DatasetError, find_batches
 from hetconv.gpus import refuse_gpus_the_host_lacks, refuse_one_gpu_for_all
 from hetconv.layer import check_impl
 from hetconv.provenance import REPO_ROOT
-from hetconv.runfiles import SWEPT_IN_A_RECIPE, command_line_override, holds_a_run, read_metrics, recipe_differences
+from hetconv.runfiles import (SWEPT_IN_A_RECIPE, command_line_override, holds_a_run, read_metrics, recipe_differences,
+                              refuse_a_sweeps_folder)
 from hetconv.training import check_device, compile_mode
 from models.vgg import check_part_fits
 
@@ -169,7 +170,8 @@ def check_jobs(argv: list[str]) -> None:
     that does not split its width fails that job alone, which the table lists as failed, while the others train. A
     sweep whose jobs would all train on the first of several GPUs, or on GPUs the host lacks, is refused (gpus), and
     so is one into a folder of another recipe's jobs, or on data that is not there. A folder named for the other mode
-    (hydra.sweep.dir without -m), which Hydra would ignore, is refused too. What
+    (hydra.sweep.dir without -m), which Hydra would ignore, is refused too, and so is a single run in a sweep's own
+    folder, before Hydra writes there. What
     Hydra cannot compose, a config from another folder, a swept config group and a value that resolves in the job
     alone are left to Hydra and to each job's own checks."""
     args = get_args_parser().parse_args(argv)
@@ -185,9 +187,10 @@ def check_jobs(argv: list[str]) -> None:
         values = [o.input_line for o in overrides if o.key_or_group not in groups]
         if any(o.is_sweep_override() for o in overrides if o.key_or_group in groups or not args.multirun):
             return
-        # With the sweep's folder and launcher as the command line gives them, resolved as Hydra resolves them
+        # With the run's or sweep's folder and the launcher as the command line gives them, resolved as Hydra does
         where = [override for override in args.overrides
-                 if override_key(override) == "hydra.sweep.dir" or override_key(override).startswith(LAUNCHER)]
+                 if override_key(override) in ("hydra.run.dir", "hydra.sweep.dir")
+                 or override_key(override).startswith(LAUNCHER)]
         # with the values too: a folder may name one (hydra.sweep.dir=runs/e${trainer.epochs}), as Hydra resolves it
         plain = [o.input_line for o in overrides if o.key_or_group not in groups and not o.is_sweep_override()]
         composed = train_config(*choices, *plain, *where, name=args.config_name or "train", with_hydra=True)
@@ -197,6 +200,9 @@ def check_jobs(argv: list[str]) -> None:
         if not args.multirun:
             refuse_a_sweep(sweep, {o.key_or_group for o in overrides},
                            OmegaConf.select(composed, "hydra.runtime.choices.experiment"))
+            run_dir = OmegaConf.select(composed, "hydra.run.dir", throw_on_resolution_failure=False)
+            if run_dir:  # before Hydra writes its files there
+                refuse_a_sweeps_folder(Path(run_dir))
             sweep = {}
         elif sweep_dir:
             refuse_a_runs_folder(Path(sweep_dir))

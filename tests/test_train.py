@@ -765,11 +765,18 @@ def test_final_weights_without_their_checkpoint_and_record_are_not_trained_over(
     assert (run_dir / "model.pt").read_bytes() == weights and not (run_dir / "metrics.json").exists()
 
 
-def test_a_single_run_in_a_sweeps_folder_is_refused(fake_root, tmp_path):
+def test_a_single_run_in_a_sweeps_folder_is_refused(fake_root, tmp_path, monkeypatch):
     (tmp_path / "multirun.yaml").touch()
-    with pytest.raises(train_module.Refused, match=f"{tmp_path} is a sweep's folder .* hydra.sweep.dir={tmp_path};"):
+    refusal = f"{tmp_path} is a sweep's folder .* hydra.sweep.dir={tmp_path};"
+    with pytest.raises(train_module.Refused, match=refusal):
         train_module.train(small_config(fake_root), tmp_path)
+    # before Hydra writes its .hydra/ and train.log there, the folder named as Hydra resolves it
+    monkeypatch.setenv("RUNS", str(tmp_path))
+    for named in (str(tmp_path), "${oc.env:RUNS}"):
+        with pytest.raises(SystemExit, match="error: Refused: " + refusal):
+            check_jobs(["model.part=4", f"hydra.run.dir={named}"])
     assert list(tmp_path.iterdir()) == [tmp_path / "multirun.yaml"]
+    check_jobs(["model.part=4", f"hydra.run.dir={tmp_path / 'run'}"])  # a folder of its own
 
 
 def test_a_single_run_in_a_new_folder_among_a_sweeps_jobs_is_refused(reference_run, fake_root, tmp_path):
