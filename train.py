@@ -41,8 +41,8 @@ from hetconv.layer import resolved_impl
 from hetconv.provenance import device_name
 from hetconv.runfiles import (ANOTHER_FOLDER, RESUMABLE_CHANGES, Refused, RunRecord, check_writable,
                               command_line_override, config_differences, exclusive, final_weights, flatten,
-                              how_to_resume, is_sweep_folder, last_checkpoint, load, lock_path, read_metrics,
-                              refuse_a_sweeps_folder, save, save_final_weights, training_point)
+                              how_to_resume, is_sweep_folder, last_checkpoint, last_launch_overrides, load, lock_path,
+                              read_metrics, refuse_a_sweeps_folder, save, save_final_weights, training_point)
 from hetconv.settings import (check_command_line, check_jobs, check_settings, config_groups, ends_without_traceback,
                               override_key, refuse_a_sweep, train_config)
 from hetconv.training import (build_training, compile_mode, evaluate, execution, how_it_runs, percent, precision,
@@ -268,8 +268,8 @@ def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: lis
             # the mark is there, TensorBoard keeps the first).
             return record_finished(*open_tensorboard(run_dir, state["epoch"], cfg, record.info), record)
         try:
-            return run(cfg, config, run_dir, state, record, how_to_resume(run_dir, in_sweep, overrides, hydra_overrides),
-                       overrides)
+            resume = how_to_resume(run_dir, in_sweep, overrides, hydra_overrides)
+            return run(cfg, config, run_dir, state, record, resume, overrides)
         except Exception as error:
             # A run with a checkpoint that this launch did not get to train (bad input on resume, say) keeps
             # the record it had: it is still resumable.
@@ -301,9 +301,9 @@ def refuse_a_twin(run_dir: Path, config: dict, overrides: list[str]) -> None:
                               else f", and remove {run_dir}, which holds no training")
             raise Refused(f"{run_dir.name} would train the job that {other.name} holds, with the same recipe"
                           f"{computed_otherwise} under another name: a job's folder is named after its overrides, and "
-                          f"this launch {naming_changes(started['launches'], overrides)}. Relaunch the sweep with the "
-                          f"overrides its jobs were launched with{what_to_remove}; to train the job again, "
-                          f"{ANOTHER_FOLDER}.")
+                          f"this launch {naming_changes(last_launch_overrides(started), overrides)}. Relaunch the "
+                          f"sweep with the overrides its jobs were launched with{what_to_remove}; to train the job "
+                          f"again, {ANOTHER_FOLDER}.")
 
 
 def refuse_a_run_among_jobs(run_dir: Path) -> None:
@@ -325,10 +325,9 @@ def remove_if_hydras_alone(run_dir: Path) -> bool:
     return False
 
 
-def naming_changes(launches: list[dict], overrides: list[str]) -> str:
-    """What a launch's overrides add to or leave out of the last of a job's launches, among those that name a job's
-    folder."""
-    before = launches[-1].get("overrides") if launches else None
+def naming_changes(before: list[str] | None, overrides: list[str]) -> str:
+    """What a launch's overrides add to or leave out of those of a job's last launch (`before`; None: not recorded),
+    among those that name a job's folder."""
     if before is None:
         return "writes them otherwise"
     changed = [o for o in overrides if o not in before] + [o for o in before if o not in overrides]

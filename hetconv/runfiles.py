@@ -186,6 +186,13 @@ def refuse_a_sweeps_folder(run_dir: Path) -> None:
                       f"{command_line_override('hydra.sweep.dir', run_dir)}; for a single run, {ANOTHER_FOLDER}.")
 
 
+def last_launch_overrides(metrics: dict) -> list[str] | None:
+    """The command-line overrides of a record's last launch; None where it has no launch, or one recorded before
+    launches kept their overrides."""
+    launches = metrics["launches"]
+    return launches[-1].get("overrides") if launches else None
+
+
 def metrics_path(run_dir: Path) -> Path:
     return run_dir / "metrics.json"
 

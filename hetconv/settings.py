@@ -28,8 +28,8 @@ from hetconv.data import FOLDER, DatasetError, find_batches
 from hetconv.gpus import refuse_gpus_the_host_lacks, refuse_one_gpu_for_all
 from hetconv.layer import check_impl
 from hetconv.provenance import REPO_ROOT
-from hetconv.runfiles import (SWEPT_IN_A_RECIPE, command_line_override, holds_a_run, read_metrics, recipe_differences,
-                              refuse_a_sweeps_folder)
+from hetconv.runfiles import (SWEPT_IN_A_RECIPE, command_line_override, holds_a_run, last_launch_overrides,
+                              read_metrics, recipe_differences, refuse_a_sweeps_folder)
 from hetconv.training import check_device, compile_mode
 from models.vgg import check_part_fits
 
@@ -297,16 +297,15 @@ def refuse_another_recipe(sweep_dir: Path, configs: dict[str, dict]) -> None:
                    for job, config in configs.items() for folder, metrics in trained.items()}
     if all(differences.values()):
         job, closest = min(differences, key=lambda pair: len(differences[pair]))
-        launches = trained[closest]["launches"]
-        overrides = launches[-1].get("overrides") if launches else None  # None: recorded before overrides were
+        overrides = last_launch_overrides(trained[closest])
         recipe = " ".join(o for o in overrides or [] if override_key(o) not in SWEPT_IN_A_RECIPE) or "no overrides"
         launched_with = f" (besides part, width and seed, that job had: {recipe})" if overrides is not None else ""
         raise ValueError(f"{command_line_override('hydra.sweep.dir', sweep_dir)} holds a sweep of another recipe: "
-                         f"against its job {closest.relative_to(sweep_dir)}, this launch's job {job or '(no overrides)'} "
-                         f"changes {'; '.join(differences[job, closest])}. A sweep folder holds one recipe, whose seeds "
-                         f"make_table.py pools. To resume or extend that sweep, launch it with the settings its jobs "
-                         f"had{launched_with}; for this recipe, give the sweep a folder of its own "
-                         f"(hydra.sweep.dir=..., make reproduce SWEEP=... or make demo DEMO=...).")
+                         f"against its job {closest.relative_to(sweep_dir)}, this launch's job "
+                         f"{job or '(no overrides)'} changes {'; '.join(differences[job, closest])}. A sweep folder "
+                         f"holds one recipe, whose seeds make_table.py pools. To resume or extend that sweep, launch "
+                         f"it with the settings its jobs had{launched_with}; for this recipe, give the sweep a folder "
+                         f"of its own (hydra.sweep.dir=..., make reproduce SWEEP=... or make demo DEMO=...).")
 
 
 def refuse_a_sweep(sweep: dict, given: set[str], experiment: str | None) -> None:
