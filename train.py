@@ -43,8 +43,8 @@ from hetconv.runfiles import (ANOTHER_FOLDER, RESUMABLE_CHANGES, Refused, RunRec
                               command_line_override, config_differences, exclusive, final_weights, flatten,
                               how_to_resume, is_sweep_folder, last_checkpoint, last_launch_overrides, load, lock_path,
                               read_metrics, refuse_a_sweeps_folder, save, save_final_weights, training_point)
-from hetconv.settings import (check_command_line, check_jobs, check_settings, config_groups, ends_without_traceback,
-                              override_key, refuse_a_sweep, train_config)
+from hetconv.settings import (check_command_line, check_jobs, check_settings, config_groups, config_options,
+                              ends_without_traceback, override_key, refuse_a_sweep, train_config)
 from hetconv.training import (build_training, compile_mode, evaluate, execution, how_it_runs, percent, precision,
                               train_step)
 from models.vgg import check_part_fits
@@ -219,7 +219,8 @@ def main(cfg: DictConfig) -> dict:
                            {override_key(override) for override in hydra_cfg.overrides.task},
                            hydra_cfg.runtime.choices.get("experiment"))
         return train(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep=hydra_cfg.mode == RunMode.MULTIRUN,
-                     overrides=list(hydra_cfg.overrides.task), hydra_overrides=list(hydra_cfg.overrides.hydra))
+                     overrides=list(hydra_cfg.overrides.task), hydra_overrides=list(hydra_cfg.overrides.hydra),
+                     options=config_options(hydra_cfg))
     except Exception as error:
         log.error("%s: %s", type(error).__name__, error)  # into train.log too: under SLURM stderr is the launcher's
         if ends_without_traceback(error):
@@ -228,10 +229,10 @@ def main(cfg: DictConfig) -> dict:
 
 
 def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: list[str] | None = None,
-          hydra_overrides: Collection[str] = ()) -> dict:
+          hydra_overrides: Collection[str] = (), options: Collection[str] = ()) -> dict:
     """Train, resume or leave as finished the run in run_dir. overrides: the command line's (a sweep's job: its own
-    values), for the run's record and, with Hydra's own (`hydra_overrides`), the command that resumes it; None when
-    called without Hydra."""
+    values), for the run's record and, with Hydra's own (`hydra_overrides`) and the config's -cp, -cd and -cn
+    (`options`), the command that resumes it; None when called without Hydra."""
     config = OmegaConf.to_container(cfg, resolve=True)
     if not in_sweep:  # checked before Hydra too (check_jobs), but not for a config from another folder (-cp)
         refuse_a_sweeps_folder(run_dir)
@@ -268,7 +269,7 @@ def train(cfg: DictConfig, run_dir: Path, in_sweep: bool = False, overrides: lis
             # the mark is there, TensorBoard keeps the first).
             return record_finished(*open_tensorboard(run_dir, state["epoch"], cfg, record.info), record)
         try:
-            resume = how_to_resume(run_dir, in_sweep, overrides, hydra_overrides)
+            resume = how_to_resume(run_dir, in_sweep, overrides, hydra_overrides, options)
             return run(cfg, config, run_dir, state, record, resume, overrides)
         except Exception as error:
             # A run with a checkpoint that this launch did not get to train (bad input on resume, say) keeps

@@ -135,17 +135,18 @@ def command_line_override(key: str, path: Path) -> str:
 
 
 def how_to_resume(run_dir: Path, in_sweep: bool, overrides: list[str] | None = None,
-                  hydra_overrides: Collection[str] = ()) -> str:
+                  hydra_overrides: Collection[str] = (), options: Collection[str] = ()) -> str:
     """The command that resumes the run: the one that started it, pointed at its folder, which by default is named
     after the time of the launch. overrides: the command line's (a sweep's job: its own values, which launch that job
-    alone), with Hydra's own apart, as Hydra keeps them; None for a run started without Hydra, which gets how to make
-    the command. Hydra keeps no -cp or -cd: a launch from another config folder must add its own."""
+    alone), with Hydra's own and the config's options (-cp, -cd, -cn) apart, as Hydra keeps them; None for a run
+    started without Hydra, which gets how to make the command."""
     key, folder = ("hydra.sweep.dir", run_dir.parent) if in_sweep else ("hydra.run.dir", run_dir)
     where = command_line_override(key, folder)
     if overrides is None:
         return f"rerun the {'sweep' if in_sweep else 'same'} command with {where}"
     hydras = [o for o in hydra_overrides if not o.startswith((f"{key}=", "hydra.mode="))]  # -m sets the mode
-    return " ".join(["python train.py", *(["-m"] if in_sweep else []), *map(shlex.quote, [*overrides, *hydras]), where])
+    arguments = [*(["-m"] if in_sweep else []), *options, *overrides, *hydras]
+    return " ".join(["python train.py", *map(shlex.quote, arguments), where])
 
 
 def last_checkpoint(run_dir: Path) -> Path:

@@ -41,6 +41,22 @@ def train_config(*overrides: str, name: str = "train", with_hydra: bool = False)
         return compose(name, overrides=list(overrides), return_hydra_config=with_hydra)
 
 
+def config_options(hydra_cfg: DictConfig) -> list[str]:
+    """The launch's -cp, -cd and -cn, which Hydra keeps apart from its overrides, as a command line gives them: none
+    where the launch read train.py's own configs/train.yaml."""
+    options = []
+    for source in hydra_cfg.runtime.config_sources:
+        where = source.path if source.schema == "file" else f"{source.schema}://{source.path}"
+        ours = source.schema == "file" and Path(source.path).resolve() == (REPO_ROOT / "configs").resolve()
+        if source.provider == "main" and not ours:
+            options += ["-cp", where]
+        elif source.provider == "command-line":
+            options += ["-cd", where]
+    if hydra_cfg.job.config_name != "train":
+        options += ["-cn", hydra_cfg.job.config_name]
+    return options
+
+
 def config_groups() -> list[str]:
     """train.py's config groups (experiment, data, ...): a command line sets each to one of its files."""
     return sorted(group.name for group in (REPO_ROOT / "configs").iterdir() if group.is_dir())

@@ -6,6 +6,7 @@ import os
 import pickle
 import re
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -172,6 +173,29 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(sig, refe
     assert hparams_records(run_dir)["_hparams_/session_end_info"].session_end_info.status == STATUS_SUCCESS
     typed = [*SMALL, f"data.root={fake_root}"]  # each launch's overrides, as typed (Hydra keeps hydra.* apart)
     assert [launch["overrides"] for launch in read_metrics(run_dir)["launches"]] == [typed, typed]
+
+
+@pytest.mark.parametrize("folder_option", ["-cp", "-cd"])
+def test_the_resume_command_names_a_config_from_another_folder(folder_option, fake_root, tmp_path):
+    """A run composed from a config of the user's own (-cp or -cd, and -cn) records a resume command that composes it
+    again: Hydra keeps those options apart from the overrides."""
+    configs = tmp_path / "configs"
+    if folder_option == "-cp":  # the whole config folder, the user's own
+        shutil.copytree(REPO / "configs", configs)
+    else:  # a folder beside train.py's, which holds only the user's config: its groups are train.py's
+        configs.mkdir()
+    config = OmegaConf.load(REPO / "configs" / "train.yaml")
+    config.seed = 7  # not train.yaml's: a resume composing train.yaml would be refused as other settings
+    OmegaConf.save(config, configs / "mine.yaml")
+    run_dir = tmp_path / "run"
+    options = [folder_option, str(configs), "-cn", "mine"]
+    overrides = [*SMALL, "trainer.epochs=1", f"data.root={fake_root}"]
+    script("train.py", *options, *overrides, f"hydra.run.dir={run_dir}")
+    resume = read_metrics(run_dir)["resume"]
+    assert resume == shlex.join(["python", "train.py", *options, *overrides, f"hydra.run.dir={run_dir}"])
+    [_, train_py, *arguments] = shlex.split(resume)
+    result = script(train_py, *arguments, cwd=tmp_path)
+    assert "already finished" in result.stderr and read_metrics(run_dir)["config"]["seed"] == 7
 
 
 def test_a_finished_run_is_left_alone(reference_run, fake_root, tmp_path):
