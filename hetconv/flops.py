@@ -78,7 +78,7 @@ def count_flops(model: nn.Module, convention: str = "paper", input_shape: tuple[
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     parameter = next(model.parameters(), torch.zeros(()))
     image = torch.zeros(1, *input_shape, device=parameter.device, dtype=parameter.dtype)
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}  # each its own: a frozen BatchNorm stays so
     model.eval()
     try:
         with warnings.catch_warnings():
@@ -90,7 +90,8 @@ def count_flops(model: nn.Module, convention: str = "paper", input_shape: tuple[
                                           "aten::batch_norm": _not_counted})
             return float(analysis.total())
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

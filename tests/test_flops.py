@@ -96,6 +96,9 @@ def test_counting_keeps_the_models_mode():
     assert model.training
     count_flops(model.eval(), "executed")  # eval.py counts the model it evaluates
     assert not model.training
+    model.train().features[1].eval()  # a frozen BatchNorm in a training model stays frozen
+    count_flops(model, "executed")
+    assert [m.training for m in model.modules()] == [m is not model.features[1] for m in model.modules()]
     with pytest.raises(ValueError, match="convention must be one of"):
         count_flops(model, "macs")
 
