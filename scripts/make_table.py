@@ -145,6 +145,14 @@ def paper_costs(part: int, width: float, num_classes: int) -> tuple[float | None
     return truncate_millions(count_flops(model, "paper")), round(count_params(model)[0] / 1e6, 3)
 
 
+def counted_otherwise(finished: list[dict], flops_m: float | None, params_m: float | None) -> list[str]:
+    """The costs that finished jobs recorded where they are not the table's: counted by the code that trained them,
+    which counted otherwise than this one."""
+    recorded = {(truncate_millions(m["flops"]), round(m["params"] / 1e6, 3)) for m in finished if "flops" in m}
+    return [f"its jobs recorded {flops:.2f}M FLOPs and {params:.3f}M params, counted by the code that trained them; "
+            f"this table gives this code's count" for flops, params in sorted(recorded - {(flops_m, params_m)})]
+
+
 def published_figures(part: int, width: float, num_classes: int, published: dict) -> dict:
     """The paper's figures to set beside a row; none for a width-scaled model or another classifier, which are not
     the paper's."""
@@ -175,7 +183,8 @@ def table_rows(jobs: list[Job], published: dict, num_classes: int) -> list[dict]
             status = "not run" if flops_m is not None else f"not run: P={part} does not split width {width}'s layers"
         else:
             status = "; ".join(([f"{len(finished)} finished"] if finished else [])
-                               + [j.describe() for j in group if j.status != "finished"])
+                               + [j.describe() for j in group if j.status != "finished"]
+                               + counted_otherwise(finished, flops_m, params_m))
         rows.append({
             "part": part, "width": width, "flops_m": flops_m, "published_flops_m": paper.get("flops_m"),
             "params_m": params_m, "n": len(finished), "test_acc": final, "test_acc_std": final_std,

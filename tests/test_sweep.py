@@ -24,7 +24,7 @@ from conftest import REPO, SMALL, script
 from hetconv import gpus
 from hetconv.report import load_published
 from hetconv.runfiles import (RESUMABLE_CHANGES, RunRecord, command_line_override, exclusive, how_to_resume,
-                              read_metrics)
+                              read_metrics, write_json)
 from hetconv.settings import check_jobs, train_config
 from models.vgg import PAPER_PARTS
 from scripts import make_table
@@ -220,6 +220,13 @@ def test_the_table_counts_each_rows_costs_on_its_model_and_refuses_to_pool_other
         counted = {key: float(rows[part][key]) for key in ("flops_m", "params_m")}
         assert counted == {key: published[part][key] for key in ("flops_m", "params_m")}
         assert float(rows[part]["reimpl_best_test_acc"]) == published[part]["reimpl_best_test_acc"]
+    assert rows[4]["status"] == "1 finished"
+    record = read_metrics(tmp_path / "paper" / "part=4,width=1.0")  # as a run of code that counted otherwise records
+    write_json(tmp_path / "paper" / "part=4,width=1.0" / "metrics.json", {**record, "flops": 106e6, "params": 3.5e6})
+    [row] = [r for r in make_table.main([str(tmp_path / "paper"), "--out", str(tmp_path / "table")]) if r["part"] == 4]
+    assert (row["flops_m"], row["params_m"]) == (published[4]["flops_m"], published[4]["params_m"])
+    assert row["status"] == ("1 finished; its jobs recorded 106.00M FLOPs and 3.500M params, counted by the code that "
+                             "trained them; this table gives this code's count")
     fake_job(tmp_path / "paper", 4, 1.0, "finished", seed=1, official=False)  # a seed on other images
     with pytest.raises(SystemExit, match=r"seed=1 trained on different data \(data, fingerprint cifar10; data, "
                                          r"fingerprint generated\); make a table of each dataset's jobs separately"):
