@@ -34,10 +34,14 @@ from hetconv.training import check_device, compile_mode
 from models.vgg import check_part_fits
 
 
-def train_config(*overrides: str, name: str = "train", with_hydra: bool = False) -> DictConfig:
+# train.py's config folder and config, as its @hydra.main names them.
+CONFIGS, TRAIN_CONFIG = REPO_ROOT / "configs", "train"
+
+
+def train_config(*overrides: str, name: str = TRAIN_CONFIG, with_hydra: bool = False) -> DictConfig:
     """configs/train.yaml (or the config `name`, as -cn names it) composed with these overrides, as train.py would
     see it; hydra's node too if with_hydra."""
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose(name, overrides=list(overrides), return_hydra_config=with_hydra)
 
 
@@ -47,19 +51,19 @@ def config_options(hydra_cfg: DictConfig) -> list[str]:
     options = []
     for source in hydra_cfg.runtime.config_sources:
         where = source.path if source.schema == "file" else f"{source.schema}://{source.path}"
-        ours = source.schema == "file" and Path(source.path).resolve() == (REPO_ROOT / "configs").resolve()
+        ours = source.schema == "file" and Path(source.path).resolve() == CONFIGS.resolve()
         if source.provider == "main" and not ours:
             options += ["-cp", where]
         elif source.provider == "command-line":
             options += ["-cd", where]
-    if hydra_cfg.job.config_name != "train":
+    if hydra_cfg.job.config_name != TRAIN_CONFIG:
         options += ["-cn", hydra_cfg.job.config_name]
     return options
 
 
 def config_groups() -> list[str]:
     """train.py's config groups (experiment, data, ...): a command line sets each to one of its files."""
-    return sorted(group.name for group in (REPO_ROOT / "configs").iterdir() if group.is_dir())
+    return sorted(group.name for group in CONFIGS.iterdir() if group.is_dir())
 
 
 def override_key(override: str) -> str:
@@ -209,7 +213,7 @@ def check_jobs(argv: list[str]) -> None:
                  or override_key(override).startswith(LAUNCHER)]
         # with the values too: a folder may name one (hydra.sweep.dir=runs/e${trainer.epochs}), as Hydra resolves it
         plain = [o.input_line for o in overrides if o.key_or_group not in groups and not o.is_sweep_override()]
-        composed = train_config(*choices, *plain, *where, name=args.config_name or "train", with_hydra=True)
+        composed = train_config(*choices, *plain, *where, name=args.config_name or TRAIN_CONFIG, with_hydra=True)
         sweep = OmegaConf.select(composed, "hydra.sweeper.params") or {}
         # None where it names what Hydra knows at run time alone (${hydra:job.name}, say): left to Hydra
         sweep_dir = OmegaConf.select(composed, "hydra.sweep.dir", throw_on_resolution_failure=False)
@@ -348,7 +352,7 @@ def check_overrides(overrides: list[str], readable: list[str], groups, script: s
         if override.is_delete():
             raise ValueError(f"{override.input_line}: {script} does not take a setting away; set {key} instead")
         if key in groups and not_config_names(override):
-            options = ", ".join(sorted(p.stem for p in (REPO_ROOT / "configs" / key).glob("*.yaml")))
+            options = ", ".join(sorted(p.stem for p in (CONFIGS / key).glob("*.yaml")))
             raise ValueError(f"{override.input_line}: {key} is a config group, set to the name of one of its configs "
                              f"({options}); a setting inside it is {key}.<setting>=<value>")
         if key in groups or (known and not override.is_add()):
