@@ -11,6 +11,7 @@ the evaluation batch size come from the checkpoint's config, so the run's final 
 exactly on the same device type. The output file also records the commit, library versions and date.
 """
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -25,12 +26,14 @@ from hetconv.flops import describe_flops, model_costs
 from hetconv.layer import resolved_impl
 from hetconv.provenance import count, device_name, git_commit, library_versions, now
 from hetconv.runfiles import (check_writable, command_line_override, final_weights, last_checkpoint, load,
-                              training_point, write_json)
+                              read_metrics, training_point, write_json)
 from hetconv.settings import check_command_line, check_flags, ends_without_traceback
 from hetconv.training import Preprocess, build_model, configure_backend, evaluate, select_device
 
 # What eval.py reads from its command line; the model, its preprocessing and batch size are the checkpoint's.
 SETTINGS = ("checkpoint", "device", "output", "data.root", "data.download")
+# Keys of every report that eval.py writes: output= replaces a file holding them, and no other.
+REPORT_KEYS = {"checkpoint", "test_acc", "evaluated"}
 
 
 def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict, DictConfig]:
@@ -66,6 +69,11 @@ def checkpoint_path(setting: str) -> Path:
     if last_checkpoint(path).exists():
         raise FileNotFoundError(f"{path} has no model.pt: its run has not finished. To evaluate the weights it "
                                 f"has so far: {command_line_override('checkpoint', last_checkpoint(path))}")
+    metrics = read_metrics(path)
+    if metrics:  # a run that failed before its first checkpoint (on bad data, say), or is in its first epoch
+        raise FileNotFoundError(f"{path} holds a run but no weights (model.pt, checkpoints/last.pt): its metrics.json "
+                                f"says {metrics['status']}, {metrics['epochs_done']} epochs done"
+                                + (f" ({metrics['reason']})" if metrics.get("reason") else ""))
     # Up to multirun/<date>/<time>/part=4,seed=0 from multirun: deeper, a folder (a home) would take long to search
     jobs = sorted(weights.parent for depth in (1, 2, 3) for weights in path.glob("*/" * depth + "model.pt"))
     if jobs:
@@ -86,14 +94,27 @@ def data_root(setting: str | None, run_data: dict) -> Path:
     return root
 
 
+def is_eval_report(path: Path) -> bool:
+    try:
+        report = json.loads(path.read_bytes())
+    except (OSError, ValueError):  # a checkpoint is not text, a log not JSON
+        return False
+    return isinstance(report, dict) and REPORT_KEYS <= report.keys()
+
+
 def output_file(setting: str | None) -> Path | None:
-    """The file output= names, if any, checked now: evaluating can take minutes."""
+    """The file output= names, if any, checked now: evaluating can take minutes. It may replace an earlier report, but
+    no other file: a checkpoint, model.pt or metrics.json named by mistake would be lost."""
     if not setting:
         return None
     output = Path(to_absolute_path(setting))
     if output.is_dir():
         raise ValueError(f"output={setting} is a folder: name the file to write the report to, e.g. "
                          f"{command_line_override('output', output / 'eval.json')}")
+    if output.exists() and not is_eval_report(output):
+        raise ValueError(f"output={setting} names an existing file that is not a report of eval.py (a checkpoint, a "
+                         f"run's metrics.json, say), which writing the report would destroy: name a new file, e.g. "
+                         f"{command_line_override('output', output.with_name('eval.json'))}")
     check_writable(output.parent)
     return output
 

@@ -536,6 +536,6 @@ def log_epoch(writer: SummaryWriter, h: dict, metrics: dict, epochs: int, epoch_
 
 if __name__ == "__main__":
     check_command_line(sys.argv[1:], list(flatten(OmegaConf.to_container(train_config()))), config_groups(),
-                       "train.py", hint="`python train.py --cfg job` lists them; set one without + or ++.")
+                       "train.py", hint="`python train.py --cfg job` lists them.")
     check_jobs(sys.argv[1:])
     main()

@@ -69,7 +69,7 @@ def existing_parent(path: Path) -> Path:
 
 def check_writable(folder: Path) -> None:
     """Fail now, not when the first epoch has trained, where its checkpoint could not be written."""
-    probe = folder / ".writable"
+    probe = folder / f".writable.{os.getpid()}"  # a process's own: evaluations started together share a folder
     atomic_write(probe, lambda f: None)
     probe.unlink()
 

@@ -360,8 +360,10 @@ def check_overrides(overrides: list[str], readable: list[str], groups, script: s
         problem = f"adds {key} with +, but {script} reads only its configs' settings" if override.is_add() else (
             f"{script} does not read {key}")
         close = closest_setting(key, [k for k in readable if k != key])
+        added = override.is_add() or override.is_force_add()
         raise ValueError(f"{override.input_line}: {problem}, so it would be ignored"
-                         + (f" (did you mean {close}?)" if close else "") + f". {hint}")
+                         + (f" (did you mean {close}?)" if close else "") + f". {hint}"
+                         + (" Set one without + or ++." if added else ""))
 
 
 def not_config_names(override) -> list:

@@ -181,7 +181,7 @@ def test_an_out_folder_that_is_a_file_or_a_broken_link_is_refused_before_any_wor
 
 
 def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, seed=0, test_acc=90.0, overrides=(),
-             official=None):
+             official=None, reason=None):
     """A job folder as train.py leaves it, without training: .hydra/config.yaml and the metrics.json that train.py's
     RunRecord writes for a history that ends at test_acc, its best epoch one point higher; official: whether its
     data was the official CIFAR-10 (None: no data recorded, as for a job that failed before loading it)."""
@@ -197,7 +197,7 @@ def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, seed=
                        launches=launches or [{"device": "cpu", "git_commit": "abc", "versions": {"torch": "2.14.1"}}])
     data = {} if official is None else {"data": {"official_cifar10": official, "root": "data",
                                                  "fingerprint": "cifar10" if official else "generated"}}
-    record.update(status, device="cpu", hetconv="grouped", torch_compile=None, precision="float32",
+    record.update(status, reason, device="cpu", hetconv="grouped", torch_compile=None, precision="float32",
                   resume=how_to_resume(run_dir, in_sweep=True), **data)
     return run_dir
 
@@ -422,13 +422,17 @@ def test_a_row_pools_its_seeds_as_mean_and_sample_std(tmp_path):
     assert (row["n"], row["test_acc"], row["test_acc_std"], row["best_test_acc"]) == ("3", "94.17", "1.26", "95.17")
     assert row["diff"] == "0.24" and row["status"] == "3 finished"  # 94.17 - the paper's 93.93
     assert "| 94.17 ± 1.26 (n=3) |" in (tmp_path / "table" / "table.md").read_text()
-    fake_job(tmp_path / "sweep", 4, 1.0, "failed", seed=3)
+    # An error of several lines (torch.compile's, say) and a pipe: kept whole in the CSV, on one line in Markdown.
+    fake_job(tmp_path / "sweep", 4, 1.0, "failed", seed=3, reason="InductorError: a | b\n\nSet TORCHDYNAMO_VERBOSE=1")
     fake_job(tmp_path / "sweep", 8, 1.0, "finished")
     make_table.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "table")])
     rows = {r["part"]: r for r in csv.DictReader(open(tmp_path / "table" / "table.csv"))}
-    assert rows["4"]["status"] == "3 finished; part=4,width=1.0,seed=3: failed, 2/2 epochs done"  # none hidden
+    assert rows["4"]["status"] == ("3 finished; part=4,width=1.0,seed=3: failed, 2/2 epochs done (InductorError: a | "
+                                   "b\n\nSet TORCHDYNAMO_VERBOSE=1)")  # none hidden
     assert (rows["8"]["n"], rows["8"]["test_acc_std"]) == ("1", "")  # one seed: no std
     markdown = (tmp_path / "table" / "table.md").read_text()
+    table = markdown[markdown.index("| P |"):].split("\n\n")[0]  # a blank line would end it before its last row
+    assert "2/2 epochs done (InductorError: a \\| b Set TORCHDYNAMO_VERBOSE=1) |\n| 8 |" in table and "| 64 |" in table
     assert "from 4 finished jobs (1 more did not finish: see the jobs column)" in markdown
     assert "Computed as: HetConv grouped, eager, float32." in markdown
 

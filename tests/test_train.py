@@ -109,6 +109,7 @@ def test_eval_reproduces_the_final_test_accuracy(reference_run, fake_root, tmp_p
     assert report["official_cifar10"] is False and report["versions"]["torch"] == torch.__version__
     assert report["git_commit"] == read_metrics(reference_run)["git_commit"] and report["evaluated"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]  # evaluation leaves no other files
+    assert eval_module.output_file(str(output)) == output  # a report may be replaced by the next one
 
 
 def test_eval_whose_reader_has_gone_writes_its_output_and_ends_quietly(reference_run, tmp_path):
@@ -402,6 +403,11 @@ def test_eval_names_what_is_wrong_with_the_checkpoint_data_or_settings_it_is_giv
         eval_error(f"checkpoint={reference_run}", "data.download=off"))
     assert f"output={tmp_path} is a folder: name the file to write the report to, e.g. output={tmp_path}/eval.json" \
         in str(eval_error(f"checkpoint={reference_run}", f"output={tmp_path}"))
+    for taken in (reference_run / "model.pt", last_checkpoint(reference_run), reference_run / "metrics.json"):
+        assert (f"output={taken} names an existing file that is not a report of eval.py (a checkpoint, a run's "
+                f"metrics.json, say), which writing the report would destroy: name a new file, e.g. "
+                f"output={taken.parent}/eval.json") in str(eval_error(f"checkpoint={reference_run}", f"output={taken}"))
+    assert read_metrics(reference_run)["status"] == "finished" and torch.load(reference_run / "model.pt")
 
     unfinished = tmp_path / "unfinished"
     copy_stopped_after_epoch_2(reference_run, unfinished)
@@ -409,6 +415,11 @@ def test_eval_names_what_is_wrong_with_the_checkpoint_data_or_settings_it_is_giv
     for named in (unfinished, last_checkpoint(unfinished).parent):  # the run, or its checkpoints/ folder
         assert (f"{unfinished} has no model.pt: its run has not finished. To evaluate the weights it has so far: "
                 f"checkpoint={last_checkpoint(unfinished)}") in str(eval_error(f"checkpoint={named}", "device=cpu"))
+    failed = tmp_path / "failed"  # a run that failed before its first checkpoint
+    write_json(failed / "metrics.json", {"status": "failed", "reason": "DatasetError: CIFAR-10 not found", "config": {},
+                                         "epochs_done": 0})
+    assert (f"{failed} holds a run but no weights (model.pt, checkpoints/last.pt): its metrics.json says failed, 0 "
+            "epochs done (DatasetError: CIFAR-10 not found)") in str(eval_error(f"checkpoint={failed}"))
     result = script("eval.py", str(reference_run), check=False, cwd=tmp_path)  # Hydra could not parse it
     assert result.returncode == 1 and (f"{reference_run}: eval.py takes its settings as key=value (did you mean "
                                        f"checkpoint={reference_run}?)") in result.stderr
@@ -450,18 +461,20 @@ def test_a_setting_that_nothing_would_read_is_refused(reference_run, fake_root, 
                     check=False)
     assert result.returncode == 1 and result.stderr == (
         "error: ValueError: trainer.epoch=3: train.py does not read trainer.epoch, so it would be ignored (did you "
-        "mean trainer.epochs?). `python train.py --cfg job` lists them; set one without + or ++.\n")
+        "mean trainer.epochs?). `python train.py --cfg job` lists them.\n")
     result = script("train.py", *SMALL, "+trainer.epoch=3", f"data.root={fake_root}", f"hydra.run.dir={run}",
                     check=False)
-    assert result.returncode == 1 and ("+trainer.epoch=3: adds trainer.epoch with +, but train.py reads only its "
-                                       "configs' settings, so it would be ignored (did you mean trainer.epochs?)"
-                                       ) in result.stderr
+    assert result.returncode == 1 and (
+        "+trainer.epoch=3: adds trainer.epoch with +, but train.py reads only its configs' settings, so it would be "
+        "ignored (did you mean trainer.epochs?). `python train.py --cfg job` lists them. Set one without + or ++."
+    ) in result.stderr
     assert not run.exists()  # refused before Hydra makes the run's folder
     sweep = tmp_path / "sweep"  # ++ sets a key the configs define, or forces in one that nothing reads
     result = script("train.py", "-m", *SMALL, "model.part=1,4", "++trainer.epochs=2", "++trainer.epoch=3",
                     f"data.root={fake_root}", f"hydra.sweep.dir={sweep}", check=False)
-    assert result.returncode == 1 and result.stderr.count("++trainer.epoch=3: train.py does not read trainer.epoch, "
-                                                          "so it would be ignored (did you mean trainer.epochs?)") == 1
+    assert result.returncode == 1 and result.stderr.count(
+        "++trainer.epoch=3: train.py does not read trainer.epoch, so it would be ignored (did you mean "
+        "trainer.epochs?). `python train.py --cfg job` lists them. Set one without + or ++.") == 1
     assert not sweep.exists()  # refused once, before the sweep's first job
     for group_given_a_number in (["trainer=1"], ["-m", "trainer=1,2"]):  # Hydra's answer to the sweep: a traceback
         result = script("train.py", *group_given_a_number, check=False)
