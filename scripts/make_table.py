@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from hetconv.data import CLASSES  # noqa: E402
@@ -61,6 +62,14 @@ class Job:
             f" ({m['reason']})" if m.get("reason") else "")
 
 
+def hydras_config(job: Path):
+    """The config Hydra wrote for a job, or None where that file is damaged (cut short, or not YAML)."""
+    try:
+        return OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "config.yaml"))
+    except (yaml.YAMLError, OSError):  # OSError: YAML that is not a mapping or list
+        return None
+
+
 def find_jobs(sweep_dirs: list[Path]) -> list[Job]:
     """Every job folder under the sweep folders, once: each that holds a record (metrics.json; a job launched with
     hydra.output_subdir=null has no .hydra/), and each with Hydra's files for a job that wrote none yet
@@ -78,8 +87,8 @@ def find_jobs(sweep_dirs: list[Path]) -> list[Job]:
             metrics = read_metrics(path)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
-        config = metrics["config"] if metrics else OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "config.yaml"))
-        if not isinstance(config.get("model"), dict):
+        config = metrics["config"] if metrics else hydras_config(path)
+        if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
             raise SystemExit(f"error: {path / '.hydra' / 'config.yaml'} holds no train.py config, and the job has no "
                              "metrics.json: relaunch its sweep, which writes both again, or move the folder away")
         jobs.append(Job(path, config, metrics))

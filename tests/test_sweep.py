@@ -310,9 +310,10 @@ def test_the_table_skips_the_sweeps_own_folder_and_names_a_job_that_lost_its_met
     (job / "checkpoints" / "last.pt").unlink()  # nothing to resume: killed before its first write
     rows = {r["part"]: r for r in make_table.main([str(sweep_dir), "--out", str(tmp_path / "table")])}
     assert rows[4]["status"] == "part=4,width=1.0: no metrics.json (never started, or killed before its first write)"
-    (job / ".hydra" / "config.yaml").write_text("")  # emptied: nothing says what the job ran
-    with pytest.raises(SystemExit, match=r"config.yaml holds no train.py config, and the job has no metrics.json"):
-        make_table.main([str(sweep_dir), "--out", str(tmp_path / "table")])
+    for damaged in ("", "model: {part: [4", "- 4", "4"):  # emptied, cut short, not a mapping
+        (job / ".hydra" / "config.yaml").write_text(damaged)
+        with pytest.raises(SystemExit, match=r"config.yaml holds no train.py config, and the job has no metrics.json"):
+            make_table.main([str(sweep_dir), "--out", str(tmp_path / "table")])
 
 
 def test_the_table_counts_a_job_without_hydras_files_and_a_run_in_the_sweeps_own_folder(tmp_path):
