@@ -10,6 +10,7 @@ worker process that the launcher reuses keeps its GPU, and a crashed job frees i
 import fcntl
 import logging
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -32,7 +33,7 @@ def host_gpus() -> list[str]:
         listing = subprocess.run(["nvidia-smi", "--list-gpus"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    return [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU ")]
+    return re.findall(r"^GPU (\d+):", listing, re.MULTILINE)  # a GPU in MIG mode lists its instances below it
 
 
 def gpus_each_job_shares(launcher) -> int:
@@ -79,7 +80,11 @@ def refuse_gpus_the_host_lacks(launcher, trainers: list) -> None:
 
 
 def default_lock_dir() -> Path:
-    return Path(tempfile.gettempdir()) / f"hetconv-gpu-slots-{os.getuid()}"
+    """The slots of this user's jobs on this host. Under SLURM, each allocation's own: two allocations on one node
+    each see their own GPUs as 0, 1, ... and must not wait for each other's slots."""
+    allocation = os.environ.get("SLURM_JOB_ID")
+    name = f"hetconv-gpu-slots-{os.getuid()}" + (f"-slurm{allocation}" if allocation else "")
+    return Path(tempfile.gettempdir()) / name
 
 
 def claim_gpu(jobs_per_gpu: int, lock_dir: Path | None = None, poll_s: float = 5.0) -> str | None:
@@ -91,6 +96,10 @@ def claim_gpu(jobs_per_gpu: int, lock_dir: Path | None = None, poll_s: float = 5
         return os.environ["CUDA_VISIBLE_DEVICES"]
     gpus = visible_gpus()
     if not gpus:
+        if "CUDA_VISIBLE_DEVICES" not in os.environ:  # nvidia-smi listed none, or is not there (a container, say)
+            log.warning("trainer.jobs_per_gpu=%d, but nvidia-smi lists no GPU and CUDA_VISIBLE_DEVICES is unset: no "
+                        "GPU claimed. If this host has GPUs, jobs side by side would all train on the first: set "
+                        "CUDA_VISIBLE_DEVICES to them (0,1,...) and each job claims its own", jobs_per_gpu)
         return None
     lock_dir = lock_dir or default_lock_dir()
     lock_dir.mkdir(parents=True, exist_ok=True)

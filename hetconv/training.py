@@ -51,6 +51,9 @@ def select_device(name: str, key: str = "trainer.device") -> torch.device:
 def configure_backend(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithm once
+        # float32 means float32: cuDNN would otherwise run float32 convolutions (all of them under trainer.amp=false)
+        # in TF32 on Ampere and later, while the run records float32. Under bf16 autocast it changes nothing.
+        torch.backends.cudnn.allow_tf32 = False  # not fp32_precision: then reading this flag (inductor may) raises
         return
     # glibc hands large freed blocks back to the OS and page-faults them in again at the next step:
     # every activation of every step. Keeping them in the heap saves that work and changes no result.
@@ -110,7 +113,13 @@ def how_it_runs(compile_as: str | None) -> str:
 
 def compiled(model: nn.Module, compile_as: str | None) -> nn.Module:
     """The module a training step calls: the model itself, or torch.compile's wrapper sharing its weights."""
-    return torch.compile(model, mode=compile_as) if compile_as else model
+    if not compile_as:
+        return model
+    # Hydra's default launcher runs a sweep's jobs one after another in one process, each compiling a new model, and
+    # torch.compile keeps at most 8 versions of a forward per process (recompile_limit), two per job (training and
+    # evaluation): from the fifth job on, the model would run eagerly, silently. Each run starts with a clean slate.
+    torch.compiler.reset()
+    return torch.compile(model, mode=compile_as)
 
 
 def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:

@@ -40,7 +40,8 @@ def two_fake_gpus(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "nvidia-smi"
-    fake.write_text("#!/bin/sh\necho 'GPU 0: Fake GPU (UUID: GPU-a)'\necho 'GPU 1: Fake GPU (UUID: GPU-b)'\n")
+    fake.write_text("#!/bin/sh\necho 'GPU 0: Fake GPU (UUID: GPU-a)'\n"  # in MIG mode, with its instances below it
+                    "echo '  MIG 3g.40gb     Device  0: (UUID: MIG-c)'\necho 'GPU 1: Fake GPU (UUID: GPU-b)'\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     locks = tmp_path / "locks"
@@ -519,6 +520,7 @@ def test_a_submitit_local_sweep_on_more_gpus_than_the_host_has_is_refused(tmp_pa
 
 def test_the_gpus_a_launchers_jobs_share_are_those_they_see(two_fake_gpus, monkeypatch):
     monkeypatch.setenv("PATH", two_fake_gpus["PATH"])
+    assert gpus.host_gpus() == ["0", "1"]  # numbered as nvidia-smi numbers them, whatever is listed between
     plugin = "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
     local = {"_target_": plugin + "LocalLauncher", "gpus_per_node": 4}
     assert gpus.gpus_each_job_shares(local) == 2  # "0,1,2,3" on a host of two GPUs: the two there are
@@ -573,17 +575,29 @@ def test_a_job_waits_for_a_free_gpu_slot_and_a_reused_worker_keeps_its_gpu(tmp_p
     held["3"].close()
 
 
-def test_no_visible_gpu_is_no_gpu_to_claim(tmp_path, monkeypatch):
+def test_no_visible_gpu_is_no_gpu_to_claim(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(gpus, "sleep", never_wait)
     monkeypatch.setattr(gpus, "_held", [])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0, 2,")  # spaces and a trailing comma name no GPU
     assert gpus.visible_gpus() == ["0", "2"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # every GPU hidden
     assert gpus.visible_gpus() == [] and gpus.claim_gpu(1, lock_dir=tmp_path) is None
+    assert "no GPU claimed" not in caplog.text  # hidden on purpose
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    monkeypatch.setenv("PATH", str(tmp_path))  # a host without nvidia-smi
+    monkeypatch.setenv("PATH", str(tmp_path))  # a host without nvidia-smi: a container may still have CUDA
     assert gpus.visible_gpus() == [] and gpus.claim_gpu(1, lock_dir=tmp_path) is None
+    assert "nvidia-smi lists no GPU and CUDA_VISIBLE_DEVICES is unset: no GPU claimed" in caplog.text
     assert gpus._held == []
+
+
+def test_two_slurm_allocations_on_one_node_keep_their_gpu_slots_apart(monkeypatch):
+    """Each sees its own GPUs as 0, 1, ...: slots by that number alone would make one wait for the other's."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    outside = gpus.default_lock_dir()
+    monkeypatch.setenv("SLURM_JOB_ID", "101")
+    first = gpus.default_lock_dir()
+    monkeypatch.setenv("SLURM_JOB_ID", "102")
+    assert len({outside, first, gpus.default_lock_dir()}) == 3
 
 
 def test_a_gpus_slots_are_the_same_whichever_gpus_a_job_sees(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """train.py and eval.py on generated data: learning, artefacts, resumption, and every bad input."""
 
+import functools
 import json
 import logging
 import os
@@ -998,6 +999,30 @@ def test_trainer_compile_reaches_torch_compile_and_the_record(fake_root, tmp_pat
     assert modes == ["max-autotune"] and read_metrics(tmp_path)["torch_compile"] == "max-autotune"
     data = read_metrics(tmp_path)["data"]
     assert wrappers[0].images == data["train_images"] + data["test_images"]  # the compiled model trains and tests
+
+
+def test_every_compiled_model_starts_with_a_clean_slate(monkeypatch):
+    """Hydra's default launcher runs a sweep's jobs in one process, and torch.compile keeps at most recompile_limit
+    versions of a forward per process (8; two per job), past which it silently runs the model eagerly: parts 16, 32
+    and 64 of the paper's sweep trained uncompiled. Here a limit of 1, made to fail loudly, stands in for it."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    compile_eagerly = functools.partial(torch.compile, backend="eager")  # dynamo's guards and cache, no code generated
+    monkeypatch.setattr(torch, "compile", lambda model, mode: compile_eagerly(model))
+    for part in (1, 2, 4):  # one job after another
+        training.compiled(vgg16(part, width=0.125), "default")(torch.randn(2, 3, 32, 32)).sum().backward()
+    torch.compiler.reset()
+
+
+def test_float32_on_cuda_is_float32_for_convolutions_too():
+    """cuDNN runs float32 convolutions in TF32 by default; a run that records float32 computes in it. Setting the flag
+    needs no GPU; both of torch's ways of reading it must say so (mixing the new and legacy setters makes the legacy
+    getter raise)."""
+    probe = ("import torch; from hetconv.training import configure_backend; configure_backend(torch.device('cuda')); "
+             "print(torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.allow_tf32)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    precision, allowed = result.stdout.split()
+    assert precision != "tf32" and allowed == "False"
 
 
 def test_trainer_hetconv_reaches_the_layers_and_the_record(fake_root, tmp_path):
