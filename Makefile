@@ -33,21 +33,23 @@ bench: install
 refuse_sweep_dir = $(if $(findstring hydra.sweep.dir,$(ARGS)),$(error ARGS sets hydra.sweep.dir, but the table \
 	is made from $(1): $(2)))
 
-# The paper's sweep, then its table (also built when some jobs failed; make still reports the failure).
+# The paper's sweep, then its table (also built when some jobs failed; make still reports the failure; not when the
+# sweep was refused before it made its folder). Paths are quoted for Hydra, which would read an = or , in them.
 reproduce: install
 	$(call refuse_sweep_dir,$(SWEEP),name the sweep's folder with SWEEP=<folder> instead)
-	$(PY) train.py -m experiment=paper hydra.sweep.dir=$(SWEEP) $(ARGS); status=$$?; \
-	$(PY) scripts/make_table.py $(SWEEP) && exit $$status
+	$(PY) train.py -m experiment=paper "hydra.sweep.dir='$(SWEEP)'" $(ARGS); status=$$?; \
+	[ -d "$(SWEEP)" ] || exit $$status; $(PY) scripts/make_table.py "$(SWEEP)" && exit $$status
 
+# make table ARGS="--out <folder>" writes it elsewhere than results/.
 table: install
-	$(PY) scripts/make_table.py $(SWEEP)
+	$(PY) scripts/make_table.py "$(SWEEP)" $(ARGS)
 
 # The whole pipeline on generated data (on the GPU if there is one, else about a minute on 2 CPU cores): in $(DEMO)/.
 # --force: its data is the demo's own, generated again (the same data) at every run. A sweep folder holds one recipe:
 # a demo with other ARGS goes in another DEMO=<folder> (demo/<name>: git ignores it).
 demo: install
 	$(call refuse_sweep_dir,$(DEMO)/sweep,name the demo's folder with DEMO=<folder> instead)
-	$(PY) scripts/make_fake_cifar.py $(DEMO)/data --force
-	$(PY) train.py -m experiment=demo data.root=$(DEMO)/data hydra.sweep.dir=$(DEMO)/sweep $(ARGS); status=$$?; \
-	$(PY) scripts/make_table.py $(DEMO)/sweep --out $(DEMO) && \
-	echo "Curves: $(VENV)/bin/tensorboard --logdir $(DEMO)/sweep" && exit $$status
+	$(PY) scripts/make_fake_cifar.py "$(DEMO)/data" --force
+	$(PY) train.py -m experiment=demo "data.root='$(DEMO)/data'" "hydra.sweep.dir='$(DEMO)/sweep'" $(ARGS); \
+	status=$$?; [ -d "$(DEMO)/sweep" ] || exit $$status; $(PY) scripts/make_table.py "$(DEMO)/sweep" --out "$(DEMO)" && \
+	echo "Curves: $(VENV)/bin/tensorboard --logdir '$(DEMO)/sweep'" && exit $$status

@@ -36,22 +36,25 @@ import statistics
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.profiler import profile
 
-from hetconv import HetConv2d
-from hetconv.data import Split, memory_format
-from hetconv.flops import count_flops, paper_ratio
-from hetconv.layer import IMPLS, resolved_impl
-from hetconv.provenance import count, device_name, git_commit, library_versions, now
-from hetconv.report import RESULTS_DIR, markdown_table, output_folder, positive_int, typed_command
-from hetconv.settings import check_settings, train_config
-from hetconv.training import (COMPILE_MODES, autocast, build_training, compile_mode, configure_backend, execution,
-                              precision, select_device, train_step)
-from models import vgg16
-from models.vgg import PAPER_PARTS, conv_channels, conv_sides
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's hetconv, whichever one a venv installed
+
+from hetconv import HetConv2d  # noqa: E402
+from hetconv.data import Split, memory_format  # noqa: E402
+from hetconv.flops import count_flops, paper_ratio  # noqa: E402
+from hetconv.layer import IMPLS, resolved_impl  # noqa: E402
+from hetconv.provenance import count, device_name, git_commit, library_versions, now  # noqa: E402
+from hetconv.report import RESULTS_DIR, markdown_table, output_folder, positive_int, typed_command  # noqa: E402
+from hetconv.settings import check_settings, train_config  # noqa: E402
+from hetconv.training import (COMPILE_MODES, DEVICES, autocast, build_training, compile_mode,  # noqa: E402
+                              configure_backend, execution, precision, select_device, train_step)
+from models import vgg16  # noqa: E402
+from models.vgg import PAPER_PARTS, conv_channels, conv_sides  # noqa: E402
 
 CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000
 LAYER_TARGET = 1.5    # a HetConv layer should take at most 1.5x its FLOP-proportional share of the dense conv
@@ -592,7 +595,7 @@ def parse_compile_parts(parser: argparse.ArgumentParser, text: str, parts: list[
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--parts", default=",".join(map(str, PAPER_PARTS)))
     parser.add_argument("--compile-parts", default="auto",
                         help="also time torch.compile for these parts (slow to compile), or none; auto: every part on "

@@ -6,15 +6,17 @@ Writes flops.csv and flops.md. Counts are measured with fvcore on the real model
 """
 
 import argparse
-import csv
-import re
+import sys
 from pathlib import Path
 
-from hetconv.flops import model_costs, truncate_millions
-from hetconv.provenance import git_commit, library_versions, now
-from hetconv.report import RESULTS_DIR, load_published, markdown_table, output_folder, typed_command, write_csv
-from models import vgg16
-from models.vgg import PAPER_PARTS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's hetconv, whichever one a venv installed
+
+from hetconv.flops import model_costs, truncate_millions  # noqa: E402
+from hetconv.provenance import git_commit, library_versions, now  # noqa: E402
+from hetconv.report import (RESULTS_DIR, already_written, csv_text, load_published, markdown_table,  # noqa: E402
+                            output_folder, typed_command, write_report)
+from models import vgg16  # noqa: E402
+from models.vgg import PAPER_PARTS  # noqa: E402
 
 
 def flops_rows() -> list[dict]:
@@ -63,20 +65,6 @@ def render_markdown(rows: list[dict], command: str) -> str:
     )
 
 
-def already_written(out: Path, rows: list[dict], text: str) -> bool:
-    """Whether out/ holds these rows and this report, but for the date and commit it was made at."""
-    csv_path, md_path = out / "flops.csv", out / "flops.md"
-    if not (csv_path.is_file() and md_path.is_file()):
-        return False
-    with open(csv_path, newline="") as f:
-        same_rows = list(csv.DictReader(f)) == [{k: str(v) for k, v in row.items()} for row in rows]
-    return same_rows and without_date_and_commit(md_path.read_text()) == without_date_and_commit(text)
-
-
-def without_date_and_commit(text: str) -> str:
-    return re.sub(r" on \S+, commit \S+,", "", text, count=1)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=output_folder, default=RESULTS_DIR, help="folder for flops.csv and flops.md")
@@ -84,13 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = flops_rows()
     # Rendered before writing: the commit it names is not dirty with this run's own files.
     text = render_markdown(rows, typed_command("scripts/flops_table.py", argv))
-    if already_written(out, rows, text):  # rewritten, only its date and commit would change, and the checkout with them
+    report = {out / "flops.csv": csv_text(rows), out / "flops.md": text}
+    if already_written(report):
         print((out / "flops.md").read_text())
         print(f"{out / 'flops.csv'} and flops.md already held these counts: left as they are, with the commit that "
               "made them")
         return
-    write_csv(out / "flops.csv", rows)
-    (out / "flops.md").write_text(text)
+    write_report(report)
     print(text)
 
 

@@ -13,12 +13,15 @@ for the tests.
 
 import argparse
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from hetconv.data import CLASSES, FOLDER, is_official
-from hetconv.report import positive_int
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's hetconv, whichever one a venv installed
+
+from hetconv.data import CLASSES, FOLDER, is_official  # noqa: E402
+from hetconv.report import output_folder, positive_int  # noqa: E402
 
 PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
                     (145, 30, 180), (70, 240, 240), (240, 50, 230), (128, 128, 0), (0, 0, 128)], dtype=np.float32)
@@ -82,7 +85,7 @@ def make_fake_cifar(root: Path | str, train: int = 5000, test: int = 1000, seed:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("root", type=Path, help="folder to hold cifar-10-batches-py/ (use it as data.root)")
+    parser.add_argument("root", type=output_folder, help="folder to hold cifar-10-batches-py/ (use it as data.root)")
     parser.add_argument("--train", type=positive_int, default=5000, help="training images (split over 5 batch files)")
     parser.add_argument("--test", type=positive_int, default=1000, help="test images")
     parser.add_argument("--seed", type=int, default=0, help="numpy's generator seed, >= 0")

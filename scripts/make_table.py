@@ -23,11 +23,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's hetconv, whichever one a venv installed
+
 from hetconv.data import CLASSES  # noqa: E402
 from hetconv.flops import count_flops, count_params, truncate_millions  # noqa: E402
 from hetconv.provenance import count, git_commit, now  # noqa: E402
-from hetconv.report import (RESULTS_DIR, load_published, markdown_table, output_folder, typed_command,  # noqa: E402
-                             write_csv)
+from hetconv.report import (RESULTS_DIR, already_written, csv_text, load_published, markdown_table,  # noqa: E402
+                            output_folder, typed_command, write_report)
 from hetconv.runfiles import (held_by_a_process, is_sweep_folder, last_checkpoint, read_metrics,  # noqa: E402
                               recipe_differences)
 from models import vgg16  # noqa: E402
@@ -344,11 +346,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              f"result for {RESULTS_DIR}; see the jobs' train.log, or write the table elsewhere "
                              "to list them: --out <folder>")
     rows = table_rows(jobs, load_published(), info["num_classes"])
-    args.out.mkdir(parents=True, exist_ok=True)
     text = render_markdown(rows, info, command)  # before writing: the commit it names is not dirty with our files
-    write_csv(args.out / "table.csv", rows)
-    (args.out / "table.md").write_text(text)
-    plot(rows, args.out / "acc_vs_flops.png", official=not info["not_cifar10"])
+    report = {args.out / "table.csv": csv_text(rows), args.out / "table.md": text}
+    figure = args.out / "acc_vs_flops.png"  # drawn from the rows alone
+    if figure.is_file() and already_written(report):
+        print((args.out / "table.md").read_text())
+        print(f"{args.out / 'table.md'}, table.csv and acc_vs_flops.png already held this table: left as they are, "
+              "with the commit that made them", file=sys.stderr)
+        return rows
+    write_report(report)
+    plot(rows, figure, official=not info["not_cifar10"])
     print(text)
     print(f"wrote {args.out / 'table.md'}, table.csv and acc_vs_flops.png", file=sys.stderr)
     return rows

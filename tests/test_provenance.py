@@ -1,7 +1,11 @@
 """What a run records of where it came from: the commit, marked when the working tree differs from it."""
 
+import os
+import shutil
 import subprocess
+import sys
 
+from conftest import REPO
 from hetconv import provenance
 
 
@@ -27,3 +31,16 @@ def test_the_commit_is_marked_dirty_when_a_tracked_file_differs_and_unknown_outs
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # git must not find a repository above it
     monkeypatch.setattr(provenance, "REPO_ROOT", outside)
     assert provenance.git_commit() == "unknown"
+
+
+def test_a_script_runs_its_own_checkouts_code(tmp_path):
+    """A venv shared by two checkouts (one conda env, a git worktree) has one installed: scripts/, like train.py, must
+    not count, time or tabulate with the other's code, nor write into its results/."""
+    other = tmp_path / "checkout"
+    for folder in ("hetconv", "models", "scripts"):
+        shutil.copytree(REPO / folder, other / folder)
+    report = other / "hetconv" / "report.py"
+    report.write_text(report.read_text().replace('"expected a whole number >= 1', '"this checkout wants a number >= 1'))
+    result = subprocess.run([sys.executable, str(other / "scripts" / "make_fake_cifar.py"), str(tmp_path / "data"),
+                             "--train", "0"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 2 and "this checkout wants a number >= 1" in result.stderr

@@ -21,13 +21,13 @@ from tensorboard.backend.event_processing.plugin_event_multiplexer import EventM
 
 import train as train_module
 from conftest import REPO, SMALL, script
-from hetconv import gpus
+from hetconv import gpus, report
 from hetconv.report import load_published
 from hetconv.runfiles import (RESUMABLE_CHANGES, RunRecord, command_line_override, exclusive, how_to_resume,
                               read_metrics, write_json)
 from hetconv.settings import check_jobs, train_config
 from models.vgg import PAPER_PARTS
-from scripts import make_table
+from scripts import make_fake_cifar, make_table
 
 # experiment=demo, shrunk further: two epochs, CPU.
 TINY = ["experiment=demo", "trainer.epochs=2", "trainer.device=cpu"]
@@ -160,7 +160,8 @@ def test_table_refuses_to_put_generated_data_or_no_result_into_results(tmp_path)
     assert {p.name: p.read_bytes() for p in (REPO / "results").iterdir()} == results
 
 
-def test_an_out_folder_that_is_a_file_or_a_broken_link_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+def test_an_out_folder_that_is_a_file_a_broken_link_or_read_only_is_refused_before_any_work(tmp_path, capsys,
+                                                                                          monkeypatch):
     from scripts import flops_table
 
     taken = tmp_path / "taken"
@@ -179,6 +180,15 @@ def test_an_out_folder_that_is_a_file_or_a_broken_link_is_refused_before_any_wor
             make_table.main([str(tmp_path), "--out", str(out)])
         error = capsys.readouterr().err
         assert f"argument --out: {dangling} is a link to {tmp_path / 'gone'}, which does not exist" in error
+    locked = tmp_path / "locked"  # read-only to this user (root writes anywhere: os.access says which it may not)
+    locked.mkdir()
+    monkeypatch.setattr(report.os, "access", lambda path, mode, **_: Path(path) != locked)
+    for main, args in ((make_table.main, [str(tmp_path), "--out", str(locked / "table")]),
+                       (flops_table.main, ["--out", str(locked)]),
+                       (make_fake_cifar.main, [str(locked / "data")])):
+        with pytest.raises(SystemExit):
+            main(args)
+        assert f"{locked} cannot be written to: name another folder, or make it writable" in capsys.readouterr().err
 
 
 def fake_job(sweep_dir, part, width, status, epochs_done=2, launches=None, seed=0, test_acc=90.0, overrides=(),
@@ -437,6 +447,22 @@ def test_a_row_pools_its_seeds_as_mean_and_sample_std(tmp_path):
     assert "2/2 epochs done (InductorError: a \\| b Set TORCHDYNAMO_VERBOSE=1) |\n| 8 |" in table and "| 64 |" in table
     assert "from 4 finished jobs (1 more did not finish: see the jobs column)" in markdown
     assert "Computed as: HetConv grouped, eager, float32." in markdown
+
+
+def test_a_table_made_again_from_the_same_jobs_is_left_as_it_is(tmp_path):
+    """Rewritten, only its date and commit would change: a committed table would make its checkout dirty, and the next
+    rerun would name a dirty commit."""
+    fake_job(tmp_path / "sweep", 4, 1.0, "finished")
+    out = tmp_path / "table"
+    make_table.main([str(tmp_path / "sweep"), "--out", str(out)])
+    (out / "table.md").write_text((out / "table.md").read_text().replace("(commit ", "(commit 0ld", 1))  # made earlier
+    written = {path.name: path.stat().st_mtime_ns for path in out.iterdir()}
+    make_table.main([str(tmp_path / "sweep"), "--out", str(out)])
+    assert {path.name: path.stat().st_mtime_ns for path in out.iterdir()} == written
+    fake_job(tmp_path / "sweep", 8, 1.0, "finished")  # a new job: made again
+    make_table.main([str(tmp_path / "sweep"), "--out", str(out)])
+    table = (out / "table.md").read_text()
+    assert "(commit 0ld" not in table and "| 8 | 1.0 | 71.35M" in table
 
 
 def test_the_table_names_every_launch_and_plots_one_curve_per_width(tmp_path, monkeypatch):
