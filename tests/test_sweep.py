@@ -278,11 +278,12 @@ def test_make_refuses_a_sweep_folder_in_args_that_its_table_would_not_read():
         assert refused.returncode == 2 and f"ARGS sets hydra.sweep.dir, but the table is made from {folder}" in (
             refused.stderr)
     launched = dry_run("reproduce", "seed=0,1")
-    assert launched.returncode == 0 and "train.py -m experiment=paper hydra.sweep.dir=multirun/paper seed=0,1" in (
-        launched.stdout)
-    elsewhere = dry_run("demo", "optim.lr=0.05", "DEMO=demo/lr").stdout  # other settings, in their own folder
-    for command in ("make_fake_cifar.py demo/lr/data", "make_table.py demo/lr/sweep --out demo/lr",
-                    "data.root=demo/lr/data hydra.sweep.dir=demo/lr/sweep optim.lr=0.05"):
+    assert launched.returncode == 0 and (
+        """train.py -m experiment=paper "hydra.sweep.dir='multirun/paper'" seed=0,1""" in launched.stdout)
+    # Other settings in their own folder, named after them: quoted for Hydra, which would read the = in it.
+    elsewhere = dry_run("demo", "optim.lr=0.05", "DEMO=demo/lr=0.05").stdout
+    for command in ('make_fake_cifar.py "demo/lr=0.05/data"', 'make_table.py "demo/lr=0.05/sweep" --out "demo/lr=0.05"',
+                    """"data.root='demo/lr=0.05/data'" "hydra.sweep.dir='demo/lr=0.05/sweep'" optim.lr=0.05"""):
         assert command in elsewhere
 
 
