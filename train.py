@@ -58,7 +58,16 @@ OmegaConf.register_new_resolver(
 
 
 class Interrupted(SystemExit):
-    """Raised after the state of an interrupted run has been saved; exits with 128 + signal number."""
+    """Raised after the state of an interrupted run has been saved, with exit code 128 + signal number; train.py then
+    dies of that signal (`die_of`)."""
+
+
+def die_of(stopped: Interrupted) -> None:
+    """End the process by the signal that stopped the run, as an unhandled one would have: a shell loop over runs
+    stops at Ctrl-C only when its child dies of SIGINT, where an exit status of 130 lets it start the next run."""
+    sig = stopped.code - 128
+    signal.signal(sig, signal.SIG_DFL)
+    signal.raise_signal(sig)
 
 
 class StopSignals:
@@ -379,6 +388,7 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
     writer, finished_session = open_tensorboard(run_dir, epoch, cfg, info)
 
     def interrupted(stop: StopSignals, reason: str) -> None:
+        writer.flush()  # the process may end by the signal itself, with no exit handlers
         record.update("interrupted", f"{reason}; to resume: {resume}")
         log.warning("%s: %s, state saved; to resume: %s", run_dir, reason, resume)
         stop.pass_on()  # returns where the launcher's own handler lets training go on (submitit's, for SIGTERM)
@@ -438,13 +448,16 @@ def run(cfg: DictConfig, config: dict, run_dir: Path, state: dict | None, record
             if stop.received and epoch < cfg.trainer.epochs:  # arrived during evaluation: the state is saved
                 interrupted(stop, f"{stop.received.name} {saved}")
 
-        # Still under StopSignals: a signal from here on lets the run finish, which takes less than stopping.
-        metrics = record_finished(writer, finished_session, record)
+        # Still under StopSignals: a signal from here on lets the run finish, which takes less than stopping, and is
+        # then passed on (a sweep stops, rather than start its next job). The weights first: a finished record means
+        # there is a model.pt to evaluate.
         save_final_weights(run_dir, model.state_dict(), config, epoch, data_info)
+        metrics = record_finished(writer, finished_session, record)
+        log.info("%s finished: test accuracy %.2f%% (best %.2f%% at epoch %d), %.0fs", run_dir, metrics["test_acc"],
+                 metrics["best_test_acc"], metrics["best_epoch"], metrics["wall_s"])
         if stop.received:
-            log.warning("%s: %s after the last epoch: the run finished first", run_dir, stop.received.name)
-    log.info("%s finished: test accuracy %.2f%% (best %.2f%% at epoch %d), %.0fs", run_dir, metrics["test_acc"],
-             metrics["best_test_acc"], metrics["best_epoch"], metrics["wall_s"])
+            log.warning("%s: %s after the last epoch's steps: the run finished first", run_dir, stop.received.name)
+            stop.pass_on()
     return metrics
 
 
@@ -538,4 +551,8 @@ if __name__ == "__main__":
     check_command_line(sys.argv[1:], list(flatten(OmegaConf.to_container(train_config()))), config_groups(),
                        "train.py", hint="`python train.py --cfg job` lists them.")
     check_jobs(sys.argv[1:])
-    main()
+    try:
+        main()
+    except Interrupted as stopped:  # its state saved and its logs flushed, all it had open closed as it unwound
+        die_of(stopped)
+        raise

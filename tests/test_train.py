@@ -158,7 +158,7 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(sig, refe
     output = process.communicate(timeout=120)[0]
     assert f"new run in {run_dir}" in output
     if sig != signal.SIGKILL:  # preemption or Ctrl-C: the state of the current step is saved
-        assert process.returncode == 128 + sig, output
+        assert process.returncode == -sig, output  # died of it after saving, as a shell loop over runs expects
         metrics = read_metrics(run_dir)
         assert metrics["status"] == "interrupted"
         assert metrics["reason"].endswith(f"; to resume: python train.py {' '.join(command)}")  # hydra.run.dir last
@@ -532,9 +532,10 @@ def test_a_launchers_own_signal_handler_runs_after_the_state_is_saved(reference_
     assert comparable(metrics) == comparable(read_metrics(reference_run))
 
 
-def test_a_signal_during_the_last_evaluation_lets_the_run_finish(reference_run, fake_root, tmp_path, monkeypatch,
-                                                                caplog):
-    """Nothing is left to train: stopping would only leave the final weights to a relaunch."""
+def test_a_signal_during_the_last_evaluation_lets_the_run_finish_then_stops(reference_run, fake_root, tmp_path,
+                                                                           monkeypatch, caplog):
+    """Nothing is left to train: stopping would only leave the final weights to a relaunch. The signal is then passed
+    on: a sweep whose jobs run in this process stops rather than start the next one."""
     real_evaluate, calls = train_module.evaluate, []
 
     def evaluate_then_signal(*args):
@@ -544,10 +545,13 @@ def test_a_signal_during_the_last_evaluation_lets_the_run_finish(reference_run, 
         return real_evaluate(*args)
 
     monkeypatch.setattr(train_module, "evaluate", evaluate_then_signal)
-    metrics = train_module.train(small_config(fake_root), tmp_path)
+    with pytest.raises(train_module.Interrupted) as stopped:
+        train_module.train(small_config(fake_root), tmp_path)
+    metrics = read_metrics(tmp_path)
+    assert stopped.value.code == 128 + signal.SIGTERM
     assert metrics["status"] == "finished" and (tmp_path / "model.pt").is_file()
     assert comparable(metrics) == comparable(read_metrics(reference_run))
-    assert "SIGTERM after the last epoch: the run finished first" in caplog.text
+    assert "SIGTERM after the last epoch's steps: the run finished first" in caplog.text
 
 
 def test_a_second_ctrl_c_stops_at_once_and_an_ignored_sigint_stays_ignored(caplog):
