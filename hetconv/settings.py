@@ -117,6 +117,11 @@ def check_settings(cfg) -> None:
     if not (OmegaConf.is_list(milestones) and all(is_int(m) and m >= 0 for m in milestones)):
         raise ValueError(f"schedule.milestones must be a list of epochs (ints >= 0) at schedule.reference_epochs, "
                          f"got {milestones!r}")
+    beyond = [m for m in milestones if m >= cfg.schedule.reference_epochs]
+    if beyond:  # milestone_epochs would pull them in to the last epoch, where they would decay it after all
+        raise ValueError(f"schedule.milestones {beyond} lie at or past schedule.reference_epochs="
+                         f"{cfg.schedule.reference_epochs}, the run length they are given for, so they would never "
+                         f"decay the lr: leave them out, or raise schedule.reference_epochs")
     jobs_per_gpu = cfg.trainer.jobs_per_gpu
     if jobs_per_gpu is not None and not (is_int(jobs_per_gpu) and jobs_per_gpu >= 1):
         raise ValueError(f"trainer.jobs_per_gpu must be an int >= 1 (or null to not pin jobs), got {jobs_per_gpu!r}")

@@ -629,6 +629,7 @@ def test_a_damaged_or_foreign_checkpoint_is_named_and_the_run_left_as_it_is(refe
     ("seed=18446744073709551616", "seed must be an int from 0 to 2**64 - 1"),
     ("seed=-1", "seed must be an int from 0 to 2**64 - 1, got -1"),  # torch draws for it as for 2**64 - 1
     ("schedule.milestones=[50,a]", "schedule.milestones must be a list of epochs (ints >= 0)"),
+    ("schedule.milestones=[50,330,400]", "schedule.milestones [330, 400] lie at or past schedule.reference_epochs=330"),
     ("optim.lr=-1", "optim.lr must be a finite number > 0, got -1"),
     ("optim.lr=nan", "optim.lr must be a finite number > 0, got nan"),
     ("schedule.gamma=0", "schedule.gamma must be a finite number > 0, got 0"),
