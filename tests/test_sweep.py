@@ -450,7 +450,7 @@ def test_a_row_pools_its_seeds_as_mean_and_sample_std(tmp_path):
     assert "Computed as: HetConv grouped, eager, float32." in markdown
 
 
-def test_a_table_made_again_from_the_same_jobs_is_left_as_it_is(tmp_path):
+def test_a_table_made_again_from_the_same_jobs_is_left_as_it_is(tmp_path, monkeypatch):
     """Rewritten, only its date and commit would change: a committed table would make its checkout dirty, and the next
     rerun would name a dirty commit."""
     fake_job(tmp_path / "sweep", 4, 1.0, "finished")
@@ -460,8 +460,16 @@ def test_a_table_made_again_from_the_same_jobs_is_left_as_it_is(tmp_path):
     written = {path.name: path.stat().st_mtime_ns for path in out.iterdir()}
     make_table.main([str(tmp_path / "sweep"), "--out", str(out)])
     assert {path.name: path.stat().st_mtime_ns for path in out.iterdir()} == written
-    fake_job(tmp_path / "sweep", 8, 1.0, "finished")  # a new job: made again
+    fake_job(tmp_path / "sweep", 8, 1.0, "finished")  # a new job: made again, even after a stop while drawing it
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+        patched.setattr(make_table, "plot", interrupted)
+        make_table.main([str(tmp_path / "sweep"), "--out", str(out)])
     make_table.main([str(tmp_path / "sweep"), "--out", str(out)])
+    assert (out / "acc_vs_flops.png").stat().st_mtime_ns != written["acc_vs_flops.png"]
     table = (out / "table.md").read_text()
     assert "(commit 0ld" not in table and "| 8 | 1.0 | 71.35M" in table
 
