@@ -49,7 +49,8 @@ from hetconv.data import Split, memory_format  # noqa: E402
 from hetconv.flops import count_flops, paper_ratio  # noqa: E402
 from hetconv.layer import IMPLS, resolved_impl  # noqa: E402
 from hetconv.provenance import count, device_name, git_commit, library_versions, now  # noqa: E402
-from hetconv.report import RESULTS_DIR, markdown_table, output_folder, positive_int, typed_command  # noqa: E402
+from hetconv.report import (RESULTS_DIR, markdown_table, output_folder, positive_int, typed_command,  # noqa: E402
+                            write_report)
 from hetconv.settings import check_settings, train_config  # noqa: E402
 from hetconv.training import (COMPILE_MODES, DEVICES, autocast, build_training, compile_mode,  # noqa: E402
                               configure_backend, execution, precision, select_device, train_step)
@@ -647,8 +648,7 @@ def main(argv: list[str] | None = None) -> None:
     suffix = ("" if args.impl == "auto" else f"-{args.impl}") + (
         "" if recipe_batch else f"-batch{cfg.trainer.batch_size}")
     path = args.out / f"bench-{'cpu' if device.type == 'cpu' else slug(label)}{suffix}.md"
-    args.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(report)
+    write_report({path: report})
     print(report)
     print(f"wrote {path}", file=sys.stderr)
 
